@@ -1,0 +1,23 @@
+"""Errors umup_fx raises. Each message says what was found, where, and what to do."""
+
+from __future__ import annotations
+
+
+class UmupError(Exception):
+    """Base class of every error umup_fx raises on purpose."""
+
+
+class CaptureError(UmupError):
+    """The model could not be captured as one graph."""
+
+
+class AnalysisError(UmupError):
+    """The analysis could not decide something it must (a parameter's role, say)."""
+
+
+class AlreadyTransformedError(UmupError):
+    """The model already went through `umup_fx.transform`."""
+
+
+class HParamsError(UmupError, ValueError):
+    """An invalid u-muP hyperparameter."""
