@@ -1,0 +1,92 @@
+"""Small graph helpers shared by the passes (one copy of each, here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from umup_fx import meta
+
+aten = torch.ops.aten
+
+
+def ops(*names: str) -> set[Any]:
+    """ATen overloads by "name.overload"; ones missing in this torch are skipped."""
+    out = set()
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(aten, packet, None), overload or "default", None)
+        if op is not None:
+            out.add(op)
+    return out
+
+
+# Ops that move or relabel values without changing their scale.
+TRANSPARENT = ops(
+    "_to_copy", "to.dtype", "to.dtype_layout", "clone", "alias", "detach", "contiguous",
+    "view", "reshape", "_unsafe_view", "transpose.int", "permute", "t", "unsqueeze",
+    "squeeze.dim", "squeeze.dims", "expand", "type_as", "lift_fresh_copy",
+)
+MATMULS = ops("mm", "bmm", "matmul")
+DROPOUTS = ops("dropout", "native_dropout", "feature_dropout")
+SOFTMAXES = ops("softmax.int", "_softmax", "_safe_softmax")
+ADDS = ops("add.Tensor")
+MULS = ops("mul.Tensor")
+DIVS = ops("div.Tensor")
+
+
+def is_tensor(node: Any) -> bool:
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def param_name(node: Any) -> str | None:
+    """The canonical parameter name if ``node`` is a parameter placeholder."""
+    if isinstance(node, fx.Node) and node.op == "placeholder":
+        return meta.get(node, meta.PARAM)
+    return None
+
+
+def source(node: Any) -> Any:
+    """Walk back through transparent ops to the value's producer."""
+    while (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and node.target in TRANSPARENT
+        and node.args
+    ):
+        node = node.args[0]
+    return node
+
+
+def param_of(node: Any) -> str | None:
+    """The parameter a value is (through transparent ops), if any."""
+    return param_name(source(node))
+
+
+def param_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on some parameter: the activations."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if param_name(node) is not None or any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+def where(node: fx.Node) -> str:
+    """The user source line that produced a node, for messages."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return f"graph node {node.name}"
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    files = [ln for ln in lines if ln.startswith("File ")]
+    loc = files[-1] if files else ""
+    code = lines[-1] if lines and not lines[-1].startswith("File ") else ""
+    return f"{loc} {code}".strip() or f"graph node {node.name}"
+
+
+def op_name(node: fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", None) or str(target)
+    return str(target) if isinstance(target, torch._ops.OpOverload) else name

@@ -1,0 +1,76 @@
+"""Ops the rules do not cover: listed, never silently ignored.
+
+An op on the activation path (its value depends on a parameter) that has no rule and
+is not a pure data movement (views, casts, slicing) or an elementwise product / sum
+with a constant (RoPE, masks, which keep scale) passes through unscaled. Each one is
+listed with its source line; the report prints them and ``transform`` warns once.
+
+Reads: ``umup.rule``, ``umup.norm``, ``umup.attention``.
+Writes: graph key ``uncovered``: list of (node name, op name, source line).
+Fails when: never.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from umup_fx import meta
+
+from ._graph import ADDS, DIVS, MULS, TRANSPARENT, is_tensor, op_name, ops, param_dependent, where
+
+# Data movement and bookkeeping: no arithmetic on values, so nothing to scale.
+_PASS_THROUGH = TRANSPARENT | ops(
+    "slice.Tensor", "select.int", "split.Tensor", "split_with_sizes", "chunk", "unbind.int",
+    "cat", "stack", "index.Tensor", "index_select", "gather", "flatten.using_ints",
+    "unflatten.int", "narrow", "repeat", "repeat_interleave.self_int", "roll", "flip",
+    "masked_fill.Scalar", "masked_fill.Tensor", "where.self", "neg", "pad", "constant_pad_nd",
+    "_assert_tensor_metadata", "copy_", "zeros_like", "ones_like", "empty_like",
+    "sym_size.int",
+)
+_SUB = ops("sub.Tensor")
+# The arithmetic inside a hand-written norm's statistic: x^2, mean, + eps, rsqrt.
+_NORM_INTERNAL = TRANSPARENT | ADDS | MULS | DIVS | _SUB | ops(
+    "pow.Tensor_Scalar", "mean.dim", "var.correction", "var.dim", "rsqrt", "sqrt"
+)
+
+
+def _pattern_parts(gm: fx.GraphModule) -> set[str]:
+    """Nodes inside recognised patterns (norm internals, attention logits)."""
+    parts: set[str] = set()
+    for node in gm.graph.nodes:
+        att = meta.get(node, meta.ATTENTION)
+        if att:
+            parts.update(v for k, v in att.items() if k in ("qk", "av", "scale", "dropout") and v)
+        if meta.get(node, meta.NORM):
+            frontier = list(node.all_input_nodes)
+            for _ in range(12):
+                if not frontier:
+                    break
+                n = frontier.pop()
+                if n.target in _NORM_INTERNAL and not meta.get(n, meta.RULE):
+                    parts.add(n.name)
+                    frontier.extend(n.all_input_nodes)
+    return parts
+
+
+def find_uncovered(gm: fx.GraphModule) -> PassResult:
+    """List activation-path ops with no rule; see the module docstring."""
+    active = param_dependent(gm)
+    parts = _pattern_parts(gm)
+    out: list[tuple[str, str, str]] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node not in active or not is_tensor(node):
+            continue
+        if meta.get(node, meta.RULE) or meta.get(node, meta.NORM) or node.name in parts:
+            continue
+        if node.target in _PASS_THROUGH or node.target.__name__ == "getitem":
+            continue
+        if node.target in (MULS | ADDS | DIVS | _SUB):
+            # Products / sums where one side is a constant or a buffer (RoPE, masks).
+            operands = [a for a in node.args if isinstance(a, fx.Node)]
+            if len([a for a in operands if a in active]) <= 1 or node.target in ADDS:
+                continue
+        out.append((node.name, op_name(node), where(node)))
+    meta.graph_meta(gm)[meta.UNCOVERED] = out
+    return PassResult(gm, False)

@@ -1,0 +1,33 @@
+"""FP8 eligibility (§7): non-critical matmuls are hidden linears fed by a norm.
+
+QKV (fused or not) and FFN up / gate projections read a normalised input, so their
+input scale is pinned at 1 for the whole run: safe with a static FP8 scale of 1.
+The attention output projection, FFN down projection, embedding and readout are
+critical and stay in the model's precision.
+
+Reads: ``umup.rule``, ``umup.weight``, ``umup.norm``; graph key ``roles``.
+Writes: ``umup.fp8`` (bool) on every ``linear``-rule node.
+Fails when: never.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from umup_fx import meta, rules
+
+from ._graph import source
+
+
+def mark_fp8(gm: fx.GraphModule) -> PassResult:
+    """Mark FP8-eligible linears; see the module docstring."""
+    roles = meta.graph_meta(gm)[meta.ROLES]
+    for node in gm.graph.nodes:
+        if meta.get(node, meta.RULE) != rules.LINEAR:
+            continue
+        weight = meta.get(node, meta.WEIGHT)
+        x = node.args[1] if meta.get(node, "transposed") and node.target.__name__.startswith("addmm") else node.args[0]
+        from_norm = bool(meta.get(source(x), meta.NORM)) or bool(meta.get(x, meta.NORM))
+        meta.node_meta(node)[meta.FP8] = roles[weight].role == rules.HIDDEN and from_norm
+    return PassResult(gm, False)

@@ -1,0 +1,154 @@
+"""Match ops to u-muP rules (§3): which node gets which scaling rule.
+
+Weight-bearing ops are matched by how a parameter enters them (never by module
+class or weight layout): ``linear`` (W[out, in]), ``addmm`` / ``mm`` / ``matmul`` with a
+parameter as the right operand (W[in, out], as HF GPT-2's ``Conv1D``), ``embedding``.
+A hand-written attention (``q @ k^T`` times a constant, optional mask, softmax,
+optional dropout, ``@ v``) is recognised as one pattern and gets SDPA's rule.
+
+Reads: ``umup.param``, ``umup.norm``, ``umup.rule`` (from ``find_norms``).
+Writes: ``umup.rule`` (a name from ``umup_fx.rules``), ``umup.weight`` (parameter
+name) and ``umup.transposed`` on weight ops; ``umup.attention`` on the softmax of a
+hand-written attention: {"qk", "av", "scale", "causal", "dropout"}.
+Fails when: never; unmatched ops are left for ``find_uncovered``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from umup_fx import meta, rules
+
+from ._graph import (
+    DIVS,
+    DROPOUTS,
+    MATMULS,
+    MULS,
+    SOFTMAXES,
+    TRANSPARENT,
+    is_tensor,
+    ops,
+    param_dependent,
+    param_of,
+    source,
+)
+
+TRANSPOSED = "transposed"
+
+_LINEAR = ops("linear")
+_ADDMM = ops("addmm")
+_EMBEDDING = ops("embedding")
+_SDPA = ops("scaled_dot_product_attention")
+_SILU = ops("silu")
+_GELU = ops("gelu")
+_CE = ops("cross_entropy_loss")
+_MASKING = ops("masked_fill.Scalar", "masked_fill.Tensor", "where.self", "add.Tensor")
+
+
+def _set(node: fx.Node, rule: str, **extra: Any) -> None:
+    m = meta.node_meta(node)
+    m[meta.RULE] = rule
+    m.update(extra)
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    """Consumers, looking through transparent ops and dropout."""
+    out = []
+    for u in node.users:
+        if u.target in TRANSPARENT:
+            out.extend(_users(u))
+        else:
+            out.append(u)
+    return out
+
+
+def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] | None:
+    """softmax(mask(c * (q @ k^T))) @ v, with c a Python number; None if not that."""
+    node = source(softmax.args[0])
+    scale: fx.Node | None = None
+    masked = False
+    for _ in range(4):
+        if node.target in MATMULS:
+            break
+        if node.target in (MULS | DIVS) and not is_tensor(node.args[1]):
+            scale = node
+        elif node.target in _MASKING:
+            # The mask side must be a constant (no parameter): logits + mask.
+            others = [a for a in node.args if isinstance(a, fx.Node) and a in active]
+            if len(others) != 1:
+                return None
+            masked = True
+        else:
+            return None
+        node = source(next(a for a in node.args if isinstance(a, fx.Node) and a in active))
+    if node.target not in MATMULS:
+        return None
+    qk = node
+    if not all(isinstance(a, fx.Node) and a in active for a in qk.args[:2]):
+        return None
+    consumers = _users(softmax)
+    if consumers and consumers[0].target in DROPOUTS:
+        dropout = consumers[0]
+        consumers = _users(dropout)
+        if consumers and consumers[0].target.__name__ == "getitem":
+            consumers = _users(consumers[0])
+    else:
+        dropout = None
+    if len(consumers) != 1 or consumers[0].target not in MATMULS:
+        return None
+    av = consumers[0]
+    if source(av.args[0]) not in (softmax, dropout) and av.args[0] is not softmax:
+        return None
+    return {"qk": qk.name, "av": av.name, "scale": scale.name if scale else None,
+            "masked": masked, "dropout": dropout.name if dropout else None}
+
+
+def match_rules(gm: fx.GraphModule) -> PassResult:
+    """Label each op with its u-muP rule; see the module docstring."""
+    active = param_dependent(gm)
+    attention_parts: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or meta.get(node, meta.RULE) is not None:
+            continue
+        t = node.target
+        if t in _LINEAR and param_of(node.args[1]):
+            _set(node, rules.LINEAR, weight=param_of(node.args[1]), transposed=False)
+        elif t in _ADDMM and param_of(node.args[2]):
+            _set(node, rules.LINEAR, weight=param_of(node.args[2]), transposed=True)
+        elif t in MATMULS and param_of(node.args[1]) and not param_of(node.args[0]):
+            _set(node, rules.LINEAR, weight=param_of(node.args[1]), transposed=True)
+        elif t in _EMBEDDING and param_of(node.args[0]):
+            _set(node, rules.EMBEDDING, weight=param_of(node.args[0]))
+        elif t in _SDPA:
+            _set(node, rules.SDPA)
+        elif t in SOFTMAXES and node in active:
+            pattern = _match_attention(node, active)
+            if pattern:
+                _set(node, rules.ATTENTION, attention=pattern)
+                attention_parts.update(v for k, v in pattern.items() if k in ("qk", "av"))
+            else:
+                _set(node, rules.SOFTMAX)
+        elif t in _SILU and node in active:
+            _set(node, rules.SILU)
+        elif t in _GELU and node in active:
+            _set(node, rules.GELU)
+        elif t in DROPOUTS and node in active:
+            _set(node, rules.DROPOUT)
+        elif t in _CE:
+            _set(node, rules.CROSS_ENTROPY)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or meta.get(node, meta.RULE) is not None:
+            continue
+        if node.target in MATMULS and node.name not in attention_parts and node in active:
+            _set(node, rules.MATMUL)
+        elif node.target in MULS and len(node.args) == 2 and all(a in active for a in node.args):
+            # up * silu(gate): the gated unit takes over the SiLU's scaling.
+            for up, act in (node.args, node.args[::-1]):
+                if meta.get(act, meta.RULE) == rules.SILU and len(act.users) == 1:
+                    _set(node, rules.GATED, gate=act.name)
+                    meta.node_meta(act)[meta.RULE] = rules.GATE_ACT
+                    break
+    return PassResult(gm, False)

@@ -1,0 +1,69 @@
+"""Find normalisations: the ops, the hand-written RMSNorm pattern, and their gains.
+
+A normalisation is ``layer_norm`` / ``rms_norm``, or the decomposed
+``x * rsqrt(mean(x^2) + eps)`` that hand-written RMSNorms (Llama, HF) produce. Its
+output times a 1-D parameter is its gain (and plus a 1-D parameter its bias).
+
+Reads: ``umup.param`` on placeholders.
+Writes: ``umup.norm = True`` on every node whose value is a normalisation output
+(through transparent ops, the gain and the bias); ``umup.rule = "norm"`` on the
+normalising op and ``"norm_gain"`` on the gain multiply.
+Fails when: never.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from umup_fx import meta, rules
+
+from ._graph import ADDS, MULS, TRANSPARENT, ops, param_name, source
+
+NORM_OPS = ops("layer_norm", "rms_norm", "group_norm")
+_RSQRT = ops("rsqrt")
+_MEAN = ops("mean.dim", "var.correction", "var.dim")
+
+
+def _is_rms_pattern(node: fx.Node) -> bool:
+    """mul(x, rsqrt(...mean(...x...)...)): a hand-written RMSNorm / LayerNorm core."""
+    if node.target not in MULS or len(node.args) != 2:
+        return False
+    for x, r in (node.args, node.args[::-1]):
+        if isinstance(r, fx.Node) and source(r).target in _RSQRT:
+            # The normalised value must be what the statistic was computed from.
+            frontier, seen = [source(r)], 0
+            while frontier and seen < 12:
+                n = frontier.pop()
+                seen += 1
+                if n.target in _MEAN:
+                    return source(n.args[0]) is source(x) or any(
+                        source(a) is source(x) for a in n.args[0].all_input_nodes
+                    )
+                frontier.extend(a for a in n.all_input_nodes if a.op == "call_function")
+    return False
+
+
+def _is_norm(node: object) -> bool:
+    return isinstance(node, fx.Node) and bool(meta.get(source(node), meta.NORM))
+
+
+def find_norms(gm: fx.GraphModule) -> PassResult:
+    """Mark normalisation outputs; see the module docstring."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        m = meta.node_meta(node)
+        if node.target in NORM_OPS or _is_rms_pattern(node):
+            m[meta.NORM] = True
+            m[meta.RULE] = rules.NORM_OP
+        elif node.target in TRANSPARENT and _is_norm(node.args[0]):
+            m[meta.NORM] = True
+        elif node.target in MULS and len(node.args) == 2 or node.target in ADDS and len(node.args) == 2:
+            a, b = node.args
+            for x, g in ((a, b), (b, a)):
+                if _is_norm(x) and param_name(source(g)) and source(g).meta["val"].dim() == 1:
+                    m[meta.NORM] = True
+                    m[meta.RULE] = rules.NORM_GAIN
+                    m[meta.WEIGHT] = param_name(source(g))
+    return PassResult(gm, False)

@@ -1,0 +1,105 @@
+"""Residual branches (§4): which adds are residual, their kind, depth L and tau.
+
+``add(skip, f(skip))`` is residual when ``skip`` reaches the other operand through at
+least one weight-bearing op. The branch is every node between the two; it is an
+"attention" branch when it holds SDPA, a hand-written attention or a softmax, else
+"mlp". Branch i (forward order) gets tau_i from ``rules.residual_taus``. Parameters
+used inside a branch are depth-scaled (their LR gets L^-1/2). Other adds of two
+activations are plain adds (rule ``add``), except sums of products with constants
+(RoPE's ``q*cos + rotate(q)*sin``), which keep scale and pass through.
+
+Reads: ``umup.rule``, ``umup.param``; ``gm.meta["umup"]["hparams"]``.
+Writes: ``umup.rule = "residual_add"`` and ``umup.residual`` (a ``Branch``) on residual
+adds, ``umup.rule = "add"`` on plain adds; graph keys ``branches``, ``depth_scaled``.
+Fails when: never.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from umup_fx import meta, rules
+from umup_fx.hparams import HParams
+
+from ._graph import ADDS, MULS, is_tensor, param_dependent, param_name
+
+_ATTENTION_RULES = {rules.SDPA, rules.ATTENTION, rules.SOFTMAX}
+_WEIGHT_RULES = {rules.LINEAR, rules.EMBEDDING}
+
+
+@dataclass
+class Branch:
+    index: int
+    kind: str  # "attention" | "mlp"
+    add: str  # the residual add node
+    skip: str  # the node the branch starts from (and the skip path carries)
+    tau: float = 1.0
+    params: list[str] = field(default_factory=list)
+
+
+def _is_rotary_mix(add: fx.Node, active: set[fx.Node]) -> bool:
+    """a*c1 + b*c2 with c1, c2 constants (no parameter): a rotation, scale-preserving."""
+    for operand in add.args[:2]:
+        if not (isinstance(operand, fx.Node) and operand.target in MULS):
+            return False
+        if all(isinstance(a, fx.Node) and a in active for a in operand.args[:2]):
+            return False
+    return True
+
+
+def find_residuals(gm: fx.GraphModule) -> PassResult:
+    """Find residual branches and plain adds; see the module docstring."""
+    hp: HParams = meta.graph_meta(gm).get(meta.HPARAMS) or HParams()
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        graph.add_node(node)
+        for src in node.all_input_nodes:
+            graph.add_edge(src, node)
+    active = param_dependent(gm)
+    found: list[tuple[fx.Node, fx.Node, set[fx.Node]]] = []
+    claimed: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in ADDS or len(node.args) < 2:
+            continue
+        a, b = node.args[:2]
+        if not (is_tensor(a) and is_tensor(b) and a in active and b in active):
+            continue
+        if a.meta["val"].shape != b.meta["val"].shape:
+            continue  # broadcasting adds (biases, masks) are not residual
+        residual = None
+        for skip, out in ((a, b), (b, a)):
+            if nx.has_path(graph, skip, out):
+                body = (nx.descendants(graph, skip) & nx.ancestors(graph, out)) | {out}
+                if any(meta.get(n, meta.RULE) in _WEIGHT_RULES for n in body):
+                    residual = (skip, body)
+                    break
+        if residual and not (residual[1] & claimed):
+            found.append((node, residual[0], residual[1]))
+            claimed |= residual[1]
+        elif not _is_rotary_mix(node, active):
+            meta.node_meta(node)[meta.RULE] = rules.ADD
+
+    kinds = [
+        "attention" if any(meta.get(n, meta.RULE) in _ATTENTION_RULES for n in body) else "mlp"
+        for _, _, body in found
+    ]
+    taus = rules.residual_taus(kinds, hp)
+    branches, depth_scaled = [], set()
+    for i, ((add, skip, body), kind, tau) in enumerate(zip(found, kinds, taus)):
+        params = sorted(
+            {param_name(p) for n in body for p in n.all_input_nodes if param_name(p)}
+        )
+        branch = Branch(i, kind, add.name, skip.name, tau, params)
+        m = meta.node_meta(add)
+        m[meta.RULE] = rules.RESIDUAL_ADD
+        m[meta.RESIDUAL] = branch
+        branches.append(branch)
+        depth_scaled.update(params)
+    g = meta.graph_meta(gm)
+    g[meta.BRANCHES] = branches
+    g[meta.DEPTH_SCALED] = depth_scaled
+    return PassResult(gm, False)

@@ -1,0 +1,129 @@
+"""Weight roles and fans (§1): input / hidden / output / fixed, bias, norm.
+
+A weight's fan-in and fan-out come from how its op uses it (``linear``: W[out, in];
+``addmm`` / ``matmul`` right operand: W[in, out]; ``embedding``: rows are fan-in),
+and its role from whether each fan is width-like (``passes.dims``). A tied parameter
+(embedding shared with the LM head) keeps every use; its role, init and LR follow
+its first use in the forward pass, while each use gets its own op scaling.
+
+Reads: ``umup.dims``, ``umup.rule``, ``umup.weight``, ``umup.transposed``, ``umup.norm``.
+Writes: ``gm.meta["umup"]["roles"]``: {parameter name: ``ParamRole``}.
+Fails when: a parameter is used by an op no rule covers (``AnalysisError`` naming the
+parameter, the op and the source line; ``roles={name: role}`` overrides it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from umup_fx import meta, rules
+from umup_fx.errors import AnalysisError
+
+from ._graph import ADDS, TRANSPARENT, op_name, param_name, where
+from .dims import WIDTH
+from .match import TRANSPOSED
+
+
+@dataclass
+class Use:
+    node: str  # the consuming op's node name
+    rule: str  # its rule
+    role: str  # the role this use implies
+
+
+@dataclass
+class ParamRole:
+    role: str
+    fan_in: sp.Expr | None = None
+    fan_out: sp.Expr | None = None
+    uses: list[Use] = field(default_factory=list)
+
+
+def _consumers(node: fx.Node) -> list[fx.Node]:
+    out = []
+    for u in node.users:
+        out.extend(_consumers(u) if u.target in TRANSPARENT else [u])
+    return out
+
+
+def _weight_use(op: fx.Node, dims: tuple, solver) -> ParamRole:
+    rule = meta.get(op, meta.RULE)
+    if rule == rules.EMBEDDING or meta.get(op, TRANSPOSED):
+        fan_in, fan_out = dims[0], dims[1]
+    else:
+        fan_in, fan_out = dims[1], dims[0]
+    role = rules.weight_role(solver.kind_of(fan_in) == WIDTH, solver.kind_of(fan_out) == WIDTH)
+    return ParamRole(role, fan_in, fan_out)
+
+
+def _use_of(node: fx.Node, op: fx.Node, name: str, solver) -> ParamRole | None:
+    rule = meta.get(op, meta.RULE)
+    dims = meta.get(node, meta.DIMS)
+    if rule in (rules.LINEAR, rules.EMBEDDING) and meta.get(op, meta.WEIGHT) == name:
+        if len(dims) == 1:
+            return None
+        return _weight_use(op, dims, solver)
+    if rule == rules.LINEAR and len(dims) == 1:
+        return ParamRole(rules.BIAS)  # linear(x, W, b) / addmm(b, x, W)
+    if rule in (rules.NORM_OP, rules.NORM_GAIN):
+        return ParamRole(rules.NORM)
+    if op.target in ADDS and len(dims) == 1:
+        other = [a for a in op.args if a is not node]
+        if other and meta.get(other[0], meta.RULE) == rules.LINEAR:
+            return ParamRole(rules.BIAS)  # x @ W + b written by hand
+    return None
+
+
+def assign_roles(gm: fx.GraphModule, overrides: dict[str, str] | None = None) -> PassResult:
+    """Give every parameter a role and its fans; see the module docstring."""
+    overrides = dict(overrides or {})
+    solver = meta.graph_meta(gm)[meta.SOLVER]
+    params = meta.graph_meta(gm)[meta.PARAMS]
+    roles: dict[str, ParamRole] = {}
+    for node in gm.graph.nodes:
+        name = param_name(node)
+        if name is None or not node.users:
+            continue
+        found: ParamRole | None = None
+        for op in _consumers(node):
+            use = _use_of(node, op, name, solver)
+            if use is None:
+                if name in overrides:
+                    continue
+                raise AnalysisError(
+                    f"Cannot classify parameter {name!r} (shape {params[name].shape}): it is "
+                    f"used by {op_name(op)} at {where(op)}, which no u-muP rule covers as a "
+                    "weight, bias or norm gain. Pass roles={" + repr(name) + ": 'hidden'} "
+                    "(or input / output / fixed / bias / norm) to umup_fx.analyze / transform "
+                    "to decide it yourself."
+                )
+            if found is None:
+                found = use
+            found.uses.append(Use(op.name, meta.get(op, meta.RULE), use.role))
+        if found is None:
+            found = ParamRole(overrides.get(name, rules.UNUSED))
+        roles[name] = found
+    for name, role in overrides.items():
+        if name not in params:
+            raise AnalysisError(
+                f"roles= names {name!r}, which is not a parameter of the model. "
+                f"Parameters: {', '.join(list(params)[:8])}{' ...' if len(params) > 8 else ''}."
+            )
+        if role not in rules.ROLES:
+            raise AnalysisError(f"roles[{name!r}] = {role!r}: a role is one of {rules.ROLES}.")
+        entry = roles.setdefault(name, ParamRole(role))
+        entry.role = role
+        dims = meta.get(gm.graph.find_nodes(op="placeholder", target=params[name].node)[0], meta.DIMS) \
+            if params[name].node else None
+        if role in (rules.INPUT, rules.HIDDEN, rules.OUTPUT, rules.FIXED_ROLE) and dims and len(dims) > 1:
+            # PyTorch's convention for an op we do not know: W[out, in, *kernel].
+            entry.fan_in = entry.fan_in if entry.fan_in is not None else sp.Mul(*dims[1:])
+            entry.fan_out = entry.fan_out if entry.fan_out is not None else dims[0]
+    for name in params:
+        roles.setdefault(name, ParamRole(rules.UNUSED))
+    meta.graph_meta(gm)[meta.ROLES] = roles
+    return PassResult(gm, False)

@@ -1,0 +1,210 @@
+"""Capture: an ``nn.Module`` plus example inputs becomes one ATen-level FX graph.
+
+Why ``torch.export.export(strict=False)``: it traces through models that
+``torch.fx.symbolic_trace`` cannot (Hugging Face transformers, anything that reads
+tensor shapes), gives one graph or a clear error (no silent graph breaks), puts a
+fake value with its shape on every node (``node.meta["val"]``), and records which
+placeholder is which parameter (the graph signature). Its ops are ATen overloads
+(``aten.linear.default``), stable across torch versions, so rules never match Python
+names. The ``torch.compile`` backend captures with Dynamo and then runs the same
+export on Dynamo's graph, so both entry points hand the passes the same IR.
+
+Batch and sequence dims are exported as dynamic (``Dim.AUTO``), so a transformed
+model accepts other batch sizes and sequence lengths than the example's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from . import meta
+from .errors import AnalysisError, CaptureError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_UMUP_DIR = os.path.dirname(__file__)
+
+
+@dataclass
+class ParamInfo:
+    """A parameter as the graph sees it."""
+
+    name: str  # canonical name: first in model.named_parameters()
+    shape: tuple[int, ...]
+    aliases: tuple[str, ...] = ()  # other names of the same tensor (tied weights)
+    node: str | None = None  # placeholder node name; None if the graph never uses it
+    requires_grad: bool = True
+
+
+@dataclass
+class Captured:
+    """The captured graph plus what is needed to call it like the original model."""
+
+    gm: fx.GraphModule
+    params: dict[str, ParamInfo]
+    program: ExportedProgram | None = None
+    model_name: str = "model"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame outside torch and umup_fx: where the model failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [
+        f
+        for f in frames
+        if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_UMUP_DIR)
+    ]
+    if not user:
+        return None
+    f = user[-1]
+    return f"{f.filename}:{f.lineno}, in {f.name}: {(f.line or '').strip()}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Dim.AUTO on every axis of every tensor input: export keeps dynamic what it can."""
+
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return {i: Dim.AUTO for i in range(x.dim())} if x.dim() else None
+        if isinstance(x, (list, tuple)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def _check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise CaptureError(
+            f"The example inputs do not fit {type(model).__name__}.forward"
+            f"{inspect.signature(model.forward)}: {exc}. Pass example_inputs as a tuple of "
+            "positional arguments (and example_kwargs for keyword arguments), the same as "
+            "you would call the model."
+        ) from None
+
+
+def _explain_failure(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> CaptureError:
+    """Tell apart wrong inputs (eager fails too) from an untraceable model."""
+    name = type(model).__name__
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as eager_exc:  # noqa: BLE001 - we re-raise with a better message
+        where = _user_frame(eager_exc)
+        return CaptureError(
+            f"{name} fails on the example inputs even without umup_fx: "
+            f"{_first_line(eager_exc)}" + (f"\n  at {where}" if where else "") + "\n"
+            "Check the example inputs' shapes and dtypes (they must be a valid call of the "
+            "model)."
+        )
+    where = _user_frame(exc)
+    text = str(exc)
+    if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
+        hint = (
+            "The model branches on the value of a tensor (Python control flow on data). "
+            "Make the branch static (compute it from shapes or config), or express it "
+            "with torch.where / torch.cond."
+        )
+    else:
+        hint = (
+            "umup_fx captures models with torch.export.export(strict=False); make the "
+            "forward traceable there (no data-dependent Python control flow, no tensor "
+            "values turned into Python numbers), or pass a traceable wrapper module."
+        )
+    return CaptureError(
+        f"Could not capture {name} as one graph: {_first_line(exc)}"
+        + (f"\n  at {where}" if where else "")
+        + f"\n{hint}"
+    )
+
+
+def _canonical_names(model: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Map every parameter name to (canonical name, all names of that tensor)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for names in by_tensor.values():
+        for n in names:
+            out[n] = (names[0], tuple(names))
+    return out
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: tuple | list | torch.Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+) -> Captured:
+    """Export ``model`` to one ATen graph and label its placeholders.
+
+    Writes ``node.meta["umup"]["kind"]`` on every placeholder and
+    ``node.meta["umup"]["param"]`` on parameter placeholders, and
+    ``gm.meta["umup"]["params"]``.
+
+    Raises:
+        CaptureError: the inputs do not fit the model, or the model cannot be traced.
+        AnalysisError: the model has no parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"Expected an nn.Module, got {type(model).__name__}.")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    if not any(True for _ in model.parameters()):
+        raise AnalysisError(
+            f"{type(model).__name__} has no parameters: there is nothing for u-muP to scale "
+            "or train. Pass the module that owns the weights."
+        )
+    _check_inputs(model, args, kwargs)
+    try:
+        program = torch.export.export(
+            model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False
+        )
+    except Exception as exc:  # noqa: BLE001 - turned into a readable CaptureError
+        raise _explain_failure(model, args, kwargs, exc) from exc
+
+    names = _canonical_names(model)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    gm = program.graph_module
+    params: dict[str, ParamInfo] = {}
+    for name, p in model.named_parameters():
+        canonical, aliases = names[name]
+        params[canonical] = ParamInfo(
+            canonical, tuple(p.shape), aliases, requires_grad=requires_grad[name]
+        )
+
+    kinds = {
+        InputKind.PARAMETER: "param",
+        InputKind.BUFFER: "buffer",
+        InputKind.CONSTANT_TENSOR: "constant",
+        InputKind.USER_INPUT: "input",
+    }
+    by_name = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    for spec in program.graph_signature.input_specs:
+        node = by_name[spec.arg.name]
+        m = meta.node_meta(node)
+        m[meta.KIND] = kinds.get(spec.kind, "input")
+        if spec.kind == InputKind.PARAMETER:
+            canonical = names[spec.target][0]
+            m[meta.PARAM] = canonical
+            params[canonical].node = node.name
+    meta.graph_meta(gm)[meta.PARAMS] = params
+    return Captured(gm=gm, params=params, program=program, model_name=type(model).__name__)

@@ -1,0 +1,82 @@
+"""The one place where umup_fx's FX metadata keys are defined and documented.
+
+Every fact a pass derives is stored under a single namespace, ``node.meta["umup"]``
+(per node) or ``gm.meta["umup"]`` (per graph), and each key is written by exactly one
+pass. Passes read and write through the helpers below, never through string literals.
+
+Per-node keys (``node.meta["umup"][KEY]``):
+
+=================  =================  ==================================================
+key                written by         value
+=================  =================  ==================================================
+``kind``           capture            placeholders only: "param" | "buffer" |
+                                      "constant" | "input"
+``param``          capture            placeholders of parameters: the canonical
+                                      parameter name (first name in
+                                      ``model.named_parameters()``; tied names share it)
+``dims``           passes.dims        tuple of sympy expressions, one per tensor axis
+                                      (a list of tuples for multi-output ops)
+``norm``           passes.norms       True on nodes whose value is a normalisation
+                                      output (the op, or the op times its gain)
+``rule``           passes.ops         the u-muP rule this op gets (see ``Rule``)
+``weight``         passes.ops         for weight-bearing ops: the parameter name
+``attention``      passes.ops         for ``rule == "attention"`` patterns: dict with
+                                      the pattern's nodes and whether it is causal
+``residual``       passes.residuals   on residual adds: ``Branch`` (index, kind, tau)
+``fp8``            passes.fp8         on linears: True when FP8-eligible (rules §7)
+=================  =================  ==================================================
+
+Per-graph keys (``gm.meta["umup"][KEY]``):
+
+=================  =================  ==================================================
+``solver``         passes.dims        the ``DimSolver`` holding symbols and their kinds
+``hparams``        pipeline           the ``HParams`` in force
+``params``         capture            {canonical name: ParamInfo(shape, aliases, node)}
+``branches``       passes.residuals   list of ``Branch`` in forward order
+``depth_scaled``   passes.residuals   set of parameter names inside a residual branch
+``uncovered``      passes.coverage    list of (node name, op name, why) left unscaled
+``roles``          passes.roles       {parameter name: ParamRole}
+=================  =================  ==================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+NAMESPACE = "umup"
+
+# Node keys.
+KIND = "kind"
+PARAM = "param"
+DIMS = "dims"
+NORM = "norm"
+RULE = "rule"
+WEIGHT = "weight"
+ATTENTION = "attention"
+RESIDUAL = "residual"
+FP8 = "fp8"
+
+# Graph keys.
+SOLVER = "solver"
+HPARAMS = "hparams"
+PARAMS = "params"
+BRANCHES = "branches"
+DEPTH_SCALED = "depth_scaled"
+UNCOVERED = "uncovered"
+ROLES = "roles"
+
+
+def node_meta(node: fx.Node) -> dict[str, Any]:
+    """The umup namespace of a node's metadata (created on first use)."""
+    return node.meta.setdefault(NAMESPACE, {})
+
+
+def get(node: fx.Node, key: str, default: Any = None) -> Any:
+    return node.meta.get(NAMESPACE, {}).get(key, default)
+
+
+def graph_meta(gm: fx.GraphModule) -> dict[str, Any]:
+    """The umup namespace of a graph module's metadata (created on first use)."""
+    return gm.meta.setdefault(NAMESPACE, {})

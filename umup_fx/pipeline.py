@@ -1,0 +1,91 @@
+"""The whole pipeline on one screen: capture -> analyse -> plan (-> rewrite -> emit).
+
+``umup_fx.analyze`` / ``transform`` and the ``torch.compile`` backend all call
+``analyze_graph``; they differ only in how the graph is captured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import fx, nn
+
+from . import meta
+from .capture import capture
+from .hparams import HParams
+from .passes.coverage import find_uncovered
+from .passes.dims import infer_dims
+from .passes.fp8 import mark_fp8
+from .passes.match import match_rules
+from .passes.norms import find_norms
+from .passes.residuals import find_residuals
+from .passes.roles import assign_roles
+from .plan import Plan, build_plan
+
+
+def analysis_passes(roles: dict[str, str] | None = None) -> list[Callable[[fx.GraphModule], Any]]:
+    """The analysis passes, in the order they must run (each reads its predecessors)."""
+    return [
+        infer_dims,  # umup.dims: sympy dims, fixed vs width (rules §1)
+        find_norms,  # umup.norm: normalisation outputs and gains
+        match_rules,  # umup.rule: which §3 rule each op gets
+        lambda gm: assign_roles(gm, roles),  # roles and fans (§1)
+        find_residuals,  # residual branches, depth, tau (§4)
+        mark_fp8,  # umup.fp8: non-critical matmuls (§7)
+        find_uncovered,  # ops no rule covers, listed
+    ]
+
+
+def analyze_graph(
+    gm: fx.GraphModule,
+    hparams: HParams | None = None,
+    roles: dict[str, str] | None = None,
+    model_name: str = "model",
+) -> Plan:
+    """Run every analysis pass over a captured graph and collect the plan."""
+    meta.graph_meta(gm)[meta.HPARAMS] = HParams.coerce(hparams)
+    for run_pass in analysis_passes(roles):
+        run_pass(gm)
+    return build_plan(gm, model_name)
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    hparams: HParams | dict[str, float] | None = None,
+    roles: dict[str, str] | None = None,
+) -> Plan:
+    """Decide what u-muP does with ``model`` without changing it.
+
+    Args:
+        model: an unmodified ``nn.Module``.
+        example_inputs: positional arguments of one forward call (a tuple, or a tensor).
+        example_kwargs: keyword arguments of that call.
+        hparams: the u-muP multipliers (``HParams`` or a dict); defaults all 1.
+        roles: override the role of named parameters (``{"pos.weight": "input"}``).
+
+    Returns:
+        The ``Plan``; ``print(plan)`` shows the table.
+    """
+    captured = capture(model, example_inputs, example_kwargs)
+    return analyze_graph(captured.gm, HParams.coerce(hparams), roles, type(model).__name__)
+
+
+def explain(
+    model_or_plan: nn.Module | Plan,
+    example_inputs: Any = None,
+    example_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> str:
+    """The readable report for a plan, or for a model (analysed on the spot)."""
+    if isinstance(model_or_plan, Plan):
+        return str(model_or_plan)
+    plan = getattr(model_or_plan, "umup_plan", None)
+    if isinstance(plan, Plan):
+        return str(plan)
+    if example_inputs is None:
+        raise TypeError("explain(model, example_inputs): the model needs example inputs.")
+    return str(analyze(model_or_plan, example_inputs, example_kwargs, **options))
