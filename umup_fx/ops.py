@@ -1,0 +1,406 @@
+"""Runtime ops that a rewritten FX graph calls: the §3 rules of ``umup-rules.md``.
+
+Scales enter through exactly two primitives, :func:`scale_fwd` (forward only) and
+:func:`scale_bwd` (backward only), both built on one ``autograd.Function``. Every op is
+the plain PyTorch op with these applied around it, so the unscaled numerics (kernels,
+dtypes, SDPA backends) stay PyTorch's own.
+
+Callers pass only numbers that are fixed for a model (fan-in, fan-out, tau, the alpha
+multipliers). Scales that depend on the batch (rows of a linear, number of looked-up
+indices, sequence length) are computed here from the tensors' shapes at run time, so a
+graph accepts any batch size / sequence length. Under ``torch.compile(dynamic=True)``
+those shapes are SymInts and the scales SymFloats; the scale arithmetic below therefore
+uses only ``**`` and log2 (``math.log2`` under Dynamo, torch's symbolic log2 under
+AOTAutograd / make_fx), which stay symbolic: ``math.log`` / ``math.exp`` would
+specialise the graph to one size and recompile for every new one.
+
+Where the reference library (``unit-scaling`` 0.3.5, ``unit_scaling.functional``)
+differs from the rules table, the op's comment says which one it follows and why.
+
+Outputs of :func:`scale_bwd` (and of ops whose forward scale is 1) may alias their input
+(zero-copy); like any custom-Function output they must not be modified in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "add",
+    "attention_scales",
+    "cross_entropy",
+    "dropout",
+    "embedding",
+    "gelu",
+    "hidden_linear_scales",
+    "layer_norm",
+    "linear",
+    "log_interp",
+    "matmul",
+    "param_grad_scale",
+    "readout_linear_scales",
+    "residual_add",
+    "residual_split",
+    "rms_norm",
+    "scale_bwd",
+    "scale_fwd",
+    "scaled_dot_product_attention",
+    "silu",
+    "silu_glu",
+    "softmax",
+]
+
+_LN2 = math.log(2.0)
+
+
+# -- primitives ------------------------------------------------------------------------
+def _is_one(scale: float | Tensor) -> bool:
+    # Only a concrete 1.0 skips the multiply; a symbolic scale is always applied.
+    return isinstance(scale, (int, float)) and scale == 1.0
+
+
+class _Scale(torch.autograd.Function):
+    """y = fwd_scale * x in the forward pass; grad_x = bwd_scale * grad_y in the backward.
+
+    A scale of None means 1 (no multiply). The caller decides that: Dynamo traces
+    forward and backward as subgraphs, where a comparison on a symbolic scale (a guard)
+    is not allowed.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, fwd_scale: float | Tensor | None, bwd_scale: float | None
+    ) -> Tensor:
+        # A Python (Sym)float on ctx, not a saved tensor: no dtype rounding of the
+        # scale and nothing for Dynamo to lift into the graph.
+        ctx.bwd_scale = bwd_scale
+        return x if fwd_scale is None else x * fwd_scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        scale = ctx.bwd_scale
+        return (grad if scale is None else grad * scale), None, None
+
+
+def _scale(x: Tensor, fwd_scale: float | Tensor = 1.0, bwd_scale: float = 1.0) -> Tensor:
+    """Forward x fwd_scale, backward x bwd_scale, in one node."""
+    fwd = None if _is_one(fwd_scale) else fwd_scale
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        # No backward will run: a plain multiply keeps inference graphs pure ATen.
+        return x if fwd is None else x * fwd
+    bwd = None if _is_one(bwd_scale) else bwd_scale
+    if fwd is None and bwd is None:
+        return x
+    return _Scale.apply(x, fwd, bwd)  # type: ignore[no-any-return]
+
+
+def scale_fwd(x: Tensor, scale: float | Tensor) -> Tensor:
+    """Forward-only scale: returns ``x * scale``; the gradient passes through unchanged.
+
+    ``scale`` is a Python (Sym)float, or a 0-d tensor that needs no gradient (a
+    data-dependent count, as in :func:`cross_entropy`).
+    """
+    return _scale(x, fwd_scale=scale)
+
+
+def scale_bwd(x: Tensor, scale: float) -> Tensor:
+    """Backward-only scale: returns exactly ``x``; its gradient is multiplied by ``scale``."""
+    return _scale(x, bwd_scale=scale)
+
+
+# torch's symbolic log2 (private; math.log2 where absent). Only for real SymInt/SymFloat
+# objects (AOTAutograd / make_fx tracing a rewritten graph), where math.log2 would
+# specialise the size. Dynamo shows sizes to user code as int/float and traces
+# math.log2 symbolically itself (it refuses to trace torch._sym_log2).
+_sym_log2 = getattr(torch, "_sym_log2", math.log2)
+
+
+def _log2(v: float) -> float:
+    if isinstance(v, (torch.SymInt, torch.SymFloat)):
+        return _sym_log2(v)  # type: ignore[no-any-return]
+    return math.log2(v)
+
+
+def log_interp(alpha: float, lower: float, upper: float) -> float:
+    """Log-linear blend (rules §3 ``interp``): exp(alpha ln upper + (1 - alpha) ln lower)."""
+    # Same value via base 2: log2 and ** stay symbolic under tracing, ln / exp do not.
+    return 2.0 ** (alpha * _log2(upper) + (1 - alpha) * _log2(lower))
+
+
+def _ln(n: float) -> float:
+    return _log2(n) * _LN2  # ln n, symbolic-friendly (see log_interp)
+
+
+def _rows(x: Tensor) -> int:
+    """Rows a weight sees: every position of every batch element (B in the rules)."""
+    return x.numel() // x.shape[-1]
+
+
+# -- linear / embedding / norms --------------------------------------------------------
+def hidden_linear_scales(fan_in: int) -> tuple[float, float]:
+    """(out_scale, grad_input_scale) of a hidden or input linear: both fan_in^-1/2 (tied)."""
+    s = fan_in**-0.5
+    return s, s
+
+
+def readout_linear_scales(fan_in: int, fan_out: int, mult: float = 1.0) -> tuple[float, float]:
+    """Readout (out_scale, grad_input_scale): alpha_out / fan_in, fan_out^-1/2 (cut edge)."""
+    return mult / fan_in, fan_out**-0.5
+
+
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    out_scale: float,
+    grad_input_scale: float,
+    weight_transposed: bool = False,
+) -> Tensor:
+    """Linear rule: F.linear(x, W, b) * out_scale; x grad * grad_input_scale, W, b grads * B^-1/2."""
+    # As U.linear: the bias sits inside the forward scale (the whole output is scaled)
+    # and its gradient gets the weight's B^-1/2, not out_scale.
+    param_scale = _rows(x) ** -0.5
+    x = scale_bwd(x, grad_input_scale)
+    weight = scale_bwd(weight, param_scale)
+    if bias is not None:
+        bias = scale_bwd(bias, param_scale)
+    # weight_transposed: stored [in, out] (HF GPT-2 Conv1D, addmm(b, x, W)).
+    out = F.linear(x, weight.t() if weight_transposed else weight, bias)
+    return scale_fwd(out, out_scale)
+
+
+def embedding(indices: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
+    """Embedding rule: plain lookup; weight grad * (V / num_indices)^1/2."""
+    weight = scale_bwd(weight, (weight.shape[0] / indices.numel()) ** 0.5)
+    return F.embedding(indices, weight, padding_idx)
+
+
+def param_grad_scale(weight: Tensor, activation: Tensor) -> Tensor:
+    """Norm gain/bias rule: grad * (weight.numel() / activation.numel())^1/2 = (d / numel)^1/2."""
+    return scale_bwd(weight, (weight.numel() / activation.numel()) ** 0.5)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Norm rule: plain layer_norm; gain and bias grads * (d / numel)^1/2."""
+    if weight is not None:
+        weight = param_grad_scale(weight, x)
+    if bias is not None:
+        bias = param_grad_scale(bias, x)
+    return F.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """Norm rule: plain rms_norm; gain grad * (d / numel)^1/2."""
+    # PyTorch's kernel and eps default (dtype eps), where U.rms_norm hand-computes
+    # x / sqrt(mean(x^2) + 1e-5) in fp32: same function, rounding-level differences.
+    if weight is not None:
+        weight = param_grad_scale(weight, x)
+    return F.rms_norm(x, tuple(normalized_shape), weight, eps)
+
+
+# -- residuals and adds ----------------------------------------------------------------
+def residual_split(x: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """Residual rule, split: (branch, skip) = x; grads * tau/sqrt(1+tau^2), 1/sqrt(1+tau^2)."""
+    denom = (1 + tau**2) ** 0.5
+    return scale_bwd(x, tau / denom), scale_bwd(x, 1 / denom)
+
+
+def residual_add(branch_output: Tensor, skip: Tensor, tau: float) -> Tensor:
+    """Residual rule, add: (tau * f + skip) / sqrt(1+tau^2); grads unscaled (split scales them)."""
+    denom = (1 + tau**2) ** 0.5
+    return scale_fwd(branch_output, tau / denom) + scale_fwd(skip, 1 / denom)
+
+
+def add(a: Tensor | float, b: Tensor | float) -> Tensor:
+    """Plain-add rule: (a + b) * 2^-1/2 forward, each input grad * 2^-1/2 (tied)."""
+    # As U.add: a Python number, or a one-element tensor, does not change the scale of
+    # the other operand, so the add is left unscaled. With the reference's default
+    # to_output_scale constraint the grad scales equal the output scale even under
+    # broadcasting (its broadcast-size grad scales are overridden).
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        return torch.add(a, b)  # type: ignore[arg-type]
+    if a.numel() == 1 or b.numel() == 1:
+        return a + b
+    s = 2**-0.5
+    return scale_fwd(scale_bwd(a, s) + scale_bwd(b, s), s)
+
+
+# -- attention and softmax -------------------------------------------------------------
+def attention_scales(
+    d_head: int, seq_len: int, *, causal: bool, mult: float = 1.0, dropout_p: float = 0.0
+) -> tuple[float, float]:
+    """SDPA rule: (mult/d_head, s = sqrt(1-p) / interp(alpha, sqrt((ln S or 1)/S), 1))."""
+    # As U.scaled_dot_product_attention: S is the key/value length (value.shape[-2]),
+    # alpha = 1 / (1 + 4 d_head / mult^2); dropout enters only as sqrt(1 - p).
+    # Causal with S == 1 (one key: the output is v itself) would give ln 1 = 0 and a
+    # math error in the reference; it gets s = 1 here (the non-causal lower limit, 1).
+    lower = ((_ln(seq_len) if causal and seq_len != 1 else 1) / seq_len) ** 0.5
+    alpha = 1 / (1 + 4 * d_head / mult**2)
+    s = (1 - dropout_p) ** 0.5 / log_interp(alpha, lower=lower, upper=1.0)
+    return mult / d_head, s
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    mult: float = 1.0,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """SDPA rule: logits * mult/d_head (muP 1/d), output * s, q, k, v grads * s."""
+    # d_head and S from v, as the reference. Standard models give q, k and v one head
+    # size; were q/k's to differ (e.g. MLA), mult/d_head would still use v's, as there.
+    # The causal ln S term follows is_causal only: a causal attn_mask counts as
+    # non-causal, as in the reference.
+    logit_scale, s = attention_scales(
+        v.shape[-1], v.shape[-2], causal=is_causal, mult=mult, dropout_p=dropout_p
+    )
+    q, k, v = scale_bwd(q, s), scale_bwd(k, s), scale_bwd(v, s)
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=logit_scale,
+        enable_gqa=enable_gqa,
+    )
+    return scale_fwd(out, s)
+
+
+def softmax(
+    x: Tensor, dim: int, *, mult: float = 1.0, dtype: torch.dtype | None = None, tied: bool = True
+) -> Tensor:
+    """Softmax rule: softmax(mult x) * n^(1-a/2), a = 1/(1+4/mult^2); x grad tied (or (n/mult)^..)."""
+    # Default tied, as the reference (constraint="to_output_scale"): the rules table's
+    # untied grad scale (n/mult)^(1-a/2) is what constraint=None gives (tied=False).
+    n = x.shape[dim]
+    a = 1 / (1 + 4 / mult**2)
+    out_scale = log_interp(a, lower=n, upper=n**0.5)
+    grad_scale = out_scale if tied else log_interp(a, lower=n / mult, upper=(n / mult) ** 0.5)
+    x = scale_bwd(x, grad_scale)
+    y = F.softmax(x if mult == 1 else x * mult, dim=dim, dtype=dtype)
+    return scale_fwd(y, out_scale)
+
+
+# -- activations -----------------------------------------------------------------------
+# Empirical std models (reference): output interp(a, 2, sqrt(2/(1-1/pi))), a = 1/(1+0.25/mult^2);
+# input grad interp(a', 2, sqrt(2)), a' = 1/(1+1/mult^2) for silu and a' = a for gelu.
+_ACT_OUT_UPPER = (2 / (1 - 1 / math.pi)) ** 0.5
+
+
+def _act_scales(mult: float, grad_alpha: float, tied: bool) -> tuple[float, float]:
+    out_scale = log_interp(1 / (1 + 0.25 / mult**2), lower=2.0, upper=_ACT_OUT_UPPER)
+    if tied:  # reference default (to_output_scale): the rules table's grad scale is tied=False
+        return out_scale, out_scale
+    return out_scale, log_interp(grad_alpha, lower=2.0, upper=2**0.5)
+
+
+def _silu(x: Tensor, mult: float) -> Tensor:
+    return F.silu(x) if mult == 1 else x * torch.sigmoid(x * mult)  # = silu(mult x) / mult
+
+
+def silu(x: Tensor, *, mult: float = 1.0, tied: bool = True) -> Tensor:
+    """SiLU rule: silu(mult x)/mult * interp(a, 2, sqrt(2/(1-1/pi))); x grad tied (or interp(a'..))."""
+    out_scale, grad_scale = _act_scales(mult, 1 / (1 + 1 / mult**2), tied)
+    return scale_fwd(_silu(scale_bwd(x, grad_scale), mult), out_scale)
+
+
+def gelu(x: Tensor, *, mult: float = 1.0, approximate: str = "none", tied: bool = True) -> Tensor:
+    """GELU rule: gelu(mult x)/mult * interp(a, 2, sqrt(2/(1-1/pi))); x grad tied (or interp(a..))."""
+    out_scale, grad_scale = _act_scales(mult, 1 / (1 + 0.25 / mult**2), tied)
+    x = scale_bwd(x, grad_scale)
+    y = (
+        F.gelu(x, approximate=approximate)
+        if mult == 1
+        else F.gelu(x * mult, approximate=approximate) / mult
+    )
+    return scale_fwd(y, out_scale)
+
+
+def silu_glu(up: Tensor, gate: Tensor, *, mult: float = 1.0) -> Tensor:
+    """Gated-unit rule: up * silu(mult gate)/mult * interp(a', 2, sqrt 2); both grads * the same."""
+    s = log_interp(1 / (1 + 1 / mult**2), lower=2.0, upper=2**0.5)
+    return scale_fwd(scale_bwd(up, s) * _silu(scale_bwd(gate, s), mult), s)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Dropout rule: F.dropout(x) * sqrt(1-p); grad x * sqrt(1-p)."""
+    # As U.dropout: the sqrt(1-p) scales apply in eval too (training=False), which
+    # keeps the output's mean equal between train and eval.
+    s = (1 - p) ** 0.5
+    return scale_fwd(F.dropout(scale_bwd(x, s), p, training), s)
+
+
+def matmul(a: Tensor, b: Tensor, *, tied: bool = True) -> Tensor:
+    """Matmul rule [M,K]@[K,N]: out * K^-1/2; grads tied, K^-1/2 (or left N^-1/2, right M^-1/2)."""
+    # Default tied, as U.matmul's to_output_scale constraint and the rules' "tied to
+    # forward by default"; tied=False gives the table's untied grad scales.
+    out_scale = a.shape[-1] ** -0.5
+    if tied:
+        left_scale = right_scale = out_scale
+    else:
+        left_scale = (b.shape[-1] if b.dim() > 1 else 1) ** -0.5
+        right_scale = (a.shape[-2] if a.dim() > 1 else 1) ** -0.5
+    return scale_fwd(torch.matmul(scale_bwd(a, left_scale), scale_bwd(b, right_scale)), out_scale)
+
+
+# -- loss ------------------------------------------------------------------------------
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    mult: float = 1.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Cross-entropy rule: CE(mult logits); logits grad * V/sqrt(V-1); mean divides the value only."""
+    # As U.cross_entropy: the forward multiplier's gradient is not applied (scale_fwd),
+    # and the loss is a sum whose *value* is divided by the row count in the forward
+    # pass only, so d loss / d logit = (softmax - onehot) * V/sqrt(V-1), no 1/rows.
+    # One difference: the reference divides by all rows (logits.shape[0]), including
+    # rows whose target is ignore_index; here the divisor is PyTorch's (the number of
+    # non-ignored targets), so the loss value equals F.cross_entropy's at mult = 1.
+    # Identical numbers when no target is ignored.
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: unknown reduction {reduction!r}")
+    # Classes sit on dim 1 for [N, C, ...] logits, as in F.cross_entropy.
+    vocab = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    logits = _scale(logits, fwd_scale=mult, bwd_scale=vocab / (vocab - 1) ** 0.5)
+    loss = F.cross_entropy(
+        logits,
+        target,
+        ignore_index=ignore_index,
+        reduction="sum" if reduction == "mean" else reduction,
+        label_smoothing=label_smoothing,
+    )
+    if reduction != "mean":
+        return loss
+    if target.is_floating_point():  # class probabilities: every row counts
+        return scale_fwd(loss, 1 / (logits.numel() // vocab))
+    # Data-dependent count: the forward-only scale is a 0-d tensor here.
+    return scale_fwd(loss, (target != ignore_index).sum().to(loss.dtype).reciprocal())
