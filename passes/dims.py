@@ -28,6 +28,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta
 
+from ._graph import ops
+
 aten = torch.ops.aten
 
 FIXED, WIDTH, NEUTRAL = "fixed", "width", "neutral"
@@ -290,7 +292,7 @@ def _flat_args(node: fx.Node) -> list[Any]:
 def _broadcastable(src: list[int], dst: list[int]) -> bool:
     if len(src) > len(dst):
         return False
-    return all(a in (1, b) for a, b in zip(reversed(src), reversed(dst)))
+    return all(a in (1, b) for a, b in zip(reversed(src), reversed(dst), strict=False))
 
 
 def _op_name(node: fx.Node) -> str:
@@ -506,7 +508,7 @@ def _stack(p: _Propagator, n: fx.Node) -> Dims:
     tensors = list(n.args[0])
     first = list(p.d(tensors[0]))
     for t in tensors[1:]:
-        for a, b in zip(first, p.d(t)):
+        for a, b in zip(first, p.d(t), strict=False):
             p.s.equate(a, b, n.name)
     first.insert(_norm_axis(_arg(n, 1, "dim", 0), len(first) + 1), sp.Integer(len(tensors)))
     return tuple(first)
@@ -591,48 +593,37 @@ def _same(p: _Propagator, n: fx.Node) -> Dims:
     return p.d(n.args[0])
 
 
-def _ops(*names: str) -> list[Any]:
-    """ATen overloads by name; missing ones (older torch) are skipped."""
-    out = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(aten, packet, None), overload or "default", None)
-        if op is not None:
-            out.append(op)
-    return out
-
-
 _RULES: dict[Any, Rule] = {}
 for _targets, _rule in [
-    (_ops("linear"), _linear),
-    (_ops("mm", "bmm", "matmul"), _mm),
-    (_ops("addmm"), _addmm),
-    (_ops("baddbmm"), _baddbmm),
-    (_ops("embedding"), _embedding),
-    (_ops("view", "reshape", "_unsafe_view", "view_copy", "flatten.using_ints", "unflatten.int"), _reshape),
-    (_ops("expand", "expand_copy"), _expand),
-    (_ops("transpose.int", "t", "numpy_T"), _transpose),
-    (_ops("permute"), _permute),
-    (_ops("unsqueeze"), _unsqueeze),
-    (_ops("squeeze", "squeeze.dim", "squeeze.dims"), _squeeze),
-    (_ops("slice.Tensor", "narrow"), _slice),
-    (_ops("select.int"), _select),
+    (ops("linear"), _linear),
+    (ops("mm", "bmm", "matmul"), _mm),
+    (ops("addmm"), _addmm),
+    (ops("baddbmm"), _baddbmm),
+    (ops("embedding"), _embedding),
+    (ops("view", "reshape", "_unsafe_view", "view_copy", "flatten.using_ints", "unflatten.int"), _reshape),
+    (ops("expand", "expand_copy"), _expand),
+    (ops("transpose.int", "t", "numpy_T"), _transpose),
+    (ops("permute"), _permute),
+    (ops("unsqueeze"), _unsqueeze),
+    (ops("squeeze", "squeeze.dim", "squeeze.dims"), _squeeze),
+    (ops("slice.Tensor", "narrow"), _slice),
+    (ops("select.int"), _select),
     (
-        _ops(
+        ops(
             "mean.dim", "sum.dim_IntList", "amax", "amin", "var.correction", "std.correction",
             "var.dim", "std.dim", "logsumexp", "norm.ScalarOpt_dim", "linalg_vector_norm",
         ),
         _reduce,
     ),
-    (_ops("mean", "sum", "max", "min"), _full_reduce),
-    (_ops("cat"), _cat),
-    (_ops("stack"), _stack),
-    (_ops("scaled_dot_product_attention"), _sdpa),
-    (_ops("layer_norm"), _layer_norm),
-    (_ops("rms_norm"), _rms_norm),
-    (_ops("cross_entropy_loss", "nll_loss", "nll_loss_nd"), _cross_entropy),
+    (ops("mean", "sum", "max", "min"), _full_reduce),
+    (ops("cat"), _cat),
+    (ops("stack"), _stack),
+    (ops("scaled_dot_product_attention"), _sdpa),
+    (ops("layer_norm"), _layer_norm),
+    (ops("rms_norm"), _rms_norm),
+    (ops("cross_entropy_loss", "nll_loss", "nll_loss_nd"), _cross_entropy),
     (
-        _ops(
+        ops(
             "arange", "arange.start", "arange.start_step", "zeros", "ones", "full", "empty.memory_format",
             "rand", "randn", "scalar_tensor", "tensor", "ones_like", "zeros_like", "full_like",
             "empty_like",
@@ -640,17 +631,17 @@ for _targets, _rule in [
         _factory,
     ),
     ([operator.getitem], _getitem),
-    (_ops("clone", "alias", "detach", "contiguous", "_to_copy", "to.dtype", "lift_fresh_copy"), _same),
+    (ops("clone", "alias", "detach", "contiguous", "_to_copy", "to.dtype", "lift_fresh_copy"), _same),
 ]:
     for _t in _targets:
         _RULES[_t] = _rule
 
 _MULTI_RULES: dict[Any, Callable[[_Propagator, fx.Node], list[Dims]]] = {}
 for _targets, _multi in [
-    (_ops("split.Tensor", "split_with_sizes", "chunk", "tensor_split.sections"), _split),
-    (_ops("unbind.int"), _unbind),
-    (_ops("native_layer_norm"), _native_layer_norm),
-    (_ops("native_dropout"), _native_dropout),
+    (ops("split.Tensor", "split_with_sizes", "chunk", "tensor_split.sections"), _split),
+    (ops("unbind.int"), _unbind),
+    (ops("native_layer_norm"), _native_layer_norm),
+    (ops("native_dropout"), _native_dropout),
 ]:
     for _t in _targets:
         _MULTI_RULES[_t] = _multi

@@ -146,7 +146,7 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             _set(node, rules.MATMUL)
         elif node.target in MULS and len(node.args) == 2 and all(a in active for a in node.args):
             # up * silu(gate): the gated unit takes over the SiLU's scaling.
-            for up, act in (node.args, node.args[::-1]):
+            for _up, act in (node.args, node.args[::-1]):
                 if meta.get(act, meta.RULE) == rules.SILU and len(act.users) == 1:
                     _set(node, rules.GATED, gate=act.name)
                     meta.node_meta(act)[meta.RULE] = rules.GATE_ACT

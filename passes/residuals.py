@@ -89,7 +89,7 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
     ]
     taus = rules.residual_taus(kinds, hp)
     branches, depth_scaled = [], set()
-    for i, ((add, skip, body), kind, tau) in enumerate(zip(found, kinds, taus)):
+    for i, ((add, skip, body), kind, tau) in enumerate(zip(found, kinds, taus, strict=False)):
         params = sorted(
             {param_name(p) for n in body for p in n.all_input_nodes if param_name(p)}
         )
