@@ -593,8 +593,12 @@ def _same(p: _Propagator, n: fx.Node) -> Dims:
     return p.d(n.args[0])
 
 
-_RULES: dict[Any, Rule] = {}
-for _targets, _rule in [
+def _table(entries: list[tuple[set[Any] | list[Any], Any]]) -> dict[Any, Any]:
+    """{op overload: rule} from (overloads, rule) rows."""
+    return {target: rule for targets, rule in entries for target in targets}
+
+
+_RULES: dict[Any, Rule] = _table([
     (ops("linear"), _linear),
     (ops("mm", "bmm", "matmul"), _mm),
     (ops("addmm"), _addmm),
@@ -632,24 +636,18 @@ for _targets, _rule in [
     ),
     ([operator.getitem], _getitem),
     (ops("clone", "alias", "detach", "contiguous", "_to_copy", "to.dtype", "lift_fresh_copy"), _same),
-]:
-    for _t in _targets:
-        _RULES[_t] = _rule
+])
 
-_MULTI_RULES: dict[Any, Callable[[_Propagator, fx.Node], list[Dims]]] = {}
-for _targets, _multi in [
+_MULTI_RULES: dict[Any, Callable[[_Propagator, fx.Node], list[Dims]]] = _table([
     (ops("split.Tensor", "split_with_sizes", "chunk", "tensor_split.sections"), _split),
     (ops("unbind.int"), _unbind),
     (ops("native_layer_norm"), _native_layer_norm),
     (ops("native_dropout"), _native_dropout),
-]:
-    for _t in _targets:
-        _MULTI_RULES[_t] = _multi
+])
 
 
 def _display_names(gm: fx.GraphModule, solver: DimSolver) -> dict[sp.Symbol, str]:
     """Readable names: the most used width symbol is d_model, others after their param."""
-    params = meta.graph_meta(gm).get(meta.PARAMS, {})
     counts: dict[sp.Symbol, int] = {}
     for node in gm.graph.nodes:
         if meta.get(node, meta.KIND) == "param":
@@ -684,7 +682,6 @@ def _display_names(gm: fx.GraphModule, solver: DimSolver) -> dict[sp.Symbol, str
             names[s] = claim(info.hint or info.origin.split("[")[0].lstrip("_") + "_dim")
         else:
             names[s] = claim("n")
-    del params
     return names
 
 

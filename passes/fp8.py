@@ -17,7 +17,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta, rules
 
-from ._graph import source
+from ._graph import ops, source
+
+_ADDMM = ops("addmm")
 
 
 def mark_fp8(gm: fx.GraphModule) -> PassResult:
@@ -27,7 +29,7 @@ def mark_fp8(gm: fx.GraphModule) -> PassResult:
         if meta.get(node, meta.RULE) != rules.LINEAR:
             continue
         weight = meta.get(node, meta.WEIGHT)
-        x = node.args[1] if meta.get(node, "transposed") and node.target.__name__.startswith("addmm") else node.args[0]
+        x = node.args[1] if node.target in _ADDMM else node.args[0]  # addmm(bias, x, W)
         from_norm = bool(meta.get(source(x), meta.NORM)) or bool(meta.get(x, meta.NORM))
         meta.node_meta(node)[meta.FP8] = roles[weight].role == rules.HIDDEN and from_norm
     return PassResult(gm, False)

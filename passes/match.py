@@ -36,8 +36,6 @@ from ._graph import (
     source,
 )
 
-TRANSPOSED = "transposed"
-
 _LINEAR = ops("linear")
 _ADDMM = ops("addmm")
 _EMBEDDING = ops("embedding")
@@ -115,19 +113,19 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             continue
         t = node.target
         if t in _LINEAR and param_of(node.args[1]):
-            _set(node, rules.LINEAR, weight=param_of(node.args[1]), transposed=False)
+            _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[1]), meta.TRANSPOSED: False})
         elif t in _ADDMM and param_of(node.args[2]):
-            _set(node, rules.LINEAR, weight=param_of(node.args[2]), transposed=True)
+            _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[2]), meta.TRANSPOSED: True})
         elif t in MATMULS and param_of(node.args[1]) and not param_of(node.args[0]):
-            _set(node, rules.LINEAR, weight=param_of(node.args[1]), transposed=True)
+            _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[1]), meta.TRANSPOSED: True})
         elif t in _EMBEDDING and param_of(node.args[0]):
-            _set(node, rules.EMBEDDING, weight=param_of(node.args[0]))
+            _set(node, rules.EMBEDDING, **{meta.WEIGHT: param_of(node.args[0])})
         elif t in _SDPA:
             _set(node, rules.SDPA)
         elif t in SOFTMAXES and node in active:
             pattern = _match_attention(node, active)
             if pattern:
-                _set(node, rules.ATTENTION, attention=pattern)
+                _set(node, rules.ATTENTION, **{meta.ATTENTION: pattern})
                 attention_parts.update(v for k, v in pattern.items() if k in ("qk", "av"))
             else:
                 _set(node, rules.SOFTMAX)
@@ -148,7 +146,7 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             # up * silu(gate): the gated unit takes over the SiLU's scaling.
             for _up, act in (node.args, node.args[::-1]):
                 if meta.get(act, meta.RULE) == rules.SILU and len(act.users) == 1:
-                    _set(node, rules.GATED, gate=act.name)
+                    _set(node, rules.GATED, **{meta.GATE: act.name})
                     meta.node_meta(act)[meta.RULE] = rules.GATE_ACT
                     break
     return PassResult(gm, False)

@@ -25,7 +25,6 @@ from umup_fx.errors import AnalysisError
 
 from ._graph import ADDS, TRANSPARENT, op_name, param_name, where
 from .dims import WIDTH
-from .match import TRANSPOSED
 
 
 @dataclass
@@ -52,7 +51,7 @@ def _consumers(node: fx.Node) -> list[fx.Node]:
 
 def _weight_use(op: fx.Node, dims: tuple, solver) -> ParamRole:
     rule = meta.get(op, meta.RULE)
-    if rule == rules.EMBEDDING or meta.get(op, TRANSPOSED):
+    if rule == rules.EMBEDDING or meta.get(op, meta.TRANSPOSED):
         fan_in, fan_out = dims[0], dims[1]
     else:
         fan_in, fan_out = dims[1], dims[0]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import os
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +52,6 @@ class Captured:
     params: dict[str, ParamInfo]
     program: ExportedProgram | None = None
     model_name: str = "model"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _user_frame(exc: BaseException) -> str | None:

@@ -18,9 +18,12 @@ key                written by         value
                                       (a list of tuples for multi-output ops)
 ``norm``           passes.norms       True on nodes whose value is a normalisation
                                       output (the op, or the op times its gain)
-``rule``           passes.ops         the u-muP rule this op gets (see ``Rule``)
-``weight``         passes.ops         for weight-bearing ops: the parameter name
-``attention``      passes.ops         for ``rule == "attention"`` patterns: dict with
+``rule``           passes.match         the u-muP rule this op gets (see ``Rule``)
+``weight``         passes.match        for weight-bearing ops: the parameter name
+``transposed``     passes.match       on weight ops: True when W is stored [in, out]
+                                      (``addmm`` / ``matmul`` right operand)
+``gate``           passes.match       on gated units: the SiLU node it absorbs
+``attention``      passes.match        for ``rule == "attention"`` patterns: dict with
                                       the pattern's nodes and whether it is causal
 ``residual``       passes.residuals   on residual adds: ``Branch`` (index, kind, tau)
 ``fp8``            passes.fp8         on linears: True when FP8-eligible (rules §7)
@@ -55,6 +58,8 @@ NORM = "norm"
 RULE = "rule"
 WEIGHT = "weight"
 ATTENTION = "attention"
+TRANSPOSED = "transposed"
+GATE = "gate"
 RESIDUAL = "residual"
 FP8 = "fp8"
 
