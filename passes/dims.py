@@ -525,9 +525,10 @@ def _sdpa(p: _Propagator, n: fx.Node) -> Dims:
     return q[:-1] + (v[-1],)
 
 
-def _layer_norm(p: _Propagator, n: fx.Node) -> Dims:
+def _norm_affine(p: _Propagator, n: fx.Node, affine: tuple[Any, ...]) -> Dims:
+    """A norm's output is its input; its gain / bias match the trailing axes."""
     x = p.d(n.args[0])
-    for t in (_arg(n, 2, "weight"), _arg(n, 3, "bias")):
+    for t in affine:
         if _is_tensor(t):
             td = p.d(t)
             for k in range(1, len(td) + 1):
@@ -535,14 +536,12 @@ def _layer_norm(p: _Propagator, n: fx.Node) -> Dims:
     return x
 
 
+def _layer_norm(p: _Propagator, n: fx.Node) -> Dims:
+    return _norm_affine(p, n, (_arg(n, 2, "weight"), _arg(n, 3, "bias")))
+
+
 def _rms_norm(p: _Propagator, n: fx.Node) -> Dims:
-    x = p.d(n.args[0])
-    w = _arg(n, 2, "weight")
-    if _is_tensor(w):
-        wd = p.d(w)
-        for k in range(1, len(wd) + 1):
-            p.s.equate(wd[-k], x[-k], n.name)
-    return x
+    return _norm_affine(p, n, (_arg(n, 2, "weight"),))
 
 
 def _cross_entropy(p: _Propagator, n: fx.Node) -> Dims:
