@@ -126,6 +126,9 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             pattern = _match_attention(node, active)
             if pattern:
                 _set(node, rules.ATTENTION, **{meta.ATTENTION: pattern})
+                if pattern["dropout"]:  # the pattern's own dropout: scaled by its s
+                    dropout = next(n for n in gm.graph.nodes if n.name == pattern["dropout"])
+                    _set(dropout, rules.ATTENTION)
                 attention_parts.update(v for k, v in pattern.items() if k in ("qk", "av"))
             else:
                 _set(node, rules.SOFTMAX)

@@ -40,6 +40,7 @@ class ParamRole:
     fan_in: sp.Expr | None = None
     fan_out: sp.Expr | None = None
     uses: list[Use] = field(default_factory=list)
+    shift: bool = False  # a norm parameter that is added (LayerNorm's bias), not multiplied
 
 
 def _consumers(node: fx.Node) -> list[fx.Node]:
@@ -68,8 +69,10 @@ def _use_of(node: fx.Node, op: fx.Node, name: str, solver) -> ParamRole | None:
         return _weight_use(op, dims, solver)
     if rule == rules.LINEAR and len(dims) == 1:
         return ParamRole(rules.BIAS)  # linear(x, W, b) / addmm(b, x, W)
-    if rule in (rules.NORM_OP, rules.NORM_GAIN):
-        return ParamRole(rules.NORM)
+    if rule == rules.NORM_OP:
+        return ParamRole(rules.NORM, shift=len(op.args) > 3 and op.args[3] is node)
+    if rule == rules.NORM_GAIN:
+        return ParamRole(rules.NORM, shift=op.target in ADDS)
     if op.target in ADDS and len(dims) == 1:
         other = [a for a in op.args if a is not node]
         if other and meta.get(other[0], meta.RULE) == rules.LINEAR:

@@ -2,10 +2,15 @@
 
 from .errors import AlreadyTransformedError, AnalysisError, CaptureError, HParamsError, UmupError
 from .hparams import HParams
+from .ops import cross_entropy
+from .optim import AdamW, param_groups
+from .options import Options
 from .pipeline import analyze, explain
 from .plan import ParamPlan, Plan
+from .transform import UmupModule, UncoveredOpWarning, transform
 
 __all__ = [
+    "AdamW",
     "AlreadyTransformedError",
     "AnalysisError",
     "CaptureError",
@@ -13,8 +18,14 @@ __all__ = [
     "HParamsError",
     "ParamPlan",
     "Plan",
+    "Options",
     "UmupError",
+    "UmupModule",
+    "UncoveredOpWarning",
     "analyze",
+    "cross_entropy",
     "explain",
+    "param_groups",
+    "transform",
 ]
 __version__ = "0.1.0"

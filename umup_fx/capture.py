@@ -136,6 +136,24 @@ def _explain_failure(model: nn.Module, args: tuple, kwargs: dict, exc: Exception
     )
 
 
+def _unalias(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Clone repeated example tensors: export would merge inputs that are one tensor
+    (``model(idx, idx)``) and the graph would read the wrong one at run time."""
+    seen: set[int] = set()
+
+    def fresh(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if id(x) in seen:
+                return x.clone()
+            seen.add(id(x))
+        return x
+
+    return (
+        tuple(fresh(a) for a in args),
+        {k: fresh(v) for k, v in kwargs.items()},
+    )
+
+
 def _canonical_names(model: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]:
     """Map every parameter name to (canonical name, all names of that tensor)."""
     by_tensor: dict[int, list[str]] = {}
@@ -173,6 +191,7 @@ def capture(
             "or train. Pass the module that owns the weights."
         )
     _check_inputs(model, args, kwargs)
+    args, kwargs = _unalias(args, kwargs)
     try:
         program = torch.export.export(
             model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False

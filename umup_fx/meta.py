@@ -71,6 +71,9 @@ BRANCHES = "branches"
 DEPTH_SCALED = "depth_scaled"
 UNCOVERED = "uncovered"
 ROLES = "roles"
+PLAN = "plan"
+OPTIONS = "options"
+TRAINING = "training"
 
 
 def node_meta(node: fx.Node) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 __all__ = [
     "add",
+    "attention_output_scale",
     "attention_scales",
     "cross_entropy",
     "dropout",
@@ -258,6 +259,13 @@ def attention_scales(
     return mult / d_head, s
 
 
+def attention_output_scale(
+    d_head: int, seq_len: int, *, causal: bool, mult: float = 1.0, dropout_p: float = 0.0
+) -> float:
+    """The SDPA rule's s alone, for hand-written attention (see ``attention_scales``)."""
+    return attention_scales(d_head, seq_len, causal=causal, mult=mult, dropout_p=dropout_p)[1]
+
+
 def scaled_dot_product_attention(
     q: Tensor,
     k: Tensor,
@@ -268,8 +276,14 @@ def scaled_dot_product_attention(
     *,
     mult: float = 1.0,
     enable_gqa: bool = False,
+    training: bool = True,
 ) -> Tensor:
-    """SDPA rule: logits * mult/d_head (muP 1/d), output * s, q, k, v grads * s."""
+    """SDPA rule: logits * mult/d_head (muP 1/d), output * s, q, k, v grads * s.
+
+    ``training=False`` turns a captured ``dropout_p`` off (what models do in eval).
+    """
+    if not training:
+        dropout_p = 0.0
     # d_head and S from v, as the reference. Standard models give q, k and v one head
     # size; were q/k's to differ (e.g. MLA), mult/d_head would still use v's, as there.
     # The causal ln S term follows is_causal only: a causal attn_mask counts as

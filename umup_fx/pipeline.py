@@ -1,7 +1,8 @@
-"""The whole pipeline on one screen: capture -> analyse -> plan (-> rewrite -> emit).
+"""The whole pipeline on one screen: capture -> analyse -> plan -> rewrite.
 
-``umup_fx.analyze`` / ``transform`` and the ``torch.compile`` backend all call
-``analyze_graph``; they differ only in how the graph is captured.
+``umup_fx.analyze`` runs the analysis passes; ``umup_fx.transform`` and the ``"umup"``
+``torch.compile`` backend both call ``run_pipeline`` (analysis, then rewrite) on the
+graph they captured, so the two entry points share every pass.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Any
 
 from torch import fx, nn
 
-from . import meta
+from . import meta, rules
 from .capture import capture
 from .hparams import HParams
+from .options import Options
 from .passes.coverage import find_uncovered
 from .passes.dims import infer_dims
 from .passes.fp8 import mark_fp8
@@ -21,6 +23,16 @@ from .passes.match import match_rules
 from .passes.norms import find_norms
 from .passes.residuals import find_residuals
 from .passes.roles import assign_roles
+from .passes.scale_attention import scale_manual_attention, scale_sdpa, scale_softmax
+from .passes.scale_norms import scale_norms
+from .passes.scale_pointwise import (
+    scale_activations,
+    scale_cross_entropy,
+    scale_dropout,
+    scale_matmuls,
+)
+from .passes.scale_residuals import scale_residuals
+from .passes.scale_weights import scale_embeddings, scale_linears
 from .plan import Plan, build_plan
 
 
@@ -35,6 +47,45 @@ def analysis_passes(roles: dict[str, str] | None = None) -> list[Callable[[fx.Gr
         mark_fp8,  # umup.fp8: non-critical matmuls (§7)
         find_uncovered,  # ops no rule covers, listed
     ]
+
+
+def rewrite_passes() -> list[Callable[[fx.GraphModule], Any]]:
+    """The rewrite passes; each swaps the ops of one concern for ``umup_fx.ops`` calls.
+
+    They read the plan (``gm.meta["umup"]["plan"]``) and node metadata only, and rewrite
+    nodes in place, so their order does not matter for correctness.
+    """
+    return [
+        scale_residuals,  # residual split / add with tau, plain adds (§3, §4)
+        scale_linears,  # linears by role; FP8 on eligible ones (§3, §7)
+        scale_embeddings,
+        scale_norms,  # non-parametric norms by default (§2)
+        scale_sdpa,  # SDPA with alpha/d_head logits (§3)
+        scale_manual_attention,  # hand-written attention gets SDPA's rule
+        scale_softmax,
+        scale_activations,  # SiLU, GELU, gated units
+        scale_dropout,
+        scale_matmuls,
+        scale_cross_entropy,
+    ]
+
+
+def run_pipeline(gm: fx.GraphModule, options: Options, model_name: str = "model") -> Plan:
+    """Analyse ``gm``, then rewrite it in place into its u-muP form; returns the plan."""
+    plan = analyze_graph(gm, options.hparams, options.roles, model_name)
+    plan.fp8_mode = options.fp8
+    if not options.trainable_norms:
+        for p in plan.params.values():
+            if p.role == rules.NORM:
+                p.trainable, p.frozen_by_umup = False, True
+    g = meta.graph_meta(gm)
+    g[meta.PLAN], g[meta.OPTIONS] = plan, options
+    for run_pass in rewrite_passes():
+        run_pass(gm)
+    gm.graph.lint()
+    gm.recompile()
+    plan.uncovered = list(g[meta.UNCOVERED])
+    return plan
 
 
 def analyze_graph(

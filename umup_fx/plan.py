@@ -32,6 +32,8 @@ class ParamPlan:
     uses: list = field(default_factory=list)  # [passes.roles.Use]
     aliases: tuple[str, ...] = ()
     trainable: bool = True
+    init: str = "keep"  # rules §2: "normal" | "zeros" | "ones" | "keep"
+    frozen_by_umup: bool = False  # a norm parameter made non-parametric (§2)
 
     @property
     def lr_rule(self) -> str:
@@ -51,6 +53,7 @@ class Plan:
     uncovered: list[tuple[str, str, str]]
     unknown_shape_ops: list[str] = field(default_factory=list)
     fp8_ops: list[tuple[str, str]] = field(default_factory=list)  # (node, weight)
+    fp8_mode: str = "off"  # Options.fp8 of the transform ("off" for analyze)
 
     def lr_factor(self, name: str) -> float:
         return self.params[name].lr_factor
@@ -91,6 +94,7 @@ def build_plan(gm: fx.GraphModule, model_name: str = "model") -> Plan:
             uses=list(r.uses),
             aliases=info.aliases,
             trainable=info.requires_grad,
+            init=rules.init_of(r.role, r.shift),
         )
     symbols = {
         str(s): (i.kind, i.value)

@@ -34,6 +34,21 @@ def weight_role(fan_in_is_width: bool, fan_out_is_width: bool) -> str:
     }[(fan_in_is_width, fan_out_is_width)]
 
 
+# -- §2 initialisation ----------------------------------------------------------------
+WEIGHT_ROLES = (INPUT, HIDDEN, OUTPUT, FIXED_ROLE)
+
+
+def init_of(role: str, shift: bool = False) -> str:
+    """§2: weights N(0, 1), biases 0, norm gains 1 (norm shifts 0); unused kept."""
+    if role in WEIGHT_ROLES:
+        return "normal"
+    if role == BIAS or (role == NORM and shift):
+        return "zeros"
+    if role == NORM:
+        return "ones"
+    return "keep"
+
+
 # -- §3 ops the rewrite scales (the values of node.meta["umup"]["rule"]) ---------------
 LINEAR = "linear"
 EMBEDDING = "embedding"

@@ -1,0 +1,113 @@
+"""Rewrite attention (§3): SDPA, hand-written attention, stand-alone softmax.
+
+``scaled_dot_product_attention`` becomes ``ops.scaled_dot_product_attention``: logits
+``alpha_attn / d_head`` (muP's 1/d replaces the model's 1/sqrt(d) or ``scale=``), output
+and q/k/v gradients times ``s`` (rules §3). A hand-written attention keeps its own ops
+(mask, softmax, dropout): its logit constant becomes ``alpha_attn / d_head``, q, k^T and
+v get the backward scale ``s`` and the ``@ v`` output the forward scale ``s``, which is
+the same computation as the SDPA rule. Its mask is taken as causal (decoders' masks
+are; the ln S term of ``s`` then applies). A softmax outside attention gets the
+stand-alone softmax rule with ``alpha_attn_softmax``.
+
+Baked-in dropout (``dropout_p`` captured in train mode) follows ``module.training`` at
+call time through the graph's training flag.
+
+Reads: ``umup.rule`` ("sdpa", "attention", "softmax"), ``umup.attention``; ``val``
+shapes of q/k/v; graph key ``plan`` (hparams).
+Writes: swaps SDPA and softmax nodes; inserts scale nodes around hand-written attention.
+Fails when: a hand-written attention's head size is not a static number (AnalysisError).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from umup_fx import meta, ops, rules
+from umup_fx.errors import AnalysisError
+
+from ._graph import MULS, where
+from ._rewrite import arg, insert_call, nodes_with_rule, shape_of, swap, training_flag
+
+_aten = torch.ops.aten
+
+
+def scale_sdpa(gm: fx.GraphModule) -> PassResult:
+    """Swap SDPA for the unit-scaled SDPA (logits alpha/d_head, output and grads x s)."""
+    mult = meta.graph_meta(gm)[meta.PLAN].hparams.attn_softmax_mult
+    nodes = nodes_with_rule(gm, rules.SDPA)
+    for node in nodes:
+        q, k, v = node.args[:3]
+        dropout_p = arg(node, "dropout_p", 0.0)
+        kwargs = {"mult": mult, "enable_gqa": bool(arg(node, "enable_gqa", False))}
+        if dropout_p:
+            kwargs["training"] = training_flag(gm)
+        swap(
+            node,
+            ops.scaled_dot_product_attention,
+            (q, k, v, arg(node, "attn_mask"), dropout_p, bool(arg(node, "is_causal", False))),
+            kwargs,
+        )
+    return PassResult(gm, bool(nodes))
+
+
+def scale_manual_attention(gm: fx.GraphModule) -> PassResult:
+    """Give hand-written ``softmax(c q k^T) v`` the SDPA rule, keeping its ops."""
+    mult = meta.graph_meta(gm)[meta.PLAN].hparams.attn_softmax_mult
+    by_name = {n.name: n for n in gm.graph.nodes}
+    softmaxes = [n for n in nodes_with_rule(gm, rules.ATTENTION) if meta.get(n, meta.ATTENTION)]
+    for softmax in softmaxes:
+        pattern = meta.get(softmax, meta.ATTENTION)
+        qk, av = by_name[pattern["qk"]], by_name[pattern["av"]]
+        q, k_t = qk.args[:2]
+        v = av.args[1]
+        d_head = shape_of(v)[-1] if shape_of(v) else None
+        if not isinstance(d_head, int):
+            raise AnalysisError(
+                f"The attention at {where(qk)} has a head size that is not a fixed number "
+                f"({d_head}); u-muP's 1/d_head logit scale needs it static."
+            )
+        dropout = by_name.get(pattern["dropout"]) if pattern["dropout"] else None
+        p = float(arg(dropout, "p", 0.0)) if dropout is not None else 0.0
+        if dropout is not None:
+            dropout.update_arg(2, training_flag(gm))
+        # s from the key length (k^T's last axis), known before q @ k^T runs.
+        seq_len = insert_call(gm, qk, _aten.sym_size.int, (k_t, -1))
+        s = insert_call(
+            gm, qk, ops.attention_output_scale, (d_head, seq_len),
+            {"causal": pattern["masked"], "mult": mult, "dropout_p": p},
+        )
+        qk.update_arg(0, insert_call(gm, qk, ops.scale_bwd, (q, s), like=q))
+        qk.update_arg(1, insert_call(gm, qk, ops.scale_bwd, (k_t, s), like=k_t))
+        av.update_arg(1, insert_call(gm, av, ops.scale_bwd, (v, s), like=v))
+        logit_scale = mult / d_head
+        if pattern["scale"]:
+            scale = by_name[pattern["scale"]]
+            value = logit_scale if scale.target in MULS else 1 / logit_scale
+            scale.update_arg(1, value)
+        else:
+            with gm.graph.inserting_after(qk):
+                scaled = gm.graph.call_function(operator.mul, (qk, logit_scale))
+            scaled.meta["val"] = qk.meta.get("val")
+            qk.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+        with gm.graph.inserting_after(av):
+            out = gm.graph.call_function(ops.scale_fwd, (av, s))
+        out.meta["val"] = av.meta.get("val")
+        av.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+    return PassResult(gm, bool(softmaxes))
+
+
+def scale_softmax(gm: fx.GraphModule) -> PassResult:
+    """Swap stand-alone softmaxes for the unit-scaled softmax."""
+    mult = meta.graph_meta(gm)[meta.PLAN].hparams.attn_softmax_mult
+    nodes = nodes_with_rule(gm, rules.SOFTMAX)
+    for node in nodes:
+        x, dim = node.args[:2]
+        dtype = arg(node, "dtype")
+        if arg(node, "half_to_float", False):
+            dtype = torch.float32
+        swap(node, ops.softmax, (x, dim), {"mult": mult, "dtype": dtype})
+    return PassResult(gm, bool(nodes))
