@@ -100,3 +100,12 @@ def training_flag(gm: fx.GraphModule) -> fx.Node:
     meta.node_meta(flag)[meta.KIND] = "training"
     g[meta.TRAINING] = flag.name
     return flag
+
+
+def wrap_output(gm: fx.GraphModule, node: fx.Node, fn: Callable[..., Any], *extra: Any) -> fx.Node:
+    """Insert ``fn(node, *extra)`` right after ``node`` and move its users onto it."""
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_function(fn, (node, *extra))
+    new.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return new

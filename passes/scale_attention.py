@@ -30,7 +30,15 @@ from umup_fx import meta, ops, rules
 from umup_fx.errors import AnalysisError
 
 from ._graph import MULS, where
-from ._rewrite import arg, insert_call, nodes_with_rule, shape_of, swap, training_flag
+from ._rewrite import (
+    arg,
+    insert_call,
+    nodes_with_rule,
+    shape_of,
+    swap,
+    training_flag,
+    wrap_output,
+)
 
 _aten = torch.ops.aten
 
@@ -89,14 +97,8 @@ def scale_manual_attention(gm: fx.GraphModule) -> PassResult:
             value = logit_scale if scale.target in MULS else 1 / logit_scale
             scale.update_arg(1, value)
         else:
-            with gm.graph.inserting_after(qk):
-                scaled = gm.graph.call_function(operator.mul, (qk, logit_scale))
-            scaled.meta["val"] = qk.meta.get("val")
-            qk.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
-        with gm.graph.inserting_after(av):
-            out = gm.graph.call_function(ops.scale_fwd, (av, s))
-        out.meta["val"] = av.meta.get("val")
-        av.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+            wrap_output(gm, qk, operator.mul, logit_scale)
+        wrap_output(gm, av, ops.scale_fwd, s)
     return PassResult(gm, bool(softmaxes))
 
 
