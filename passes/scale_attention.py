@@ -6,7 +6,8 @@ and q/k/v gradients times ``s`` (rules §3). A hand-written attention keeps its 
 (mask, softmax, dropout): its logit constant becomes ``alpha_attn / d_head``, q, k^T and
 v get the backward scale ``s`` and the ``@ v`` output the forward scale ``s``, which is
 the same computation as the SDPA rule. Its mask is taken as causal (decoders' masks
-are; the ln S term of ``s`` then applies). A softmax outside attention gets the
+are; the ln S term of ``s`` then applies). An SDPA given an explicit mask gets the
+causal ``s`` when that mask, evaluated at the example sizes, is the causal mask. A softmax outside attention gets the
 stand-alone softmax rule with ``alpha_attn_softmax``.
 
 Baked-in dropout (``dropout_p`` captured in train mode) follows ``module.training`` at
@@ -31,6 +32,7 @@ from umup_fx.errors import AnalysisError
 
 from ._graph import MULS, where
 from ._rewrite import (
+    ancestors,
     arg,
     insert_call,
     nodes_with_rule,
@@ -43,20 +45,67 @@ from ._rewrite import (
 _aten = torch.ops.aten
 
 
+def _hint(size: object) -> int:
+    """The example value behind a (possibly symbolic) size."""
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint if hint is not None else size)  # type: ignore[call-overload]
+
+
+def mask_is_causal(gm: fx.GraphModule, mask: fx.Node) -> bool:
+    """True when ``mask`` is built from shapes alone and equals the causal mask.
+
+    Models often pass SDPA an explicit causal mask instead of ``is_causal=True`` (Hugging
+    Face builds one from ``arange`` comparisons). The SDPA rule's ln S term is for
+    causal attention, so the mask's subgraph is evaluated at the example sizes; a mask
+    that reads input *values* (padding) or parameters is not assumed causal.
+    """
+    needed = ancestors(mask) | {mask}
+    env: dict[fx.Node, object] = {}
+    try:
+        for n in gm.graph.nodes:
+            if n not in needed:
+                continue
+            if n.op == "placeholder":
+                if any(u in needed and u.target is not _aten.sym_size.int for u in n.users):
+                    return False  # the mask depends on this input's values
+                val = n.meta["val"]
+                env[n] = torch.empty([_hint(d) for d in val.shape], dtype=val.dtype)
+            elif n.op == "call_function":
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+                env[n] = n.target(*args, **kwargs)
+            else:
+                return False
+        value = env[mask]
+    except Exception:  # noqa: BLE001 - anything unevaluable is simply "not known causal"
+        return False
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return False
+    allowed = value if value.dtype == torch.bool else value == 0
+    sq, sk = allowed.shape[-2:]
+    causal = torch.ones(sq, sk, dtype=torch.bool, device=allowed.device).tril(sk - sq)
+    return bool(torch.equal(allowed, causal.expand_as(allowed)))
+
+
 def scale_sdpa(gm: fx.GraphModule) -> PassResult:
-    """Swap SDPA for the unit-scaled SDPA (logits alpha/d_head, output and grads x s)."""
+    """Swap SDPA for the unit-scaled SDPA (logits alpha/d_head, output and grads x s).
+
+    An explicit mask that is the causal mask (``mask_is_causal``) gets the causal ``s``.
+    """
     mult = meta.graph_meta(gm)[meta.PLAN].hparams.attn_softmax_mult
     nodes = nodes_with_rule(gm, rules.SDPA)
     for node in nodes:
         q, k, v = node.args[:3]
         dropout_p = arg(node, "dropout_p", 0.0)
         kwargs = {"mult": mult, "enable_gqa": bool(arg(node, "enable_gqa", False))}
+        mask, is_causal = arg(node, "attn_mask"), bool(arg(node, "is_causal", False))
+        if isinstance(mask, fx.Node) and not is_causal and mask_is_causal(gm, mask):
+            kwargs["causal_mask"] = True
         if dropout_p:
             kwargs["training"] = training_flag(gm)
         swap(
             node,
             ops.scaled_dot_product_attention,
-            (q, k, v, arg(node, "attn_mask"), dropout_p, bool(arg(node, "is_causal", False))),
+            (q, k, v, mask, dropout_p, is_causal),
             kwargs,
         )
     return PassResult(gm, bool(nodes))

@@ -84,3 +84,31 @@ class ElementwiseWeight(nn.Module):
 class NoParams(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2
+
+
+class TanhMLP(nn.Module):
+    """An MLP with a hand-written activation no u-muP rule covers (tanh)."""
+
+    def __init__(self, d_in: int = 16, hidden: int = 32, d_out: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class ResidualMLPStack(nn.Module):
+    """Embedding -> 3 residual MLP branches -> readout: rules §5's reference LR example."""
+
+    def __init__(self, vocab: int = 256, d: int = 16, depth: int = 3, n_out: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(depth))
+        self.readout = nn.Linear(d, n_out, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = x + block(torch.nn.functional.layer_norm(x, x.shape[-1:]))
+        return self.readout(x)

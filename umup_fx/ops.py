@@ -277,19 +277,21 @@ def scaled_dot_product_attention(
     mult: float = 1.0,
     enable_gqa: bool = False,
     training: bool = True,
+    causal_mask: bool = False,
 ) -> Tensor:
     """SDPA rule: logits * mult/d_head (muP 1/d), output * s, q, k, v grads * s.
 
     ``training=False`` turns a captured ``dropout_p`` off (what models do in eval).
+    ``causal_mask=True`` says ``attn_mask`` is the causal mask: ``s`` is then the causal
+    one (the reference keys it on ``is_causal`` only; an explicit causal mask is the
+    same attention, so it gets the same scale).
     """
     if not training:
         dropout_p = 0.0
     # d_head and S from v, as the reference. Standard models give q, k and v one head
     # size; were q/k's to differ (e.g. MLA), mult/d_head would still use v's, as there.
-    # The causal ln S term follows is_causal only: a causal attn_mask counts as
-    # non-causal, as in the reference.
     logit_scale, s = attention_scales(
-        v.shape[-1], v.shape[-2], causal=is_causal, mult=mult, dropout_p=dropout_p
+        v.shape[-1], v.shape[-2], causal=is_causal or causal_mask, mult=mult, dropout_p=dropout_p
     )
     q, k, v = scale_bwd(q, s), scale_bwd(k, s), scale_bwd(v, s)
     out = F.scaled_dot_product_attention(

@@ -98,6 +98,10 @@ class UmupModule(nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.finish(self.graph_module(*self.graph_inputs(args, kwargs)))
+
+    def graph_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
+        """The flat argument list ``graph_module`` takes for the call ``(*args, **kwargs)``."""
         user = iter(self._flatten_inputs(args, kwargs))
         values: list[Any] = []
         for kind, target in self._umup_inputs:
@@ -109,7 +113,10 @@ class UmupModule(nn.Module):
                 values.append(self.get_parameter(target))
             else:
                 values.append(self.get_buffer(target))
-        results = self.graph_module(*values)
+        return values
+
+    def finish(self, results: Any) -> Any:
+        """Write back mutated buffers and rebuild the model's output structure."""
         user_outputs = []
         for (kind, target), value in zip(self._umup_outputs, results, strict=True):
             if kind == "buffer":

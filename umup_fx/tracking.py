@@ -1,0 +1,114 @@
+"""Scale tracking: the RMS of every rewritten op's output, its gradient and its inputs.
+
+Unit scaling's claim is checkable: at init every op the rewrite scaled should see
+RMS ~1 values and gradients (rules §8), and FP8 is safe while the tensors an FP8
+matmul casts stay far inside the format's range. ``op_scales`` measures one
+forward + backward of a transformed model without changing it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from . import fp8 as fp8_ops
+from . import meta
+from . import ops as umup_ops
+from .transform import UmupModule
+
+_RUNTIME = {fn for m in (umup_ops, fp8_ops) for fn in vars(m).values() if callable(fn)}
+
+
+@dataclass
+class OpScale:
+    """RMS figures of one rewritten op for one step."""
+
+    node: str
+    rule: str
+    op: str
+    out_rms: float
+    grad_rms: float | None = None  # RMS of d loss / d output
+    in_rms: float | None = None  # RMS of the first tensor input
+    weight_rms: float | None = None  # for linear / embedding ops
+    weight: str | None = None  # the parameter name, for weight ops
+
+
+def rms(x: Tensor) -> float:
+    return float(x.detach().float().pow(2).mean().sqrt())
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.records: dict[str, OpScale] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op != "call_function" or n.target not in _RUNTIME or not isinstance(out, Tensor):
+            return out
+        if not out.is_floating_point() or out.numel() < 2:
+            return out
+        tensors = [a for a in self.fetch_args_kwargs_from_env(n)[0] if isinstance(a, Tensor)]
+        weight = meta.get(n, meta.WEIGHT)
+        rec = OpScale(
+            node=n.name,
+            rule=str(meta.get(n, meta.RULE, "")),
+            op=getattr(n.target, "__name__", str(n.target)),
+            out_rms=rms(out),
+            in_rms=rms(tensors[0]) if tensors and tensors[0].is_floating_point() else None,
+            weight=weight,
+        )
+        if weight is not None and len(tensors) > 1:
+            w = tensors[1] if tensors[0].is_floating_point() else tensors[1]
+            rec.weight_rms = rms(w)
+        self.records[n.name] = rec
+        if out.requires_grad:
+            out.register_hook(lambda g, rec=rec: setattr(rec, "grad_rms", rms(g)))
+        return out
+
+
+def op_scales(
+    model: UmupModule, *args: Any, backward: bool = True, **kwargs: Any
+) -> list[OpScale]:
+    """One forward (and backward) of ``model(*args, **kwargs)``; RMS per rewritten op.
+
+    The backward starts from the model's output: a scalar loss as is, any other output
+    with a unit-RMS random gradient (seeded), as unit scaling assumes. Parameter
+    gradients are left as they were.
+    """
+    if not isinstance(model, UmupModule):
+        raise TypeError("op_scales takes the module umup_fx.transform returned.")
+    recorder = _Recorder(model.graph_module)
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    with torch.enable_grad():
+        outputs = recorder.run(*model.graph_inputs(args, kwargs))
+        out = model.finish(outputs)
+        if backward:
+            y = out if isinstance(out, Tensor) else next(
+                t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)
+            )
+            if y.numel() == 1:
+                grad = torch.ones_like(y)
+            else:
+                gen = torch.Generator(device=y.device).manual_seed(0)
+                grad = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
+            inputs = [p for p in params] or None
+            torch.autograd.grad(y, inputs, grad, allow_unused=True) if inputs else None
+    for p, g in zip(params, saved, strict=True):
+        p.grad = g
+    return list(recorder.records.values())
+
+
+def out_of_range(records: list[OpScale], low: float = 0.5, high: float = 2.0) -> list[str]:
+    """Readable lines for records whose output or gradient RMS is outside [low, high]."""
+    bad = []
+    for r in records:
+        for what, v in (("output", r.out_rms), ("grad", r.grad_rms)):
+            if v is not None and not (low <= v <= high) or (v is not None and math.isnan(v)):
+                bad.append(f"{r.node} ({r.rule}) {what} RMS {v:.3g}")
+    return bad
