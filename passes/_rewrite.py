@@ -84,13 +84,16 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def training_flag(gm: fx.GraphModule) -> fx.Node:
+def training_flag(gm: fx.GraphModule, captured: Any = True) -> Any:
     """The placeholder that carries ``module.training`` (added on first use).
 
-    Capture bakes the train/eval mode into dropout ops; the rewritten graph reads it
-    at call time instead, so ``model.eval()`` turns dropout off as users expect.
+    Export bakes the train/eval mode into dropout ops; the rewritten graph reads it at
+    call time instead, so ``model.eval()`` turns dropout off as users expect. Graphs
+    from Dynamo (``static_mode``) are recompiled per mode, so they keep ``captured``.
     """
     g = meta.graph_meta(gm)
+    if g.get(meta.STATIC_MODE):
+        return captured
     name = g.get(meta.TRAINING)
     if name is not None:
         return next(n for n in gm.graph.nodes if n.name == name)

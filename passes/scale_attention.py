@@ -130,7 +130,7 @@ def scale_manual_attention(gm: fx.GraphModule) -> PassResult:
         dropout = by_name.get(pattern["dropout"]) if pattern["dropout"] else None
         p = float(arg(dropout, "p", 0.0)) if dropout is not None else 0.0
         if dropout is not None:
-            dropout.update_arg(2, training_flag(gm))
+            dropout.update_arg(2, training_flag(gm, arg(dropout, "train", True)))
         # s from the key length (k^T's last axis), known before q @ k^T runs.
         seq_len = insert_call(gm, qk, _aten.sym_size.int, (k_t, -1))
         s = insert_call(

@@ -47,7 +47,8 @@ def scale_dropout(gm: fx.GraphModule) -> PassResult:
     """Dropout: x sqrt(1-p) forward and backward, on only while ``module.training``."""
     nodes = nodes_with_rule(gm, rules.DROPOUT)
     for node in nodes:
-        swap(node, ops.dropout, (node.args[0], float(arg(node, "p", 0.5)), training_flag(gm)))
+        flag = training_flag(gm, arg(node, "train", True))
+        swap(node, ops.dropout, (node.args[0], float(arg(node, "p", 0.5)), flag))
     return PassResult(gm, bool(nodes))
 
 

@@ -1,5 +1,6 @@
 """umup_fx: u-muP and static-scale FP8 as a compiler pass on unmodified PyTorch models."""
 
+from .backend import prepare, register
 from .errors import AlreadyTransformedError, AnalysisError, CaptureError, HParamsError, UmupError
 from .hparams import HParams
 from .ops import cross_entropy
@@ -26,6 +27,9 @@ __all__ = [
     "cross_entropy",
     "explain",
     "param_groups",
+    "prepare",
     "transform",
 ]
 __version__ = "0.1.0"
+
+register()  # torch.compile(model, backend="umup")

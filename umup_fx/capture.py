@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -226,3 +227,57 @@ def capture(
             params[canonical].node = node.name
     meta.graph_meta(gm)[meta.PARAMS] = params
     return Captured(gm=gm, params=params, program=program, model_name=type(model).__name__)
+
+
+def _source_name(placeholder: fx.Node) -> str | None:
+    """The model path Dynamo recorded for a graph input: L['self']._modules['fc']... -> fc."""
+    grapharg = placeholder.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    parts = re.findall(r"\['([^']*)'\]|\.(\w+)", source.name)
+    names = [a or b for a, b in parts]
+    keep = [n for n in names[1:] if n not in ("_modules", "_parameters", "_buffers")]
+    return ".".join(keep) or None
+
+
+def capture_dynamo_graph(dynamo_gm: fx.GraphModule, example_inputs: list[Any]) -> Captured:
+    """Re-capture a Dynamo graph with the same export as ``capture`` (same ATen IR).
+
+    Dynamo hands a backend the model's parameters as graph inputs; each becomes a
+    parameter placeholder named by its model path, so the passes see what ``capture``
+    gives them. Shapes are static here: Dynamo guards on them and recompiles.
+    """
+    inputs = tuple(example_inputs)
+    if not all(isinstance(x, (torch.Tensor, int, float, bool)) for x in inputs):
+        raise CaptureError("The umup backend got graph inputs it cannot export.")
+    try:
+        program = torch.export.export(dynamo_gm, inputs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - turned into a readable CaptureError
+        raise CaptureError(
+            f"The umup backend could not re-capture Dynamo's graph: {_first_line(exc)}. "
+            "Use umup_fx.transform(model, example_inputs) and torch.compile the result."
+        ) from exc
+    dynamo_placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    gm = program.graph_module
+    by_name = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    params: dict[str, ParamInfo] = {}
+    user_index = 0
+    for spec in program.graph_signature.input_specs:
+        node = by_name[spec.arg.name]
+        m = meta.node_meta(node)
+        if spec.kind != InputKind.USER_INPUT:
+            m[meta.KIND] = "buffer" if spec.kind == InputKind.BUFFER else "constant"
+            continue
+        value = inputs[user_index]
+        source = dynamo_placeholders[user_index]
+        user_index += 1
+        if isinstance(value, nn.Parameter):
+            name = _source_name(source) or source.name
+            m[meta.KIND], m[meta.PARAM] = "param", name
+            params[name] = ParamInfo(name, tuple(value.shape), (name,), node.name,
+                                     value.requires_grad)
+        else:
+            m[meta.KIND] = "input"
+    meta.graph_meta(gm)[meta.PARAMS] = params
+    return Captured(gm=gm, params=params, program=program, model_name="compiled graph")

@@ -25,3 +25,10 @@ def unit_init(model: nn.Module, plan: Plan, generator: torch.Generator | None = 
             tensor.fill_(1.0)
         if p.frozen_by_umup:
             tensor.requires_grad_(False)
+
+
+def freeze_norms(model: nn.Module, plan: Plan) -> None:
+    """Only freeze the non-parametric norms (for ``reinit=False``: weights loaded later)."""
+    for p in plan.params.values():
+        if p.frozen_by_umup:
+            model.get_parameter(p.name).requires_grad_(False)

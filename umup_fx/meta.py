@@ -74,6 +74,7 @@ ROLES = "roles"
 PLAN = "plan"
 OPTIONS = "options"
 TRAINING = "training"
+STATIC_MODE = "static_mode"
 
 
 def node_meta(node: fx.Node) -> dict[str, Any]:

@@ -70,14 +70,20 @@ def rewrite_passes() -> list[Callable[[fx.GraphModule], Any]]:
     ]
 
 
-def run_pipeline(gm: fx.GraphModule, options: Options, model_name: str = "model") -> Plan:
-    """Analyse ``gm``, then rewrite it in place into its u-muP form; returns the plan."""
+def plan_graph(gm: fx.GraphModule, options: Options, model_name: str = "model") -> Plan:
+    """Analyse ``gm`` and settle the plan under ``options`` (FP8 mode, frozen norms)."""
     plan = analyze_graph(gm, options.hparams, options.roles, model_name)
     plan.fp8_mode = options.fp8
     if not options.trainable_norms:
         for p in plan.params.values():
             if p.role == rules.NORM:
                 p.trainable, p.frozen_by_umup = False, True
+    return plan
+
+
+def run_pipeline(gm: fx.GraphModule, options: Options, model_name: str = "model") -> Plan:
+    """Analyse ``gm``, then rewrite it in place into its u-muP form; returns the plan."""
+    plan = plan_graph(gm, options, model_name)
     g = meta.graph_meta(gm)
     g[meta.PLAN], g[meta.OPTIONS] = plan, options
     for run_pass in rewrite_passes():

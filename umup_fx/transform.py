@@ -20,7 +20,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from . import meta
 from .capture import capture
 from .errors import AlreadyTransformedError, UmupError
-from .init import unit_init
+from .init import freeze_norms, unit_init
 from .options import Options
 from .pipeline import run_pipeline
 from .plan import Plan
@@ -219,9 +219,7 @@ def transform(
     if opts.reinit:
         unit_init(model, plan)
     else:
-        for p in plan.params.values():
-            if p.frozen_by_umup:
-                model.get_parameter(p.name).requires_grad_(False)
+        freeze_norms(model, plan)
     inputs, outputs = _signature(captured.program, captured.gm)
     object.__setattr__(model, _MARK, True)
     return UmupModule(
