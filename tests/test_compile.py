@@ -1,0 +1,104 @@
+"""The compile path: no graph breaks, compiled == eager, the "umup" backend == transform."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import umup_fx
+from examples.llama import Llama, LlamaConfig
+
+
+def _llama(seed: int = 0, d: int = 64, layers: int = 2) -> Llama:
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig(d_model=d, n_layers=layers, n_heads=4))
+
+
+def _batch(seed: int = 1, b: int = 4, s: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, s), generator=gen), torch.randint(0, 256, (b, s), generator=gen)
+
+
+def _train(model, step_fn, steps: int = 5) -> list[float]:
+    opt = umup_fx.AdamW(model, lr=2**-4)
+    losses = []
+    for i in range(steps):
+        opt.zero_grad()
+        loss = step_fn(*_batch(seed=10 + i))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_no_graph_breaks_example_llama() -> None:
+    model = umup_fx.transform(_llama(), _batch())
+    report = torch._dynamo.explain(model)(*_batch())
+    assert report.graph_break_count == 0, report.break_reasons
+    assert report.graph_count == 1
+
+
+def test_no_graph_breaks_hf_llama() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+    )
+    ids = _batch()[0]
+    model = umup_fx.transform(transformers.LlamaForCausalLM(cfg), (ids,), {"labels": ids})
+    report = torch._dynamo.explain(model)(ids, labels=ids)
+    assert report.graph_break_count == 0, report.break_reasons
+
+
+def test_compiled_trains_like_eager() -> None:
+    # Inductor reorders float32 arithmetic: losses agree to ~1e-5 relative, not bitwise.
+    eager = umup_fx.transform(_llama(d=32, layers=1), _batch())
+    compiled_src = umup_fx.transform(_llama(d=32, layers=1), _batch())
+    compiled = torch.compile(compiled_src)
+    a = _train(eager, eager)
+    b = _train(compiled_src, compiled)
+    assert a == pytest.approx(b, rel=1e-4)
+    assert a[-1] < a[0]
+
+
+def test_backend_runs_the_same_passes_as_transform() -> None:
+    x = _batch()
+    via_transform = umup_fx.transform(_llama(), x)
+    prepared = umup_fx.prepare(_llama(), x)
+    compiled = torch.compile(prepared, backend="umup", options={"inner": "aot_eager"})
+    torch.testing.assert_close(compiled(*x), via_transform(*x))
+    a = _train(via_transform, via_transform, steps=3)
+    b = _train(prepared, compiled, steps=3)
+    assert a == pytest.approx(b, rel=1e-5)
+    plan = umup_fx.backend.compiled_plans[-1]
+    assert {n: p.lr_factor for n, p in plan.params.items()} == {
+        n: p.lr_factor for n, p in via_transform.umup_plan.params.items()
+    }
+
+
+def test_backend_needs_prepare() -> None:
+    torch._dynamo.reset()
+    compiled = torch.compile(_llama(), backend="umup")
+    with pytest.raises(Exception, match="prepare"):
+        compiled(*_batch())
+
+
+def test_backend_options_must_match_prepare() -> None:
+    torch._dynamo.reset()
+    model = umup_fx.prepare(_llama(), _batch(), hparams={"output_mult": 2.0})
+    compiled = torch.compile(model, backend="umup", options={"hparams": {"output_mult": 0.5}})
+    with pytest.raises(Exception, match="differ"):
+        compiled(*_batch())
+
+
+def test_dump_before_and_after(tmp_path, monkeypatch) -> None:
+    torch._dynamo.reset()
+    monkeypatch.setenv("UMUP_FX_DUMP", str(tmp_path))
+    model = umup_fx.prepare(_llama(layers=1), _batch())
+    torch.compile(model, backend="umup", options={"inner": "eager"})(*_batch())
+    before = sorted(tmp_path.glob("*.before.py"))
+    after = sorted(tmp_path.glob("*.after.py"))
+    assert before and after
+    assert "umup_fx" not in before[-1].read_text()
+    assert "residual_split" in after[-1].read_text()
