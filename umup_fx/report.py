@@ -25,6 +25,13 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     ]
 
 
+_FP8_PATHS = {
+    "auto": "path auto: torch._scaled_mm on sm_89+ GPUs, simulated cast elsewhere",
+    "simulate": "path simulate: cast to FP8 and back, matmul in the model's dtype",
+    "scaled_mm": "path scaled_mm: real FP8 tensor-core matmuls",
+}
+
+
 def format_plan(plan: Plan) -> str:
     """The whole plan: parameters, residual branches, FP8 matmuls, uncovered ops."""
     widths = ", ".join(f"{k}={v}" for k, (kind, v) in plan.symbols.items() if kind == "width")
@@ -60,7 +67,9 @@ def format_plan(plan: Plan) -> str:
             ["#", "kind", "tau", "add node", "params"],
         )
     if plan.fp8_ops:
-        lines += ["", "FP8 matmuls (static scale 1): " + ", ".join(w for _, w in plan.fp8_ops)]
+        path = _FP8_PATHS.get(plan.fp8_mode, "eligible; off (transform with fp8=True to use)")
+        lines += ["", f"FP8 matmuls (E4M3 forward, E5M2 grads, static scale 1) - {path}:"]
+        lines += [f"  {w}  ({node})" for node, w in plan.fp8_ops]
     if plan.uncovered:
         lines += ["", "ops no u-muP rule covers (pass through unscaled):"]
         lines += [f"  {name}: {op} at {src}" for name, op, src in plan.uncovered]
