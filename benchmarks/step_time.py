@@ -1,0 +1,132 @@
+"""Training-step time and memory: original vs u-muP, eager and compiled; transform time.
+
+    python benchmarks/step_time.py                         # CPU defaults
+    python benchmarks/step_time.py --device cuda --dtype bfloat16 \\
+        --d-model 1024 --layers 12 --seq 1024 --batch 8    # GPU, realistic size
+
+One process, variants interleaved round by round (so drift and thermal effects hit all
+of them alike); each figure is the median over rounds of the mean step time in that
+round. A step is forward + backward + AdamW step. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import umup_fx  # noqa: E402
+from examples.llama import Llama, LlamaConfig  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _config(args: argparse.Namespace, layers: int | None = None) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=256, d_model=args.d_model, n_layers=layers or args.layers,
+        n_heads=max(1, args.d_model // 64), max_seq_len=args.seq,
+    )
+
+
+def _variant(args: argparse.Namespace, kind: str, compiled: bool) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = Llama(_config(args)).to(args.device, getattr(torch, args.dtype))
+    x = torch.randint(0, 256, (args.batch, args.seq), device=args.device)
+    y = torch.randint(0, 256, (args.batch, args.seq), device=args.device)
+    if kind == "original":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    else:
+        model = umup_fx.transform(model, (x, y), fp8="auto" if kind == "u-muP fp8" else "off")
+        opt = umup_fx.AdamW(model, lr=1e-4)
+    step_model = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        step_model(x, y).backward()
+        opt.step()
+
+    return step
+
+
+def bench_steps(args: argparse.Namespace) -> None:
+    kinds = ["original", "u-muP"] + (["u-muP fp8"] if args.fp8 else [])
+    variants = {}
+    for compiled in (False, True):
+        for kind in kinds:
+            name = f"{kind} ({'compiled' if compiled else 'eager'})"
+            variants[name] = _variant(args, kind, compiled)
+            for _ in range(args.warmup):  # compile and warm up before timing anything
+                variants[name]()
+            _sync(args.device)
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    peak: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for name, step in variants.items():
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            _sync(args.device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            _sync(args.device)
+            times[name].append((time.perf_counter() - start) / args.steps)
+            if args.device == "cuda":
+                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print(f"\n### Step time ({args.device}, {args.dtype}, d_model {args.d_model}, "
+          f"{args.layers} layers, seq {args.seq}, batch {args.batch}, torch {torch.__version__})\n")
+    print("| variant | median step (ms) | vs original, same mode | peak memory (GiB) |")
+    print("|---|---|---|---|")
+    for name, t in med.items():
+        base = med[name.replace(name.split(" (")[0], "original")]
+        mem = f"{peak[name]:.2f}" if name in peak else "n/a (CPU)"
+        print(f"| {name} | {t * 1e3:.1f} | {t / base:.3f} | {mem} |")
+
+
+def bench_transform(args: argparse.Namespace) -> None:
+    print(f"\n### Transform time vs depth (CPU, d_model {args.d_model}, seq {args.seq})\n")
+    print("| layers | transform (s) | per layer (ms) |")
+    print("|---|---|---|")
+    for layers in args.depths:
+        torch.manual_seed(0)
+        model = Llama(_config(args, layers))
+        x = torch.randint(0, 256, (2, 64))
+        start = time.perf_counter()
+        umup_fx.transform(model, (x, x.clone()))
+        t = time.perf_counter() - start
+        print(f"| {layers} | {t:.2f} | {t / layers * 1e3:.0f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="steps per round and variant")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--fp8", action="store_true", help="add the u-muP FP8 variant")
+    p.add_argument("--depths", type=int, nargs="*", default=[4, 8, 16, 32])
+    p.add_argument("--skip-steps", action="store_true")
+    args = p.parse_args()
+    if not args.skip_steps:
+        bench_steps(args)
+    if args.depths:
+        bench_transform(args)
+
+
+if __name__ == "__main__":
+    main()
