@@ -3,6 +3,11 @@
     python benchmarks/step_time.py                         # CPU defaults
     python benchmarks/step_time.py --device cuda --dtype bfloat16 \\
         --d-model 1024 --layers 12 --seq 1024 --batch 8    # GPU, realistic size
+    python benchmarks/step_time.py --device cuda --dtype bfloat16 --compiled-only \\
+        --d-model 2048 --layers 16 --d-ff 5632 --seq 2048 --batch 4 --vocab 32000 \\
+        --fp8 --torchao --depths                           # ~1B Llama, FP8 (issue 5)
+    python benchmarks/step_time.py --device cuda --dtype bfloat16 --mlp \\
+        --d-model 2048 --d-ff 5632 --seq 2048 --batch 4 --fp8 --torchao --depths
 
 One process, variants interleaved round by round (so drift and thermal effects hit all
 of them alike); each figure is the median over rounds of the mean step time in that
@@ -33,26 +38,65 @@ def _sync(device: str) -> None:
 
 def _config(args: argparse.Namespace, layers: int | None = None) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=256, d_model=args.d_model, n_layers=layers or args.layers,
-        n_heads=max(1, args.d_model // 64), max_seq_len=args.seq,
+        vocab_size=args.vocab, d_model=args.d_model, n_layers=layers or args.layers,
+        n_heads=max(1, args.d_model // 64), max_seq_len=args.seq, d_ff=args.d_ff,
     )
+
+
+class _MLPBlock(torch.nn.Module):
+    """One pre-norm SwiGLU block with its residual: the FP8 microbenchmark."""
+
+    def __init__(self, d: int, d_ff: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(d)
+        self.gate = torch.nn.Linear(d, d_ff, bias=False)
+        self.up = torch.nn.Linear(d, d_ff, bias=False)
+        self.down = torch.nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def _torchao_float8(model: torch.nn.Module) -> torch.nn.Module:
+    from torchao.float8 import convert_to_float8_training  # optional, GPU benchmark only
+
+    def eligible(module: torch.nn.Module, fqn: str) -> bool:
+        # Same layers u-muP casts (q/k/v, gate/up), for a like-for-like comparison.
+        ok = isinstance(module, torch.nn.Linear) and all(
+            d % 16 == 0 for d in module.weight.shape
+        )
+        return ok and any(k in fqn for k in ("q_proj", "k_proj", "v_proj", "gate", "up"))
+
+    return convert_to_float8_training(model, module_filter_fn=eligible)
 
 
 def _variant(args: argparse.Namespace, kind: str, compiled: bool) -> Callable[[], None]:
     torch.manual_seed(0)
-    model = Llama(_config(args)).to(args.device, getattr(torch, args.dtype))
-    x = torch.randint(0, 256, (args.batch, args.seq), device=args.device)
-    y = torch.randint(0, 256, (args.batch, args.seq), device=args.device)
-    if kind == "original":
+    dtype = getattr(torch, args.dtype)
+    if args.mlp:
+        model = _MLPBlock(args.d_model, args.d_ff or 4 * args.d_model).to(args.device, dtype)
+        x = torch.randn(args.batch, args.seq, args.d_model, device=args.device, dtype=dtype)
+        inputs: tuple = (x,)
+        loss_of = lambda out: out.float().pow(2).mean()  # noqa: E731 - a stand-in loss
+    else:
+        model = Llama(_config(args)).to(args.device, dtype)
+        x = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+        y = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+        inputs = (x, y)
+        loss_of = lambda out: out  # noqa: E731 - the model returns its loss
+    if kind in ("original", "torchao float8"):
+        if kind == "torchao float8":
+            model = _torchao_float8(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
-        model = umup_fx.transform(model, (x, y), fp8="auto" if kind == "u-muP fp8" else "off")
+        model = umup_fx.transform(model, inputs, fp8="auto" if kind == "u-muP fp8" else "off")
         opt = umup_fx.AdamW(model, lr=1e-4)
     step_model = torch.compile(model) if compiled else model
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        step_model(x, y).backward()
+        loss_of(step_model(*inputs)).backward()
         opt.step()
 
     return step
@@ -61,7 +105,10 @@ def _variant(args: argparse.Namespace, kind: str, compiled: bool) -> Callable[[]
 def bench_steps(args: argparse.Namespace) -> None:
     kinds = ["original", "u-muP"] + (["u-muP fp8"] if args.fp8 else [])
     variants = {}
-    for compiled in (False, True):
+    modes = (True,) if args.compiled_only else (False, True)
+    if args.torchao:
+        kinds.append("torchao float8")
+    for compiled in modes:
         for kind in kinds:
             name = f"{kind} ({'compiled' if compiled else 'eager'})"
             variants[name] = _variant(args, kind, compiled)
@@ -83,14 +130,16 @@ def bench_steps(args: argparse.Namespace) -> None:
             if args.device == "cuda":
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
     med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"\n### Step time ({args.device}, {args.dtype}, d_model {args.d_model}, "
-          f"{args.layers} layers, seq {args.seq}, batch {args.batch}, torch {torch.__version__})\n")
-    print("| variant | median step (ms) | vs original, same mode | peak memory (GiB) |")
-    print("|---|---|---|---|")
+    what = "SwiGLU MLP block" if args.mlp else f"Llama, {args.layers} layers"
+    print(f"\n### Step time ({what}, {args.device}, {args.dtype}, d_model {args.d_model}, "
+          f"d_ff {args.d_ff}, seq {args.seq}, batch {args.batch}, torch {torch.__version__})\n")
+    print("| variant | median step (ms) | vs original | vs u-muP | peak memory (GiB) |")
+    print("|---|---|---|---|---|")
     for name, t in med.items():
-        base = med[name.replace(name.split(" (")[0], "original")]
+        mode = name.split(" (")[1]
+        base, umup = med[f"original ({mode}"], med[f"u-muP ({mode}"]
         mem = f"{peak[name]:.2f}" if name in peak else "n/a (CPU)"
-        print(f"| {name} | {t * 1e3:.1f} | {t / base:.3f} | {mem} |")
+        print(f"| {name} | {t * 1e3:.1f} | {t / base:.3f} | {t / umup:.3f} | {mem} |")
 
 
 def bench_transform(args: argparse.Namespace) -> None:
@@ -118,7 +167,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per round and variant")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--d-ff", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--fp8", action="store_true", help="add the u-muP FP8 variant")
+    p.add_argument("--torchao", action="store_true", help="add torchao float8 (tensorwise)")
+    p.add_argument("--mlp", action="store_true", help="benchmark one SwiGLU block instead")
+    p.add_argument("--compiled-only", action="store_true")
     p.add_argument("--depths", type=int, nargs="*", default=[4, 8, 16, 32])
     p.add_argument("--skip-steps", action="store_true")
     args = p.parse_args()
