@@ -101,3 +101,9 @@ def test_fp8_training_tracks_high_precision() -> None:
         losses[mode] = loss.item()
     assert losses["simulate"] == pytest.approx(losses["off"], rel=0.02)
     assert losses["off"] < math.log(256) - 0.2  # it learns (random tokens: memorising)
+
+
+def test_fp8_model_compiles_without_graph_breaks() -> None:
+    model = umup_fx.transform(_llama(), _batch(), fp8=True)
+    report = torch._dynamo.explain(model)(*_batch())
+    assert report.graph_break_count == 0, report.break_reasons
