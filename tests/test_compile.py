@@ -7,6 +7,7 @@ import torch
 
 import umup_fx
 from examples.llama import Llama, LlamaConfig
+from tests.tiny_models import hf_llama
 
 
 def _llama(seed: int = 0, d: int = 64, layers: int = 2) -> Llama:
@@ -39,14 +40,9 @@ def test_no_graph_breaks_example_llama() -> None:
 
 
 def test_no_graph_breaks_hf_llama() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
-    )
+    pytest.importorskip("transformers")
     ids = _batch()[0]
-    model = umup_fx.transform(transformers.LlamaForCausalLM(cfg), (ids,), {"labels": ids})
+    model = umup_fx.transform(hf_llama(hidden=64), (ids,), {"labels": ids})
     report = torch._dynamo.explain(model)(ids, labels=ids)
     assert report.graph_break_count == 0, report.break_reasons
 

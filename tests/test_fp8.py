@@ -9,6 +9,7 @@ import torch
 
 import umup_fx
 from examples.llama import Llama, LlamaConfig
+from tests.tiny_models import hf_llama
 from umup_fx import fp8
 
 
@@ -42,14 +43,9 @@ def test_casts_on_qkv_and_gate_up_only_example_llama() -> None:
 
 
 def test_casts_on_qkv_and_gate_up_only_hf_llama() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
-    )
+    pytest.importorskip("transformers")
     ids = _batch()[0]
-    model = umup_fx.transform(transformers.LlamaForCausalLM(cfg), (ids,), {"labels": ids}, fp8=True)
+    model = umup_fx.transform(hf_llama(hidden=64), (ids,), {"labels": ids}, fp8=True)
     names = _fp8_weights(model)
     assert len(names) == 10
     assert all(any(k in n for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) for n in names)

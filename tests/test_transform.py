@@ -11,7 +11,7 @@ import torch
 import umup_fx
 from examples.gpt import GPT, GPTConfig
 from examples.llama import Llama, LlamaConfig
-from tests.tiny_models import ResidualMLPStack, TanhMLP
+from tests.tiny_models import ResidualMLPStack, TanhMLP, hf_llama
 from umup_fx.tracking import op_scales
 
 # §8's exceptions, and one of ours (documented in docs/rewrite.md):
@@ -75,15 +75,9 @@ def test_unit_scale_at_init_example_llama(d: int) -> None:
 
 
 def test_unit_scale_at_init_hf_llama() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        use_cache=False,
-    )
+    pytest.importorskip("transformers")
     ids, _ = _batch()
-    model = umup_fx.transform(transformers.LlamaForCausalLM(cfg), (ids,), {"labels": ids})
+    model = umup_fx.transform(hf_llama(hidden=128), (ids,), {"labels": ids})
     out = model(ids, labels=ids)
     assert out.loss.item() == pytest.approx(math.log(256), rel=0.05)
     records = op_scales(model, ids, labels=ids)

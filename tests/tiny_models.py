@@ -112,3 +112,16 @@ class ResidualMLPStack(nn.Module):
         for block in self.blocks:
             x = x + block(torch.nn.functional.layer_norm(x, x.shape[-1:]))
         return self.readout(x)
+
+
+def hf_llama(vocab: int = 256, hidden: int = 64, layers: int = 2, seed: int = 0) -> nn.Module:
+    """A tiny Hugging Face ``LlamaForCausalLM`` with grouped-query attention (4 / 2 heads)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, use_cache=False,
+    )
+    return transformers.LlamaForCausalLM(cfg)

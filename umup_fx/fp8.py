@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ops import _rows, scale_bwd, scale_fwd
+from .ops import linear_grad_scales, scale_fwd
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -128,15 +128,12 @@ def linear(
     name: str = "linear",
 ) -> Tensor:
     """The linear rule of ``ops.linear`` with the matmul in FP8 (static scale 1)."""
-    param_scale = _rows(x) ** -0.5
-    x = scale_bwd(x, grad_input_scale)
-    weight = scale_bwd(weight, param_scale)
-    w = weight.t() if weight_transposed else weight
+    x, w, bias = linear_grad_scales(x, weight, bias, grad_input_scale, weight_transposed)
     real = resolve_path(mode, x, w, name) == "scaled_mm"
-    x2d = x.reshape(-1, x.shape[-1])
-    out = _Fp8Matmul.apply(x2d, w, real).reshape(*x.shape[:-1], w.shape[0])
+    out = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), w, real)
+    out = out.reshape(*x.shape[:-1], w.shape[0])
     if bias is not None:
-        out = out + scale_bwd(bias, param_scale)
+        out = out + bias
     return scale_fwd(out, out_scale)
 
 

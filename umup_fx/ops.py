@@ -165,6 +165,14 @@ def linear(
     weight_transposed: bool = False,
 ) -> Tensor:
     """Linear rule: F.linear(x, W, b) * out_scale; x grad * grad_input_scale, W, b grads * B^-1/2."""
+    x, weight, bias = linear_grad_scales(x, weight, bias, grad_input_scale, weight_transposed)
+    return scale_fwd(F.linear(x, weight, bias), out_scale)
+
+
+def linear_grad_scales(
+    x: Tensor, weight: Tensor, bias: Tensor | None, grad_input_scale: float, transposed: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The linear rule's backward-only scales on (x, W[out, in], b), shared with FP8."""
     # As U.linear: the bias sits inside the forward scale (the whole output is scaled)
     # and its gradient gets the weight's B^-1/2, not out_scale.
     param_scale = _rows(x) ** -0.5
@@ -172,9 +180,8 @@ def linear(
     weight = scale_bwd(weight, param_scale)
     if bias is not None:
         bias = scale_bwd(bias, param_scale)
-    # weight_transposed: stored [in, out] (HF GPT-2 Conv1D, addmm(b, x, W)).
-    out = F.linear(x, weight.t() if weight_transposed else weight, bias)
-    return scale_fwd(out, out_scale)
+    # transposed: stored [in, out] (HF GPT-2 Conv1D, addmm(b, x, W)).
+    return x, weight.t() if transposed else weight, bias
 
 
 def embedding(indices: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
