@@ -7,7 +7,9 @@ and q/k/v gradients times ``s`` (rules §3). A hand-written attention keeps its 
 v get the backward scale ``s`` and the ``@ v`` output the forward scale ``s``, which is
 the same computation as the SDPA rule. Its mask is taken as causal (decoders' masks
 are; the ln S term of ``s`` then applies). An SDPA given an explicit mask gets the
-causal ``s`` when that mask, evaluated at the example sizes, is the causal mask. A softmax outside attention gets the
+causal ``s`` when that mask, evaluated at the example sizes, is the causal mask.
+Under grouped-query attention the k/v gradients get a further ``group^-1/2``: each
+k/v head serves ``group`` query heads and their gradients add. A softmax outside attention gets the
 stand-alone softmax rule with ``alpha_attn_softmax``.
 
 Baked-in dropout (``dropout_p`` captured in train mode) follows ``module.training`` at
@@ -22,6 +24,7 @@ Fails when: a hand-written attention's head size is not a static number (Analysi
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import fx
@@ -30,7 +33,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, ops, rules
 from umup_fx.errors import AnalysisError
 
-from ._graph import MULS, where
+from ._graph import MULS, TRANSPARENT, where
+from ._graph import ops as aten_ops
 from ._rewrite import (
     ancestors,
     arg,
@@ -86,6 +90,32 @@ def mask_is_causal(gm: fx.GraphModule, mask: fx.Node) -> bool:
     return bool(torch.equal(allowed, causal.expand_as(allowed)))
 
 
+_REPEATS = aten_ops("repeat_interleave.self_int", "repeat_interleave.self_Tensor", "repeat")
+
+
+def kv_group(q: fx.Node, k: fx.Node, enable_gqa: bool) -> int:
+    """How many query heads share each key/value head (grouped-query attention).
+
+    With ``enable_gqa`` SDPA broadcasts k/v itself; otherwise models repeat them first
+    (HF ``repeat_kv``: unsqueeze, expand, reshape; or ``repeat_interleave``), which
+    the walk back from k through views and repeats finds by its smaller head axis.
+    """
+    heads = shape_of(q)[1] if len(shape_of(q)) == 4 else None
+    if not isinstance(heads, int):
+        return 1
+    node: Any = k
+    for _ in range(8):
+        shape = shape_of(node)
+        if len(shape) < 4 or not isinstance(shape[1], int):
+            return 1
+        if shape[1] < heads and heads % shape[1] == 0:
+            return heads // shape[1]
+        if enable_gqa or node.op != "call_function" or node.target not in TRANSPARENT | _REPEATS:
+            return 1
+        node = node.args[0]
+    return 1
+
+
 def scale_sdpa(gm: fx.GraphModule) -> PassResult:
     """Swap SDPA for the unit-scaled SDPA (logits alpha/d_head, output and grads x s).
 
@@ -96,7 +126,8 @@ def scale_sdpa(gm: fx.GraphModule) -> PassResult:
     for node in nodes:
         q, k, v = node.args[:3]
         dropout_p = arg(node, "dropout_p", 0.0)
-        kwargs = {"mult": mult, "enable_gqa": bool(arg(node, "enable_gqa", False))}
+        gqa = bool(arg(node, "enable_gqa", False))
+        kwargs = {"mult": mult, "enable_gqa": gqa, "kv_group": kv_group(q, k, gqa)}
         mask, is_causal = arg(node, "attn_mask"), bool(arg(node, "is_causal", False))
         if isinstance(mask, fx.Node) and not is_causal and mask_is_causal(gm, mask):
             kwargs["causal_mask"] = True

@@ -23,8 +23,6 @@ from umup_fx.tracking import op_scales
 #   input-gradient scale is tied to its forward, fan_in^-1/2 = d_ff^-1/2, while its
 #   gradient sums over fan_out = d_model, so they are sqrt(d_model / d_ff) ~ 0.58 times
 #   the gradient above them (the reference library unties exactly this, D1);
-# - grouped-query attention: each k/v head serves n_heads / n_kv_heads query heads, so
-#   the k/v projection gradients sum that many contributions: sqrt(group) larger.
 
 
 def _llama(d: int, layers: int = 2, seed: int = 0) -> Llama:
@@ -37,9 +35,7 @@ def _batch(vocab: int = 256, b: int = 4, s: int = 64, seed: int = 1) -> tuple[to
     return torch.randint(0, vocab, (b, s), generator=gen), torch.randint(0, vocab, (b, s), generator=gen)
 
 
-def _check_unit_scale(
-    model: umup_fx.UmupModule, records, seq: int, d: int, readout: str, gqa_group: int = 1
-) -> None:
+def _check_unit_scale(model: umup_fx.UmupModule, records, seq: int, d: int, readout: str) -> None:
     qk_names = ("q_proj", "k_proj")
     down = next(p for n, p in model.umup_plan.params.items() if "down_proj" in n)
     mlp_ratio = (down.fan_out_value / down.fan_in_value) ** 0.5
@@ -52,8 +48,6 @@ def _check_unit_scale(
         if r.weight and any(q in r.weight for q in qk_names):
             # Below S^-1/2 as d_head grows (muP's 1/d_head logits): 0.047 at d_head 128.
             grad_lo, grad_hi = seq**-0.5 / 8, 2 * seq**-0.5
-        if r.weight and ("k_proj" in r.weight or "v_proj" in r.weight):
-            grad_hi *= gqa_group**0.5
         if r.rule == "gated" or (r.weight and ("gate_proj" in r.weight or "up_proj" in r.weight)):
             grad_lo = 0.5 * mlp_ratio
         if r.rule == "sdpa":
@@ -69,9 +63,21 @@ def _check_unit_scale(
 @pytest.mark.parametrize("d", [64, 128, 256, 512])
 def test_unit_scale_at_init_example_llama(d: int) -> None:
     model = umup_fx.transform(_llama(d), _batch())
+    _check_unit_scale(model, op_scales(model, *_batch(seed=2)), seq=64, d=d, readout="lm_head.weight")
+
+
+def test_unit_scale_at_init_grouped_query_attention() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(d_model=128, n_layers=2, n_heads=8, n_kv_heads=2)
+    model = umup_fx.transform(Llama(config), _batch())
+    sdpa = [
+        n for n in model.graph_module.graph.nodes
+        if n.target is umup_fx.ops.scaled_dot_product_attention
+    ]
+    assert [n.kwargs["kv_group"] for n in sdpa] == [4, 4]
     records = op_scales(model, *_batch(seed=2))
     assert len(records) > 20
-    _check_unit_scale(model, records, seq=64, d=d, readout="lm_head.weight")
+    _check_unit_scale(model, records, seq=64, d=128, readout="lm_head.weight")
 
 
 def test_unit_scale_at_init_hf_llama() -> None:
@@ -81,7 +87,7 @@ def test_unit_scale_at_init_hf_llama() -> None:
     out = model(ids, labels=ids)
     assert out.loss.item() == pytest.approx(math.log(256), rel=0.05)
     records = op_scales(model, ids, labels=ids)
-    _check_unit_scale(model, records, seq=64, d=128, readout="lm_head.weight", gqa_group=2)
+    _check_unit_scale(model, records, seq=64, d=128, readout="lm_head.weight")
 
 
 def test_initial_loss_is_log_vocab_and_weights_unit() -> None:

@@ -285,13 +285,16 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     training: bool = True,
     causal_mask: bool = False,
+    kv_group: int = 1,
 ) -> Tensor:
     """SDPA rule: logits * mult/d_head (muP 1/d), output * s, q, k, v grads * s.
 
     ``training=False`` turns a captured ``dropout_p`` off (what models do in eval).
     ``causal_mask=True`` says ``attn_mask`` is the causal mask: ``s`` is then the causal
     one (the reference keys it on ``is_causal`` only; an explicit causal mask is the
-    same attention, so it gets the same scale).
+    same attention, so it gets the same scale). ``kv_group``: query heads per k/v
+    head under grouped-query attention; the k/v gradients sum over the group, so they
+    get a further ``kv_group^-1/2`` (1 gives the reference's op).
     """
     if not training:
         dropout_p = 0.0
@@ -300,7 +303,8 @@ def scaled_dot_product_attention(
     logit_scale, s = attention_scales(
         v.shape[-1], v.shape[-2], causal=is_causal or causal_mask, mult=mult, dropout_p=dropout_p
     )
-    q, k, v = scale_bwd(q, s), scale_bwd(k, s), scale_bwd(v, s)
+    kv_scale = s if kv_group == 1 else s * kv_group**-0.5
+    q, k, v = scale_bwd(q, s), scale_bwd(k, kv_scale), scale_bwd(v, kv_scale)
     out = F.scaled_dot_product_attention(
         q,
         k,
