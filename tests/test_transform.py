@@ -237,3 +237,18 @@ def test_no_warnings_on_covered_models() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
         umup_fx.transform(_llama(64), _batch())
+
+
+def test_moving_after_transform_is_explained() -> None:
+    model = umup_fx.transform(_llama(64), _batch())
+    model.to(torch.float64)
+    with pytest.raises(umup_fx.UmupError, match="before umup_fx.transform"):
+        model(*_batch())
+
+
+def test_autocast_mixed_precision() -> None:
+    model = umup_fx.transform(_llama(64), _batch())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(*_batch())
+    loss.backward()
+    assert loss.item() == pytest.approx(model(*_batch()).item(), rel=0.01)

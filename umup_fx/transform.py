@@ -76,6 +76,8 @@ class UmupModule(nn.Module):
         self._umup_in_spec = in_spec
         self._umup_out_spec = out_spec
         self._umup_model_name = type(model).__name__
+        first = next(iter(model.parameters()))
+        self._umup_placement = (first.device, first.dtype)
 
     def _flatten_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
         n_args, expected_kwargs = self._umup_call
@@ -86,6 +88,17 @@ class UmupModule(nn.Module):
         if spec != self._umup_in_spec:
             raise TypeError(self._structure_error(args, kwargs))
         return flat
+
+    def _check_placement(self) -> None:
+        first = next(iter(self.parameters()))
+        device, dtype = self._umup_placement
+        if first.device != device or first.dtype != dtype:
+            raise UmupError(
+                f"This u-muP {self._umup_model_name} was captured on {device} / {dtype} and "
+                f"its weights are now on {first.device} / {first.dtype}. The captured graph "
+                "bakes in device and dtype: move the model (model.to(...)) before "
+                "umup_fx.transform, and use torch.autocast for mixed precision."
+            )
 
     def _structure_error(self, args: tuple, kwargs: dict) -> str:
         n_args, names = self._umup_call
@@ -102,6 +115,7 @@ class UmupModule(nn.Module):
 
     def graph_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
         """The flat argument list ``graph_module`` takes for the call ``(*args, **kwargs)``."""
+        self._check_placement()
         user = iter(self._flatten_inputs(args, kwargs))
         values: list[Any] = []
         for kind, target in self._umup_inputs:
