@@ -165,14 +165,27 @@ def linear(
     weight_transposed: bool = False,
 ) -> Tensor:
     """Linear rule: F.linear(x, W, b) * out_scale; x grad * grad_input_scale, W, b grads * B^-1/2."""
-    x, weight, bias = linear_grad_scales(x, weight, bias, grad_input_scale, weight_transposed)
-    return scale_fwd(F.linear(x, weight, bias), out_scale)
+    # The forward scale is folded into the weight and bias: x (sW)^T + sb = s (x W^T + b).
+    # It then multiplies the [out, in] weight instead of the [tokens, out] activation,
+    # which costs nothing measurable (the activation multiply would be one more pass
+    # over memory that Inductor cannot fuse into the matmul). Folding also puts s into
+    # x's gradient (g sW), so x's backward scale is grad_input_scale / out_scale: 1, no
+    # op at all, for hidden linears whose scales are tied. W's and b's gradients are
+    # unchanged: B^-1/2 times the gradient at the unscaled output, as in U.linear.
+    param_scale = _rows(x) ** -0.5
+    x = scale_bwd(x, grad_input_scale / out_scale)
+    weight = _scale(weight, out_scale, param_scale)
+    if bias is not None:
+        bias = _scale(bias, out_scale, param_scale)
+    return F.linear(x, weight.t() if weight_transposed else weight, bias)
 
 
 def linear_grad_scales(
     x: Tensor, weight: Tensor, bias: Tensor | None, grad_input_scale: float, transposed: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The linear rule's backward-only scales on (x, W[out, in], b), shared with FP8."""
+    """The linear rule's backward-only scales on (x, W[out, in], b), for a matmul whose
+    output is then scaled by ``scale_fwd`` (the FP8 linear: its casts need W at unit
+    scale, so the forward scale cannot be folded into the weight there)."""
     # As U.linear: the bias sits inside the forward scale (the whole output is scaled)
     # and its gradient gets the weight's B^-1/2, not out_scale.
     param_scale = _rows(x) ** -0.5
