@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--every", type=int, default=10)
-    p.add_argument("--lr", type=float, default=2**-3)
+    p.add_argument("--lr", type=float, default=1.0)  # the demo's eta (docs/transfer.md)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/fp8_scales.png"))
     args = p.parse_args()
