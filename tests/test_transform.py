@@ -252,3 +252,13 @@ def test_autocast_mixed_precision() -> None:
         loss = model(*_batch())
     loss.backward()
     assert loss.item() == pytest.approx(model(*_batch()).item(), rel=0.01)
+
+
+def test_out_of_range_lists_what_is_off_unit_scale() -> None:
+    from umup_fx.tracking import OpScale, out_of_range
+
+    records = [
+        OpScale("a", "linear", "linear", out_rms=1.0, grad_rms=1.1),
+        OpScale("b", "linear", "linear", out_rms=0.1, grad_rms=float("nan")),
+    ]
+    assert out_of_range(records) == ["b (linear) output RMS 0.1", "b (linear) grad RMS nan"]

@@ -62,9 +62,8 @@ class _Recorder(fx.Interpreter):
             in_rms=rms(tensors[0]) if tensors and tensors[0].is_floating_point() else None,
             weight=weight,
         )
-        if weight is not None and len(tensors) > 1:
-            w = tensors[1] if tensors[0].is_floating_point() else tensors[1]
-            rec.weight_rms = rms(w)
+        if weight is not None and len(tensors) > 1:  # (x, W, ...) and (indices, W)
+            rec.weight_rms = rms(tensors[1])
         self.records[n.name] = rec
         if out.requires_grad:
             out.register_hook(lambda g, rec=rec: setattr(rec, "grad_rms", rms(g)))
@@ -77,14 +76,13 @@ def op_scales(
     """One forward (and backward) of ``model(*args, **kwargs)``; RMS per rewritten op.
 
     The backward starts from the model's output: a scalar loss as is, any other output
-    with a unit-RMS random gradient (seeded), as unit scaling assumes. Parameter
-    gradients are left as they were.
+    with a unit-RMS random gradient (seeded), as unit scaling assumes. Parameters'
+    ``.grad`` are not touched.
     """
     if not isinstance(model, UmupModule):
         raise TypeError("op_scales takes the module umup_fx.transform returned.")
     recorder = _Recorder(model.graph_module)
     params = [p for p in model.parameters() if p.requires_grad]
-    saved = [p.grad for p in params]
     with torch.enable_grad():
         outputs = recorder.run(*model.graph_inputs(args, kwargs))
         out = model.finish(outputs)
@@ -97,10 +95,10 @@ def op_scales(
             else:
                 gen = torch.Generator(device=y.device).manual_seed(0)
                 grad = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
-            inputs = [p for p in params] or None
-            torch.autograd.grad(y, inputs, grad, allow_unused=True) if inputs else None
-    for p, g in zip(params, saved, strict=True):
-        p.grad = g
+            # Gradients w.r.t. the parameters run the whole backward (firing the
+            # hooks) without touching their .grad.
+            if params:
+                torch.autograd.grad(y, params, grad, allow_unused=True)
     return list(recorder.records.values())
 
 
@@ -109,6 +107,6 @@ def out_of_range(records: list[OpScale], low: float = 0.5, high: float = 2.0) ->
     bad = []
     for r in records:
         for what, v in (("output", r.out_rms), ("grad", r.grad_rms)):
-            if v is not None and not (low <= v <= high) or (v is not None and math.isnan(v)):
+            if v is not None and (math.isnan(v) or not low <= v <= high):
                 bad.append(f"{r.node} ({r.rule}) {what} RMS {v:.3g}")
     return bad
