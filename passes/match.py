@@ -4,17 +4,20 @@ Weight-bearing ops are matched by how a parameter enters them (never by module
 class or weight layout): ``linear`` (W[out, in]), ``addmm`` / ``mm`` / ``matmul`` with a
 parameter as the right operand (W[in, out], as HF GPT-2's ``Conv1D``), ``embedding``.
 A hand-written attention (``q @ k^T`` times a constant, optional mask, softmax,
-optional dropout, ``@ v``) is recognised as one pattern and gets SDPA's rule.
+optional dropout, ``@ v``) is recognised as one pattern and gets SDPA's rule, and a
+hand-written tanh-GELU (HF ``gelu_new``) gets the GELU rule (``approximate="tanh"``).
 
 Reads: ``umup.param``, ``umup.norm``, ``umup.rule`` (from ``find_norms``).
 Writes: ``umup.rule`` (a name from ``umup_fx.rules``), ``umup.weight`` (parameter
-name) and ``umup.transposed`` on weight ops; ``umup.attention`` on the softmax of a
+name) and ``umup.transposed`` on weight ops; ``umup.gelu_input`` on the output node of
+a hand-written tanh-GELU (its inner nodes get rule "gelu_part"); ``umup.attention`` on the softmax of a
 hand-written attention: {"qk", "av", "scale", "causal", "dropout"}.
 Fails when: never; unmatched ops are left for ``find_uncovered``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import fx
@@ -23,6 +26,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, rules
 
 from ._graph import (
+    ADDS,
     DIVS,
     DROPOUTS,
     MATMULS,
@@ -43,6 +47,8 @@ _SDPA = ops("scaled_dot_product_attention")
 _SILU = ops("silu")
 _GELU = ops("gelu")
 _CE = ops("cross_entropy_loss")
+_TANH = ops("tanh")
+_POW = ops("pow.Tensor_Scalar")
 _MASKING = ops("masked_fill.Scalar", "masked_fill.Tensor", "where.self", "add.Tensor")
 
 
@@ -104,10 +110,56 @@ def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] |
             "masked": masked, "dropout": dropout.name if dropout else None}
 
 
+def _times_constant(node: object, value: float) -> fx.Node | None:
+    """The tensor operand of ``node`` if it is ``tensor * value`` (either order)."""
+    if not (isinstance(node, fx.Node) and node.target in MULS and len(node.args) == 2):
+        return None
+    for t, c in (node.args, node.args[::-1]):
+        if isinstance(t, fx.Node) and isinstance(c, (int, float)) and abs(c - value) < 1e-6:
+            return t
+    return None
+
+
+def _match_tanh_gelu(tanh: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) written by hand (HF ``gelu_new``).
+
+    Returns (x, the output node, the pattern's inner nodes), or None.
+    """
+    inner = _times_constant(tanh.args[0], (2 / math.pi) ** 0.5)
+    if inner is None or inner.target not in ADDS or len(inner.args) != 2:
+        return None
+    for x, cubic in (inner.args, inner.args[::-1]):
+        cube = _times_constant(cubic, 0.044715)
+        if cube is not None and cube.target in _POW and cube.args[0] is x and cube.args[1] == 3:
+            break
+    else:
+        return None
+    if len(tanh.users) != 1:
+        return None
+    one_plus = next(iter(tanh.users))
+    if one_plus.target not in ADDS or 1.0 not in one_plus.args or len(one_plus.users) != 1:
+        return None
+    out = next(iter(one_plus.users))
+    if out.target not in MULS:
+        return None
+    half = next((a for a in out.args if a is not one_plus), None)
+    if _times_constant(half, 0.5) is not x:
+        return None
+    return x, out, [half, cube, cubic, inner, tanh.args[0], tanh, one_plus]
+
+
 def match_rules(gm: fx.GraphModule) -> PassResult:
     """Label each op with its u-muP rule; see the module docstring."""
     active = param_dependent(gm)
     attention_parts: set[str] = set()
+    for node in gm.graph.nodes:  # hand-written tanh-GELU first: its add is no plain add
+        if node.target in _TANH and node in active:
+            found = _match_tanh_gelu(node)
+            if found:
+                x, out, parts = found
+                _set(out, rules.GELU, **{meta.GELU_INPUT: x.name})
+                for part in parts:
+                    _set(part, rules.GELU_PART)
     for node in gm.graph.nodes:
         if node.op != "call_function" or meta.get(node, meta.RULE) is not None:
             continue

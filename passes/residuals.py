@@ -65,6 +65,8 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in ADDS or len(node.args) < 2:
             continue
+        if meta.get(node, meta.RULE) is not None:
+            continue  # part of a recognised pattern (a hand-written GELU's inner add)
         a, b = node.args[:2]
         if not (is_tensor(a) and is_tensor(b) and a in active and b in active):
             continue

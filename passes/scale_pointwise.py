@@ -1,7 +1,7 @@
 """Rewrite the parameter-free ops (§3): SiLU, GELU, gated units, dropout, matmul, loss.
 
 Each becomes its ``umup_fx.ops`` counterpart with the multipliers of the plan's
-``HParams``: SiLU / GELU take ``alpha_ffn_act``, a gated unit ``up * silu(gate)`` becomes
+``HParams``: SiLU / GELU (also a hand-written tanh-GELU) take ``alpha_ffn_act``, a gated unit ``up * silu(gate)`` becomes
 one ``ops.silu_glu`` (the SiLU node is absorbed), dropout reads the graph's training
 flag, a matmul of two activations gets ``K^-1/2``, and ``cross_entropy`` takes
 ``alpha_loss_softmax``, the ``V/sqrt(V-1)`` logit-gradient scale and a forward-only mean.
@@ -32,6 +32,11 @@ def scale_activations(gm: fx.GraphModule) -> PassResult:
         rule = meta.get(node, meta.RULE)
         if rule == rules.SILU:
             swap(node, ops.silu, (node.args[0],), {"mult": mult})
+        elif rule == rules.GELU and meta.get(node, meta.GELU_INPUT):
+            # A hand-written tanh-GELU: one op replaces the pattern, its parts go.
+            x = by_name[meta.get(node, meta.GELU_INPUT)]
+            swap(node, ops.gelu, (x,), {"mult": mult, "approximate": "tanh"})
+            _erase_dead(gm, rules.GELU_PART)
         elif rule == rules.GELU:
             approximate = arg(node, "approximate", "none")
             swap(node, ops.gelu, (node.args[0],), {"mult": mult, "approximate": approximate})
@@ -41,6 +46,13 @@ def scale_activations(gm: fx.GraphModule) -> PassResult:
             swap(node, ops.silu_glu, (up, act.args[0]), {"mult": mult})
             gm.graph.erase_node(act)
     return PassResult(gm, bool(nodes))
+
+
+def _erase_dead(gm: fx.GraphModule, rule: str) -> None:
+    """Erase nodes of ``rule`` left without users (latest first, so chains go)."""
+    for node in reversed(list(gm.graph.nodes)):
+        if meta.get(node, meta.RULE) == rule and not node.users:
+            gm.graph.erase_node(node)
 
 
 def scale_dropout(gm: fx.GraphModule) -> PassResult:

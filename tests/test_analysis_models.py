@@ -100,3 +100,22 @@ def test_hf_gpt2_conv1d_layout() -> None:
     assert [u.role for u in p["transformer.wte.weight"].uses] == ["input", "output"]
     assert p["transformer.h.0.attn.c_attn.weight"].fan_out_value == 192
     assert plan.depth == 2
+
+
+def test_hf_gpt2_hand_written_tanh_gelu_is_recognised() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  use_cache=False)
+    idx = torch.randint(0, 128, (2, 16))
+    model = umup_fx.transform(transformers.GPT2LMHeadModel(cfg), (idx,), {"labels": idx})
+    assert not model.umup_plan.uncovered  # gelu_new's pow / tanh / adds are one GELU
+    gelus = [n for n in model.graph_module.graph.nodes if n.target is umup_fx.ops.gelu]
+    assert len(gelus) == 2 and all(n.kwargs["approximate"] == "tanh" for n in gelus)
+    assert not any("tanh" in str(n.target) for n in model.graph_module.graph.nodes)
+    # The same function as before the rewrite, up to the GELU rule's output scale.
+    x = torch.randn(1000)
+    ref = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x.pow(3))))
+    ours = umup_fx.ops.gelu(x, approximate="tanh")
+    ratio = ours / ref.where(ref.abs() > 1e-3, torch.ones(()))
+    assert ratio[ref.abs() > 1e-3].std() < 1e-3  # a constant factor: the rule's scale

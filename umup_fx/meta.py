@@ -23,6 +23,7 @@ key                written by         value
 ``transposed``     passes.match       on weight ops: True when W is stored [in, out]
                                       (``addmm`` / ``matmul`` right operand)
 ``gate``           passes.match       on gated units: the SiLU node it absorbs
+``gelu_input``     passes.match       on a hand-written tanh-GELU's output: its input
 ``attention``      passes.match        for ``rule == "attention"`` patterns: dict with
                                       the pattern's nodes and whether it is causal
 ``residual``       passes.residuals   on residual adds: ``Branch`` (index, kind, tau)
@@ -60,6 +61,7 @@ WEIGHT = "weight"
 ATTENTION = "attention"
 TRANSPOSED = "transposed"
 GATE = "gate"
+GELU_INPUT = "gelu_input"
 RESIDUAL = "residual"
 FP8 = "fp8"
 

@@ -63,6 +63,7 @@ SILU = "silu"
 GELU = "gelu"
 GATED = "gated"  # up * silu(gate)
 GATE_ACT = "gate_act"  # the SiLU inside a gated unit (scaled by GATED)
+GELU_PART = "gelu_part"  # an op inside a hand-written tanh-GELU (replaced with it)
 DROPOUT = "dropout"
 MATMUL = "matmul"
 CROSS_ENTROPY = "cross_entropy"
