@@ -98,3 +98,12 @@ def test_dump_before_and_after(tmp_path, monkeypatch) -> None:
     assert before and after
     assert "umup_fx" not in before[-1].read_text()
     assert "residual_split" in after[-1].read_text()
+
+
+def test_explain_a_compiled_model() -> None:
+    model = umup_fx.prepare(_llama(layers=1), _batch())
+    compiled = torch.compile(model, backend="umup")
+    report = umup_fx.explain(compiled)
+    assert "u-muP plan for Llama" in report and "layers.0.attn.q_proj.weight" in report
+    transformed = torch.compile(umup_fx.transform(_llama(layers=1), _batch()))
+    assert "residual branches" in umup_fx.explain(transformed)
