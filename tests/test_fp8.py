@@ -103,3 +103,20 @@ def test_fp8_model_compiles_without_graph_breaks() -> None:
     model = umup_fx.transform(_llama(), _batch(), fp8=True)
     report = torch._dynamo.explain(model)(*_batch())
     assert report.graph_break_count == 0, report.break_reasons
+
+
+def test_scaled_mm_path_equals_the_simulation() -> None:
+    # torch._scaled_mm also runs on the CPU: the real path's operand layouts (row- and
+    # column-major) and format pairs (E5M2 x E4M3 in the backward) are checked here.
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    w = torch.randn(48, 64)
+    g = torch.randn(32, 48)
+    results = []
+    for real in (False, True):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8._Fp8Matmul.apply(xr, wr, real)
+        y.backward(g)
+        results.append((y, xr.grad, wr.grad))
+    for sim, real in zip(*results, strict=True):
+        torch.testing.assert_close(real, sim, rtol=1e-5, atol=1e-4)
