@@ -262,3 +262,29 @@ def test_out_of_range_lists_what_is_off_unit_scale() -> None:
         OpScale("b", "linear", "linear", out_rms=0.1, grad_rms=float("nan")),
     ]
     assert out_of_range(records) == ["b (linear) output RMS 0.1", "b (linear) grad RMS nan"]
+
+
+def test_coordinate_check_is_flat_across_width() -> None:
+    # rules §8 / benchmarks/coord_check.py, small: the RMS of each layer's output after a
+    # few Adam steps must not trend with width under u-muP.
+    import math as m
+
+    widths, rms_by_kind = [64, 128, 256], {}
+    for d in widths:
+        model = umup_fx.transform(_llama(d), _batch(s=32))
+        opt = umup_fx.AdamW(model, lr=1.0)
+        for step in range(3):
+            opt.zero_grad()
+            model(*_batch(s=32, seed=20 + step)).backward()
+            opt.step()
+        for r in op_scales(model, *_batch(s=32, seed=9), backward=False):
+            if r.weight:
+                kind = r.weight.split(".")[-2]
+                rms_by_kind.setdefault(kind, {}).setdefault(d, []).append(r.out_rms)
+    assert {"q_proj", "o_proj", "down_proj", "lm_head"} <= set(rms_by_kind)
+    for kind, per_width in rms_by_kind.items():
+        ys = [m.log2(sum(per_width[d]) / len(per_width[d])) for d in widths]
+        xs = [m.log2(d) for d in widths]
+        mx, my = sum(xs) / 3, sum(ys) / 3
+        slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
+        assert abs(slope) < 0.25, f"{kind}: log-log slope {slope:.2f}"
