@@ -80,12 +80,19 @@ def test_backend_needs_prepare() -> None:
         compiled(*_batch())
 
 
-def test_backend_options_must_match_prepare() -> None:
+def test_backend_options() -> None:
     torch._dynamo.reset()
-    model = umup_fx.prepare(_llama(), _batch(), hparams={"output_mult": 2.0})
-    compiled = torch.compile(model, backend="umup", options={"hparams": {"output_mult": 0.5}})
-    with pytest.raises(Exception, match="differ"):
-        compiled(*_batch())
+    x = _batch()
+    model = umup_fx.prepare(_llama(), x, roles={"embed.weight": "input"})
+    bad = torch.compile(model, backend="umup", options={"trainable_norms": True})
+    with pytest.raises(Exception, match="prepare"):
+        bad(*x)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        model, backend="umup", options={"hparams": {"output_mult": 2.0}, "inner": "eager"}
+    )
+    compiled(*x)
+    assert umup_fx.backend.compiled_plans[-1].hparams.output_mult == 2.0
 
 
 def test_dump_before_and_after(tmp_path, monkeypatch) -> None:

@@ -11,14 +11,16 @@ from ``prepare``, which runs the analysis on the whole model; the backend checks
 it ran and reuses its options. ``torch.compile(umup_fx.transform(model, ...))`` with
 the default backend is the other, equivalent route.
 
-Options (``torch.compile(..., options={...})``): ``hparams``, ``fp8``,
-``trainable_norms``, ``roles`` (as ``transform``), and ``inner`` (a compiler callable
-or backend name; Inductor by default). Set ``UMUP_FX_DUMP=<dir>`` to write every
+Options (``torch.compile(..., options={...})``): ``hparams`` and ``fp8`` (as
+``transform``; they override ``prepare``'s, since they change only the graph), and
+``inner`` (a compiler callable or backend name; Inductor by default). ``roles`` and
+``trainable_norms`` decide init and LR groups, so they go to ``prepare`` only. Set ``UMUP_FX_DUMP=<dir>`` to write every
 graph before and after the rewrite (``.py`` code, and ``.svg`` if pydot is installed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -59,9 +61,14 @@ def prepare(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
     return model
 
 
+# Options that only change the rewritten graph; the others (roles, trainable_norms,
+# reinit) decide init, frozen parameters and LR groups, which prepare() already fixed.
+_GRAPH_ONLY = ("hparams", "fp8")
+
+
 def _options(example_inputs: list[Any], given: dict[str, Any]) -> Options:
-    marked = {getattr(x, _OPTIONS_ATTR, None) for x in example_inputs if isinstance(x, nn.Parameter)}
-    marked.discard(None)
+    marked = [getattr(x, _OPTIONS_ATTR) for x in example_inputs
+              if isinstance(x, nn.Parameter) and hasattr(x, _OPTIONS_ATTR)]
     if not marked:
         raise UmupError(
             "torch.compile(model, backend='umup') needs umup_fx.prepare(model, example_inputs) "
@@ -69,15 +76,18 @@ def _options(example_inputs: list[Any], given: dict[str, Any]) -> Options:
             "u-muP plan, which a backend (running at the first call) cannot do. Or use "
             "torch.compile(umup_fx.transform(model, example_inputs))."
         )
-    prepared = marked.pop()
-    if given:
-        asked = Options.build(given.get("hparams"), **{k: v for k, v in given.items() if k != "hparams"})
-        if asked != prepared:
-            raise UmupError(
-                f"backend options {given} differ from those umup_fx.prepare used ({prepared}); "
-                "pass the options to prepare only."
-            )
-    return prepared
+    prepared = marked[0]
+    if not given:
+        return prepared
+    fixed = sorted(set(given) - set(_GRAPH_ONLY))
+    if fixed:
+        raise UmupError(
+            f"backend options {fixed} decide init and optimizer groups, which "
+            "umup_fx.prepare already set: pass them to prepare. The backend takes only "
+            f"{', '.join(_GRAPH_ONLY)} (and inner)."
+        )
+    asked = Options.build(given.get("hparams", prepared.hparams), fp8=given.get("fp8", prepared.fp8))
+    return dataclasses.replace(prepared, hparams=asked.hparams, fp8=asked.fp8)
 
 
 def _dump(name: str, before: fx.GraphModule, after: fx.GraphModule) -> None:
