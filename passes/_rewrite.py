@@ -16,8 +16,6 @@ from torch import fx
 
 from umup_fx import meta
 
-_MISSING = object()
-
 
 def arg(node: fx.Node, name: str, default: Any = None) -> Any:
     """The value of an ATen op's argument by schema name (positional or keyword)."""

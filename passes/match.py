@@ -10,8 +10,10 @@ hand-written tanh-GELU (HF ``gelu_new``) gets the GELU rule (``approximate="tanh
 Reads: ``umup.param``, ``umup.norm``, ``umup.rule`` (from ``find_norms``).
 Writes: ``umup.rule`` (a name from ``umup_fx.rules``), ``umup.weight`` (parameter
 name) and ``umup.transposed`` on weight ops; ``umup.gelu_input`` on the output node of
-a hand-written tanh-GELU (its inner nodes get rule "gelu_part"); ``umup.attention`` on the softmax of a
-hand-written attention: {"qk", "av", "scale", "causal", "dropout"}.
+a hand-written tanh-GELU; ``umup.attention`` on the softmax of a hand-written
+attention: {"qk", "av", "scale", "masked", "dropout"}. Ops inside these patterns (the
+GELU's pow / tanh / adds, the attention's dropout) get rule "pattern_part": the
+pattern's rule covers them.
 Fails when: never; unmatched ops are left for ``find_uncovered``.
 """
 
@@ -159,7 +161,7 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
                 x, out, parts = found
                 _set(out, rules.GELU, **{meta.GELU_INPUT: x.name})
                 for part in parts:
-                    _set(part, rules.GELU_PART)
+                    _set(part, rules.PATTERN_PART)
     for node in gm.graph.nodes:
         if node.op != "call_function" or meta.get(node, meta.RULE) is not None:
             continue
@@ -180,7 +182,7 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
                 _set(node, rules.ATTENTION, **{meta.ATTENTION: pattern})
                 if pattern["dropout"]:  # the pattern's own dropout: scaled by its s
                     dropout = next(n for n in gm.graph.nodes if n.name == pattern["dropout"])
-                    _set(dropout, rules.ATTENTION)
+                    _set(dropout, rules.PATTERN_PART)
                 attention_parts.update(v for k, v in pattern.items() if k in ("qk", "av"))
             else:
                 _set(node, rules.SOFTMAX)

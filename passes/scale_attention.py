@@ -146,7 +146,7 @@ def scale_manual_attention(gm: fx.GraphModule) -> PassResult:
     """Give hand-written ``softmax(c q k^T) v`` the SDPA rule, keeping its ops."""
     mult = meta.graph_meta(gm)[meta.PLAN].hparams.attn_softmax_mult
     by_name = {n.name: n for n in gm.graph.nodes}
-    softmaxes = [n for n in nodes_with_rule(gm, rules.ATTENTION) if meta.get(n, meta.ATTENTION)]
+    softmaxes = nodes_with_rule(gm, rules.ATTENTION)
     for softmax in softmaxes:
         pattern = meta.get(softmax, meta.ATTENTION)
         qk, av = by_name[pattern["qk"]], by_name[pattern["av"]]

@@ -36,7 +36,7 @@ def scale_activations(gm: fx.GraphModule) -> PassResult:
             # A hand-written tanh-GELU: one op replaces the pattern, its parts go.
             x = by_name[meta.get(node, meta.GELU_INPUT)]
             swap(node, ops.gelu, (x,), {"mult": mult, "approximate": "tanh"})
-            _erase_dead(gm, rules.GELU_PART)
+            _erase_dead(gm, rules.PATTERN_PART)
         elif rule == rules.GELU:
             approximate = arg(node, "approximate", "none")
             swap(node, ops.gelu, (node.args[0],), {"mult": mult, "approximate": approximate})

@@ -76,7 +76,7 @@ def test_simulated_linear_rounds_like_fp8() -> None:
 
 
 def test_scaled_mm_mode_needs_hardware() -> None:
-    if fp8.has_fp8_matmul(torch.device("cuda")) if torch.cuda.is_available() else False:
+    if torch.cuda.is_available() and fp8.has_fp8_matmul(torch.device("cuda")):
         pytest.skip("this machine has FP8 matmuls")
     model = umup_fx.transform(_llama(), _batch(), fp8="scaled_mm")
     with pytest.raises(RuntimeError, match="sm_89"):

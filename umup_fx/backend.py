@@ -14,8 +14,9 @@ the default backend is the other, equivalent route.
 Options (``torch.compile(..., options={...})``): ``hparams`` and ``fp8`` (as
 ``transform``; they override ``prepare``'s, since they change only the graph), and
 ``inner`` (a compiler callable or backend name; Inductor by default). ``roles`` and
-``trainable_norms`` decide init and LR groups, so they go to ``prepare`` only. Set ``UMUP_FX_DUMP=<dir>`` to write every
-graph before and after the rewrite (``.py`` code, and ``.svg`` if pydot is installed).
+``trainable_norms`` decide init and LR groups, so they go to ``prepare`` only. Set
+``UMUP_FX_DUMP=<dir>`` to write every graph before and after the rewrite (``.py``
+code, and ``.svg`` if pydot is installed).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from torch import fx, nn
+from torch.export.graph_signature import InputKind
 
 from . import meta
 from .capture import capture, capture_dynamo_graph
 from .errors import UmupError
-from .init import freeze_norms, unit_init
+from .init import initialise
 from .options import Options
 from .pipeline import plan_graph, run_pipeline
 from .plan import Plan
@@ -51,10 +53,7 @@ def prepare(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
     opts = Options.build(hparams, **options)
     captured = capture(model, example_inputs, example_kwargs)
     plan = plan_graph(captured.gm, opts, captured.model_name)
-    if opts.reinit:
-        unit_init(model, plan)
-    else:
-        freeze_norms(model, plan)
+    initialise(model, plan, opts.reinit)
     for p in model.parameters():
         setattr(p, _OPTIONS_ATTR, opts)
     model.umup_plan = plan  # type: ignore[assignment]
@@ -131,10 +130,10 @@ def umup_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | 
     compiled_plans.append(plan)
     _dump(f"umup_graph_{len(compiled_plans) - 1}", before, rewritten)
     specs = captured.program.graph_signature.input_specs
-    if all(s.kind.name == "USER_INPUT" for s in specs):
+    if all(s.kind == InputKind.USER_INPUT for s in specs):
         return inner(rewritten, list(example_inputs))
     state = {**captured.program.state_dict, **captured.program.constants}
-    lifted = [state[s.target] for s in specs if s.kind.name != "USER_INPUT"]
+    lifted = [state[s.target] for s in specs if s.kind != InputKind.USER_INPUT]
     compiled = inner(rewritten, [*lifted, *example_inputs])
     return lambda *args: compiled(*lifted, *args)
 

@@ -27,8 +27,12 @@ def unit_init(model: nn.Module, plan: Plan, generator: torch.Generator | None = 
             tensor.requires_grad_(False)
 
 
-def freeze_norms(model: nn.Module, plan: Plan) -> None:
-    """Only freeze the non-parametric norms (for ``reinit=False``: weights loaded later)."""
+def initialise(model: nn.Module, plan: Plan, reinit: bool = True) -> None:
+    """``unit_init`` (``reinit``), or only freeze the non-parametric norms (weights are
+    loaded afterwards)."""
+    if reinit:
+        unit_init(model, plan)
+        return
     for p in plan.params.values():
         if p.frozen_by_umup:
             model.get_parameter(p.name).requires_grad_(False)

@@ -53,7 +53,7 @@ def rewrite_passes() -> list[Callable[[fx.GraphModule], Any]]:
     """The rewrite passes; each swaps the ops of one concern for ``umup_fx.ops`` calls.
 
     They read the plan (``gm.meta["umup"]["plan"]``) and node metadata only, and rewrite
-    nodes in place, so their order does not matter for correctness.
+    nodes in place, keeping node names and metadata for the passes after them.
     """
     return [
         scale_residuals,  # residual split / add with tau, plain adds (§3, §4)

@@ -20,7 +20,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from . import meta
 from .capture import capture
 from .errors import AlreadyTransformedError, UmupError
-from .init import freeze_norms, unit_init
+from .init import initialise
 from .options import Options
 from .pipeline import run_pipeline
 from .plan import Plan
@@ -62,10 +62,11 @@ class UmupModule(nn.Module):
         self._parameters.update(model._parameters)
         self._buffers.update(model._buffers)
         self._non_persistent_buffers_set |= model._non_persistent_buffers_set
-        for i, (name, value) in enumerate(constants.items()):
-            self.register_buffer(f"_umup_constant_{i}", value, persistent=False)
-            inputs = [(k, f"_umup_constant_{i}" if (k, t) == ("constant", name) else t)
-                      for k, t in inputs]
+        # Lifted tensor constants become non-persistent buffers, so .to() moves them.
+        renamed = {name: f"_umup_constant_{i}" for i, name in enumerate(constants)}
+        for name, value in constants.items():
+            self.register_buffer(renamed[name], value, persistent=False)
+        inputs = [(k, renamed[t] if k == "constant" else t) for k, t in inputs]
         # Plain attributes, not submodules: they hold no state of their own.
         object.__setattr__(self, "graph_module", gm)
         object.__setattr__(self, "original_graph", original)
@@ -230,10 +231,7 @@ def transform(
             UncoveredOpWarning,
             stacklevel=2,
         )
-    if opts.reinit:
-        unit_init(model, plan)
-    else:
-        freeze_norms(model, plan)
+    initialise(model, plan, opts.reinit)
     inputs, outputs = _signature(captured.program, captured.gm)
     object.__setattr__(model, _MARK, True)
     return UmupModule(
