@@ -39,6 +39,7 @@ class Branch:
     skip: str  # the node the branch starts from (and the skip path carries)
     tau: float = 1.0
     params: list[str] = field(default_factory=list)
+    region: str = ""  # the block it lies in ("" for the root), filled by plan.expand_blocks
 
 
 def _is_rotary_mix(add: fx.Node, active: set[fx.Node]) -> bool:

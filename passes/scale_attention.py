@@ -27,6 +27,7 @@ import operator
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -55,6 +56,9 @@ def _hint(size: object) -> int:
     return int(hint if hint is not None else size)  # type: ignore[call-overload]
 
 
+_CPU = torch.device("cpu")
+
+
 def mask_is_causal(gm: fx.GraphModule, mask: fx.Node) -> bool:
     """True when ``mask`` is built from shapes alone and equals the causal mask.
 
@@ -76,6 +80,8 @@ def mask_is_causal(gm: fx.GraphModule, mask: fx.Node) -> bool:
                 env[n] = torch.empty([_hint(d) for d in val.shape], dtype=val.dtype)
             elif n.op == "call_function":
                 args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+                # The capture's meta device stands for "the model's": evaluate on the CPU.
+                args, kwargs = pytree.tree_map_only(torch.device, lambda _: _CPU, (args, kwargs))
                 env[n] = n.target(*args, **kwargs)
             else:
                 return False

@@ -43,6 +43,7 @@ def scale_norms(gm: fx.GraphModule) -> PassResult:
             node.replace_input_with(gain, scaled)
         else:
             node.replace_all_uses_with(x)
+            meta.graph_meta(gm).setdefault(meta.REPLACED, {})[node.name] = x.name
             gm.graph.erase_node(node)
         changed = True
     for node in nodes_with_rule(gm, rules.NORM_OP):

@@ -6,9 +6,10 @@ For each residual branch ``y = skip + f(skip)`` the skip value is split once,
 add becomes ``ops.residual_add(f, skip_out, tau)`` = ``(tau f + skip)/sqrt(1+tau^2)``.
 Plain adds become ``ops.add`` (``2^-1/2``, tied).
 
-Reads: graph key ``plan`` (its ``branches``: add and skip node names, tau);
+Reads: graph key ``branches`` (add and skip node names, tau);
 ``umup.rule`` = "add".
-Writes: inserts ``residual_split`` + two ``getitem`` nodes per branch; swaps the adds.
+Writes: inserts ``residual_split`` + two ``getitem`` nodes per branch (the split gets
+``umup.residual`` too); swaps the adds.
 Fails when: never.
 """
 
@@ -24,9 +25,8 @@ from ._rewrite import ancestors, getitem, insert_call, nodes_with_rule, swap
 
 def scale_residuals(gm: fx.GraphModule) -> PassResult:
     """Split each residual skip and scale its add; see the module docstring."""
-    plan = meta.graph_meta(gm)[meta.PLAN]
     by_name = {n.name: n for n in gm.graph.nodes}
-    for branch in plan.branches:
+    for branch in meta.graph_meta(gm)[meta.BRANCHES]:
         add, skip = by_name[branch.add], by_name[branch.skip]
         branch_out = next(a for a in add.args[:2] if a is not skip)
         inside = ancestors(branch_out) | {branch_out}
@@ -38,6 +38,7 @@ def scale_residuals(gm: fx.GraphModule) -> PassResult:
             if user in inside:
                 user.replace_input_with(skip, branch_in)
         swap(add, ops.residual_add, (branch_out, skip_out, branch.tau))
+        meta.node_meta(split)[meta.RESIDUAL] = branch
     for node in nodes_with_rule(gm, rules.ADD):
         swap(node, ops.add, tuple(node.args[:2]))
     return PassResult(gm, True)

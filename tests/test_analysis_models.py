@@ -8,6 +8,7 @@ import torch
 import umup_fx
 from examples.llama import Llama, LlamaConfig
 from examples.mlp import MLPClassifier
+from tests.tiny_models import graph_nodes
 
 
 def _llama_plan(d_model: int) -> umup_fx.Plan:
@@ -110,9 +111,9 @@ def test_hf_gpt2_hand_written_tanh_gelu_is_recognised() -> None:
     idx = torch.randint(0, 128, (2, 16))
     model = umup_fx.transform(transformers.GPT2LMHeadModel(cfg), (idx,), {"labels": idx})
     assert not model.umup_plan.uncovered  # gelu_new's pow / tanh / adds are one GELU
-    gelus = [n for n in model.graph_module.graph.nodes if n.target is umup_fx.ops.gelu]
+    gelus = [n for n in graph_nodes(model) if n.target is umup_fx.ops.gelu]
     assert len(gelus) == 2 and all(n.kwargs["approximate"] == "tanh" for n in gelus)
-    assert not any("tanh" in str(n.target) for n in model.graph_module.graph.nodes)
+    assert not any("tanh" in str(n.target) for n in graph_nodes(model))
     # The same function as before the rewrite, up to the GELU rule's output scale.
     x = torch.randn(1000)
     ref = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x.pow(3))))

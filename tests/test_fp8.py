@@ -9,7 +9,7 @@ import torch
 
 import umup_fx
 from examples.llama import Llama, LlamaConfig
-from tests.tiny_models import hf_llama
+from tests.tiny_models import graph_nodes, hf_llama
 from umup_fx import fp8
 
 
@@ -26,7 +26,7 @@ def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def _fp8_weights(model: umup_fx.UmupModule) -> set[str]:
     return {
         umup_fx.meta.get(n, umup_fx.meta.WEIGHT)
-        for n in model.graph_module.graph.nodes
+        for n in graph_nodes(model)
         if n.target is fp8.linear
     }
 

@@ -18,7 +18,7 @@ from umup_fx.pipeline import plan_graph
 
 
 def _planned(model: nn.Module, *inputs: torch.Tensor, **options):
-    gm = capture(model, inputs).gm
+    gm = capture(model, inputs, blocks=False).gm  # one flat graph: passes one by one
     opts = Options.build(**options)
     plan = plan_graph(gm, opts)
     g = meta.graph_meta(gm)
@@ -98,6 +98,6 @@ def test_mask_is_causal_detects_arange_masks() -> None:
             return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     for causal in (True, False):
-        gm = capture(Masked(causal), (torch.randn(2, 6, 8),)).gm
+        gm = capture(Masked(causal), (torch.randn(2, 6, 8),), blocks=False).gm
         sdpa = next(n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target))
         assert mask_is_causal(gm, sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs["attn_mask"]) is causal

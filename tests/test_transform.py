@@ -11,7 +11,7 @@ import torch
 import umup_fx
 from examples.gpt import GPT, GPTConfig
 from examples.llama import Llama, LlamaConfig
-from tests.tiny_models import ResidualMLPStack, TanhMLP, hf_llama
+from tests.tiny_models import ResidualMLPStack, TanhMLP, graph_nodes, hf_llama
 from umup_fx.tracking import op_scales
 
 # §8's exceptions, and one of ours (documented in docs/rewrite.md):
@@ -71,7 +71,7 @@ def test_unit_scale_at_init_grouped_query_attention() -> None:
     config = LlamaConfig(d_model=128, n_layers=2, n_heads=8, n_kv_heads=2)
     model = umup_fx.transform(Llama(config), _batch())
     sdpa = [
-        n for n in model.graph_module.graph.nodes
+        n for n in graph_nodes(model)
         if n.target is umup_fx.ops.scaled_dot_product_attention
     ]
     assert [n.kwargs["kv_group"] for n in sdpa] == [4, 4]
@@ -239,11 +239,13 @@ def test_no_warnings_on_covered_models() -> None:
         umup_fx.transform(_llama(64), _batch())
 
 
-def test_moving_after_transform_is_explained() -> None:
+def test_moving_after_transform_follows_the_weights() -> None:
     model = umup_fx.transform(_llama(64), _batch())
-    model.to(torch.float64)
-    with pytest.raises(umup_fx.UmupError, match="before umup_fx.transform"):
-        model(*_batch())
+    loss32 = model(*_batch())
+    model.to(torch.float64)  # device and dtype are read from the weights at call time
+    loss64 = model(*_batch())
+    assert loss64.dtype == torch.float64
+    assert loss64.item() == pytest.approx(loss32.item(), rel=1e-5)
 
 
 def test_autocast_mixed_precision() -> None:

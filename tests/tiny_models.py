@@ -125,3 +125,8 @@ def hf_llama(vocab: int = 256, hidden: int = 64, layers: int = 2, seed: int = 0)
         max_position_embeddings=128, use_cache=False,
     )
     return transformers.LlamaForCausalLM(cfg)
+
+
+def graph_nodes(model: nn.Module) -> list:
+    """Every node of every rewritten graph of a transformed model (root and blocks)."""
+    return [n for gm in model.region_graphs().values() for n in gm.graph.nodes]

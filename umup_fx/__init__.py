@@ -3,12 +3,14 @@
 from .backend import prepare, register
 from .errors import AlreadyTransformedError, AnalysisError, CaptureError, HParamsError, UmupError
 from .hparams import HParams
+from .init import init_
+from .module import UmupBlock
 from .ops import cross_entropy
 from .optim import AdamW, param_groups
 from .options import Options
 from .pipeline import analyze, explain
 from .plan import ParamPlan, Plan
-from .transform import UmupModule, UncoveredOpWarning, transform
+from .transform import OneGraphWarning, UmupModule, UncoveredOpWarning, transform
 
 __all__ = [
     "AdamW",
@@ -17,15 +19,18 @@ __all__ = [
     "CaptureError",
     "HParams",
     "HParamsError",
+    "OneGraphWarning",
     "ParamPlan",
     "Plan",
     "Options",
     "UmupError",
+    "UmupBlock",
     "UmupModule",
     "UncoveredOpWarning",
     "analyze",
     "cross_entropy",
     "explain",
+    "init_",
     "param_groups",
     "prepare",
     "transform",

@@ -36,7 +36,7 @@ from .errors import UmupError
 from .init import initialise
 from .options import Options
 from .pipeline import plan_graph, run_pipeline
-from .plan import Plan
+from .plan import Plan, expand_blocks
 
 _OPTIONS_ATTR = "_umup_options"
 compiled_plans: list[Plan] = []  # every graph the backend rewrote, in order (inspection)
@@ -53,6 +53,7 @@ def prepare(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
     opts = Options.build(hparams, **options)
     captured = capture(model, example_inputs, example_kwargs)
     plan = plan_graph(captured.gm, opts, captured.model_name)
+    expand_blocks(plan, captured.gm, captured.blocks)
     initialise(model, plan, opts.reinit)
     for p in model.parameters():
         setattr(p, _OPTIONS_ATTR, opts)

@@ -15,11 +15,12 @@ model accepts other batch sizes and sequence lengths than the example's.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from . import meta
+from . import meta, regions
 from .errors import AnalysisError, CaptureError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -53,6 +54,7 @@ class Captured:
     params: dict[str, ParamInfo]
     program: ExportedProgram | None = None
     model_name: str = "model"
+    blocks: list[regions.BlockList] = field(default_factory=list)
 
 
 def _user_frame(exc: BaseException) -> str | None:
@@ -162,17 +164,44 @@ def _canonical_names(model: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]
         by_tensor.setdefault(id(p), []).append(name)
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for names in by_tensor.values():
+        names = [regions.canonical_name(n) for n in names]
         for n in names:
             out[n] = (names[0], tuple(names))
     return out
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, block_lists: list,
+            preserve: tuple[str, ...], shadow: bool) -> ExportedProgram:
+    if shadow:
+        args, kwargs = regions.shadow_inputs(args, kwargs)
+    with regions.truncated(model, block_lists), (
+        regions.shadowed(model) if shadow else contextlib.nullcontext()
+    ):
+        return torch.export.export(
+            model,
+            args,
+            kwargs,
+            dynamic_shapes=_dynamic_shapes(model, args, kwargs),
+            strict=False,
+            preserve_module_call_signature=preserve,
+        )
 
 
 def capture(
     model: nn.Module,
     example_inputs: tuple | list | torch.Tensor,
     example_kwargs: dict[str, Any] | None = None,
+    *,
+    blocks: bool = True,
+    full: bool = False,
 ) -> Captured:
     """Export ``model`` to one ATen graph and label its placeholders.
+
+    With ``blocks``, each block list (``regions.find_blocks``) is cut to the prefix that
+    shows every distinct block twice, and those blocks' call signatures are preserved
+    (``program.module_call_graph``) so ``passes.regions`` can cut the graph back into
+    per-block graphs (``full`` keeps every block). The export runs on the model's meta/float64 shadow
+    (``regions.shadowed``): no weight is read, so models on ``meta`` transform as they are.
 
     Writes ``node.meta["umup"]["kind"]`` on every placeholder and
     ``node.meta["umup"]["param"]`` on parameter placeholders, and
@@ -193,22 +222,34 @@ def capture(
         )
     _check_inputs(model, args, kwargs)
     args, kwargs = _unalias(args, kwargs)
+    block_lists = regions.find_blocks(model) if blocks else []
+    for b in block_lists:
+        regions.choose_prefix(b, full)
+    preserve = tuple(b.block_path(i) for b in block_lists for i in range(b.kept))
     try:
-        program = torch.export.export(
-            model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False
-        )
+        program = _export(model, args, kwargs, block_lists, preserve, shadow=True)
+    except CaptureError:
+        raise
     except Exception as exc:  # noqa: BLE001 - turned into a readable CaptureError
-        raise _explain_failure(model, args, kwargs, exc) from exc
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta:
+            raise _explain_failure(model, args, kwargs, exc) from exc
+        # Models that make tensors on the CPU without device= fail next to meta weights;
+        # they capture on their real weights (device and dtype then baked in).
+        try:
+            program = _export(model, args, kwargs, block_lists, preserve, shadow=False)
+        except Exception as exc2:  # noqa: BLE001
+            raise _explain_failure(model, args, kwargs, exc2) from exc2
 
-    names = _canonical_names(model)
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
     gm = program.graph_module
     params: dict[str, ParamInfo] = {}
-    for name, p in model.named_parameters():
-        canonical, aliases = names[name]
-        params[canonical] = ParamInfo(
-            canonical, tuple(p.shape), aliases, requires_grad=requires_grad[name]
-        )
+    with regions.truncated(model, block_lists):  # the parameters the graph sees
+        names = _canonical_names(model)
+        for name, p in model.named_parameters():
+            canonical, aliases = names[regions.canonical_name(name)]
+            params[canonical] = ParamInfo(
+                canonical, tuple(p.shape), aliases, requires_grad=p.requires_grad
+            )
 
     kinds = {
         InputKind.PARAMETER: "param",
@@ -222,11 +263,12 @@ def capture(
         m = meta.node_meta(node)
         m[meta.KIND] = kinds.get(spec.kind, "input")
         if spec.kind == InputKind.PARAMETER:
-            canonical = names[spec.target][0]
+            canonical = names[regions.canonical_name(spec.target)][0]
             m[meta.PARAM] = canonical
             params[canonical].node = node.name
     meta.graph_meta(gm)[meta.PARAMS] = params
-    return Captured(gm=gm, params=params, program=program, model_name=type(model).__name__)
+    return Captured(gm=gm, params=params, program=program, model_name=type(model).__name__,
+                    blocks=block_lists)
 
 
 def _source_name(placeholder: fx.Node) -> str | None:

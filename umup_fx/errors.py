@@ -21,3 +21,7 @@ class AlreadyTransformedError(UmupError):
 
 class HParamsError(UmupError, ValueError):
     """An invalid u-muP hyperparameter."""
+
+
+class CallError(UmupError, TypeError):
+    """A transformed model was called with arguments its graph was not captured for."""

@@ -5,20 +5,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import regions
+from .errors import UmupError
 from .plan import Plan
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The u-muP plan a transformed (or prepared) model carries, through wrappers."""
+    for module in (model, regions.unwrap(model)):
+        plan = getattr(module, "umup_plan", None)
+        if isinstance(plan, Plan):
+            return plan
+    raise UmupError(
+        f"{type(model).__name__} carries no u-muP plan. Pass the model that "
+        "umup_fx.transform rewrote (or that umup_fx.prepare readied), or a wrapper of it."
+    )
 
 
 @torch.no_grad()
 def unit_init(model: nn.Module, plan: Plan, generator: torch.Generator | None = None) -> None:
     """Weights N(0, 1), biases 0, norm gains 1 (shifts 0); freeze non-parametric norms.
 
+    Works on plain tensors and on FSDP2 DTensor shards (each rank fills its shard).
     Uses the global RNG unless ``generator`` is given (seed it for reproducible init).
     """
-    params = dict(model.named_parameters())
-    for name, p in plan.params.items():
-        tensor = params[name]
+    extra = {} if generator is None else {"generator": generator}
+    for name, tensor in model.named_parameters():
+        p = plan.params.get(regions.canonical_name(name))
+        if p is None:
+            continue
         if p.init == "normal":
-            tensor.normal_(0.0, 1.0, generator=generator)
+            tensor.normal_(0.0, 1.0, **extra)
         elif p.init == "zeros":
             tensor.zero_()
         elif p.init == "ones":
@@ -29,10 +46,23 @@ def unit_init(model: nn.Module, plan: Plan, generator: torch.Generator | None = 
 
 def initialise(model: nn.Module, plan: Plan, reinit: bool = True) -> None:
     """``unit_init`` (``reinit``), or only freeze the non-parametric norms (weights are
-    loaded afterwards)."""
-    if reinit:
+    loaded afterwards). Weights on ``meta`` are left alone: ``init_`` after ``to_empty``."""
+    if reinit and not any(p.is_meta for p in model.parameters()):
         unit_init(model, plan)
         return
-    for p in plan.params.values():
-        if p.frozen_by_umup:
-            model.get_parameter(p.name).requires_grad_(False)
+    for name, tensor in model.named_parameters():
+        p = plan.params.get(regions.canonical_name(name))
+        if p is not None and p.frozen_by_umup:
+            tensor.requires_grad_(False)
+
+
+def init_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Apply u-muP unit initialisation to ``model`` in place, from its plan; returns it.
+
+    The step of its own that a meta-device recipe needs: ``transform`` on ``meta``,
+    ``fully_shard``, ``to_empty(device=...)``, then ``init_`` (deterministic under
+    ``torch.manual_seed``). Buffers are the model's own business (recompute RoPE
+    tables as your ``init_weights`` would).
+    """
+    unit_init(model, plan_of(model), generator)
+    return model

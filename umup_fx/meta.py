@@ -40,7 +40,12 @@ Per-graph keys (``gm.meta["umup"][KEY]``):
 ``depth_scaled``   passes.residuals   set of parameter names inside a residual branch
 ``uncovered``      passes.coverage    list of (node name, op name, why) left unscaled
 ``roles``          passes.roles       {parameter name: ParamRole}
+``replaced``       passes.scale_norms {erased node name: the node that took its place}
+                                      (``passes.regions`` follows it to block outputs)
 =================  =================  ==================================================
+
+Per-node keys also carry ``umup.residual`` on the ``residual_split`` that
+``passes.scale_residuals`` inserts, so ``passes.regions`` can make its tau a block input.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ PLAN = "plan"
 OPTIONS = "options"
 TRAINING = "training"
 STATIC_MODE = "static_mode"
+REPLACED = "replaced"
 
 
 def node_meta(node: fx.Node) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from torch import Tensor
 
 __all__ = [
     "add",
+    "data_parallel_size",
+    "set_data_parallel_size",
     "attention_output_scale",
     "attention_scales",
     "cross_entropy",
@@ -143,6 +145,39 @@ def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
+# -- data parallelism ----------------------------------------------------------------
+# A weight's gradient is scaled by B^-1/2 for the B rows it sums over. Under data
+# parallelism each rank sums over its own B/N rows and DDP / FSDP2 then *average* the
+# N gradients, which would leave the result N^-1/2 times the single-process gradient
+# on the same global batch. Every parameter-gradient scale is therefore multiplied by
+# N^1/2 (rules: "gradient scale independent of data parallelism", docs/distributed.md).
+_data_parallel_size: int | None = None
+
+
+def set_data_parallel_size(size: int | None) -> None:
+    """The number of ranks whose gradients DDP / FSDP2 average (default: the world size
+    of the default process group, 1 without one). Set it when tensor or pipeline
+    parallelism makes the data-parallel group smaller than the world; ``None`` resets."""
+    global _data_parallel_size
+    if size is not None and size < 1:
+        raise ValueError(f"data-parallel size must be >= 1, got {size}")
+    _data_parallel_size = size
+
+
+def data_parallel_size() -> int:
+    if _data_parallel_size is not None:
+        return _data_parallel_size
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _dp() -> float:
+    """N^1/2: what averaging over N data-parallel ranks takes away from a weight grad."""
+    return data_parallel_size() ** 0.5
+
+
 # -- linear / embedding / norms --------------------------------------------------------
 def hidden_linear_scales(fan_in: int) -> tuple[float, float]:
     """(out_scale, grad_input_scale) of a hidden or input linear: both fan_in^-1/2 (tied)."""
@@ -172,7 +207,7 @@ def linear(
     # x's gradient (g sW), so x's backward scale is grad_input_scale / out_scale: 1, no
     # op at all, for hidden linears whose scales are tied. W's and b's gradients are
     # unchanged: B^-1/2 times the gradient at the unscaled output, as in U.linear.
-    param_scale = _rows(x) ** -0.5
+    param_scale = _rows(x) ** -0.5 * _dp()
     x = scale_bwd(x, grad_input_scale / out_scale)
     weight = _scale(weight, out_scale, param_scale)
     if bias is not None:
@@ -188,7 +223,7 @@ def linear_grad_scales(
     scale, so the forward scale cannot be folded into the weight there)."""
     # As U.linear: the bias sits inside the forward scale (the whole output is scaled)
     # and its gradient gets the weight's B^-1/2, not out_scale.
-    param_scale = _rows(x) ** -0.5
+    param_scale = _rows(x) ** -0.5 * _dp()
     x = scale_bwd(x, grad_input_scale)
     weight = scale_bwd(weight, param_scale)
     if bias is not None:
@@ -199,13 +234,13 @@ def linear_grad_scales(
 
 def embedding(indices: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
     """Embedding rule: plain lookup; weight grad * (V / num_indices)^1/2."""
-    weight = scale_bwd(weight, (weight.shape[0] / indices.numel()) ** 0.5)
+    weight = scale_bwd(weight, (weight.shape[0] / indices.numel()) ** 0.5 * _dp())
     return F.embedding(indices, weight, padding_idx)
 
 
 def param_grad_scale(weight: Tensor, activation: Tensor) -> Tensor:
     """Norm gain/bias rule: grad * (weight.numel() / activation.numel())^1/2 = (d / numel)^1/2."""
-    return scale_bwd(weight, (weight.numel() / activation.numel()) ** 0.5)
+    return scale_bwd(weight, (weight.numel() / activation.numel()) ** 0.5 * _dp())
 
 
 def layer_norm(

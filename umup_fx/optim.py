@@ -14,19 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import regions
 from .errors import UmupError
-from .plan import Plan
-
-
-def plan_of(model: nn.Module) -> Plan:
-    """The u-muP plan a transformed model carries (``model.umup_plan``)."""
-    plan = getattr(model, "umup_plan", None)
-    if not isinstance(plan, Plan):
-        raise UmupError(
-            f"{type(model).__name__} carries no u-muP plan. Pass the module that "
-            "umup_fx.transform returned (its parameters are the original model's)."
-        )
-    return plan
+from .init import plan_of
 
 
 def param_groups(
@@ -52,6 +42,7 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = regions.canonical_name(name)  # through checkpoint / compile wrappers
         if name not in plan.params:
             raise UmupError(
                 f"Parameter {name!r} is not in the u-muP plan of {plan.model_name} (was it "

@@ -33,7 +33,7 @@ from .passes.scale_pointwise import (
 )
 from .passes.scale_residuals import scale_residuals
 from .passes.scale_weights import scale_embeddings, scale_linears
-from .plan import Plan, build_plan
+from .plan import Plan, build_plan, expand_blocks
 
 
 def analysis_passes(roles: dict[str, str] | None = None) -> list[Callable[[fx.GraphModule], Any]]:
@@ -81,9 +81,8 @@ def plan_graph(gm: fx.GraphModule, options: Options, model_name: str = "model") 
     return plan
 
 
-def run_pipeline(gm: fx.GraphModule, options: Options, model_name: str = "model") -> Plan:
-    """Analyse ``gm``, then rewrite it in place into its u-muP form; returns the plan."""
-    plan = plan_graph(gm, options, model_name)
+def rewrite_graph(gm: fx.GraphModule, plan: Plan, options: Options) -> None:
+    """Rewrite an analysed ``gm`` in place into its u-muP form, from ``plan``."""
     g = meta.graph_meta(gm)
     g[meta.PLAN], g[meta.OPTIONS] = plan, options
     for run_pass in rewrite_passes():
@@ -91,6 +90,12 @@ def run_pipeline(gm: fx.GraphModule, options: Options, model_name: str = "model"
     gm.graph.lint()
     gm.recompile()
     plan.uncovered = list(g[meta.UNCOVERED])
+
+
+def run_pipeline(gm: fx.GraphModule, options: Options, model_name: str = "model") -> Plan:
+    """Analyse ``gm``, then rewrite it in place into its u-muP form; returns the plan."""
+    plan = plan_graph(gm, options, model_name)
+    rewrite_graph(gm, plan, options)
     return plan
 
 
@@ -128,7 +133,9 @@ def analyze(
         The ``Plan``; ``print(plan)`` shows the table.
     """
     captured = capture(model, example_inputs, example_kwargs)
-    return analyze_graph(captured.gm, HParams.coerce(hparams), roles, type(model).__name__)
+    plan = analyze_graph(captured.gm, HParams.coerce(hparams), roles, type(model).__name__)
+    expand_blocks(plan, captured.gm, captured.blocks)
+    return plan
 
 
 def explain(

@@ -6,7 +6,9 @@ Built once from the analysed graph (``build_plan``); ``transform`` rewrites from
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import sympy as sp
 from torch import fx
@@ -112,3 +114,73 @@ def build_plan(gm: fx.GraphModule, model_name: str = "model") -> Plan:
         unknown_shape_ops=list(solver.unknown_ops),
         fp8_ops=fp8_ops,
     )
+
+
+def _in_block(name: str, block: str) -> bool:
+    return name.startswith(block + ".")
+
+
+def expand_blocks(plan: Plan, gm: fx.GraphModule, block_lists: list) -> dict[str, list[float]]:
+    """Extend a plan made on a captured prefix of each block list to every block.
+
+    Blocks past the prefix get the parameters (renamed) and residual branches of the
+    kept block they share a graph with (``BlockList.template``); tau (rules §4), depth L
+    and the depth-scaled LR factors are then computed over the whole model's branches.
+    Updates the kept branches' tau in place (the rewrite reads them) and returns each
+    block's taus in its branch order.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    kept_paths = [b.block_path(i) for b in block_lists for i in range(b.kept)]
+
+    def region(branch: Any) -> str:
+        stack = by_name[branch.add].meta.get("nn_module_stack") or {}
+        for path, _ in stack.values():
+            for p in kept_paths:
+                if path == p or path.startswith(p + "."):
+                    return p
+        return ""
+
+    for br in plan.branches:
+        br.region = region(br)
+    last_kept = {b.block_path(b.kept - 1): b for b in block_lists if b.kept}
+    full: list[Any] = []
+    for i, br in enumerate(plan.branches):
+        full.append(br)
+        ends_list = br.region in last_kept and (
+            i + 1 == len(plan.branches) or plan.branches[i + 1].region != br.region
+        )
+        if not ends_list:
+            continue
+        blocks = last_kept[br.region]
+        for k in range(blocks.kept, len(blocks.names)):
+            src, dst = blocks.block_path(blocks.template[k]), blocks.block_path(k)
+            for t in (b for b in plan.branches if b.region == src):
+                full.append(
+                    dataclasses.replace(
+                        t, add=f"{dst}:{t.add}", skip=f"{dst}:{t.skip}", region=dst,
+                        params=[dst + p[len(src):] for p in t.params],
+                    )
+                )
+            for name, p in list(plan.params.items()):
+                if _in_block(name, src):
+                    new = dst + name[len(src):]
+                    plan.params[new] = dataclasses.replace(
+                        p, name=new,
+                        aliases=tuple(dst + a[len(src):] if _in_block(a, src) else a
+                                      for a in p.aliases),
+                    )
+    kinds = [b.kind for b in full]
+    taus = rules.residual_taus(kinds, plan.hparams)
+    for i, (br, tau) in enumerate(zip(full, taus, strict=True)):
+        br.index, br.tau = i, tau
+    plan.branches = full
+    plan.depth = rules.depth_of(kinds)
+    for p in plan.params.values():
+        p.lr_factor = rules.lr_factor(
+            p.role, p.fan_in_value, p.fan_out_value, p.depth_scaled, plan.depth
+        )
+    per_block: dict[str, list[float]] = {}
+    for br in full:
+        if br.region:
+            per_block.setdefault(br.region, []).append(br.tau)
+    return per_block

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, fx
 
 from . import fp8 as fp8_ops
-from . import meta
+from . import meta, regions
+from . import module as module_mod
 from . import ops as umup_ops
-from .transform import UmupModule
+from .module import UmupModule
 
 _RUNTIME = {fn for m in (umup_ops, fp8_ops) for fn in vars(m).values() if callable(fn)}
 
@@ -42,9 +43,12 @@ def rms(x: Tensor) -> float:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, records: dict[str, OpScale], prefix: str,
+                 rename: tuple[str, str]) -> None:
         super().__init__(gm)
-        self.records: dict[str, OpScale] = {}
+        self.records = records
+        self.prefix = prefix
+        self.rename = rename  # (the graph's own block path, this module's path)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -54,8 +58,11 @@ class _Recorder(fx.Interpreter):
             return out
         tensors = [a for a in self.fetch_args_kwargs_from_env(n)[0] if isinstance(a, Tensor)]
         weight = meta.get(n, meta.WEIGHT)
+        own, live = self.rename
+        if weight and own and weight.startswith(own + "."):
+            weight = live + weight[len(own):]  # blocks share a graph: name this one's weight
         rec = OpScale(
-            node=n.name,
+            node=self.prefix + n.name,
             rule=str(meta.get(n, meta.RULE, "")),
             op=getattr(n.target, "__name__", str(n.target)),
             out_rms=rms(out),
@@ -64,7 +71,7 @@ class _Recorder(fx.Interpreter):
         )
         if weight is not None and len(tensors) > 1:  # (x, W, ...) and (indices, W)
             rec.weight_rms = rms(tensors[1])
-        self.records[n.name] = rec
+        self.records[rec.node] = rec
         if out.requires_grad:
             out.register_hook(lambda g, rec=rec: setattr(rec, "grad_rms", rms(g)))
         return out
@@ -80,12 +87,23 @@ def op_scales(
     ``.grad`` are not touched.
     """
     if not isinstance(model, UmupModule):
-        raise TypeError("op_scales takes the module umup_fx.transform returned.")
-    recorder = _Recorder(model.graph_module)
+        raise TypeError("op_scales takes the module umup_fx.transform rewrote.")
+    paths = {id(m): regions.canonical_name(n) for n, m in model.named_modules()}
+    records: dict[str, OpScale] = {}
+
+    def record(module: torch.nn.Module, rg: Any, values: list[Any]) -> Any:
+        path = paths.get(id(module), "")
+        prefix = f"{path}:" if path else ""
+        return _Recorder(rg.gm, records, prefix, (rg.name if path else "", path)).run(*values)
+
     params = [p for p in model.parameters() if p.requires_grad]
+    saved, module_mod.graph_runner = module_mod.graph_runner, record
+    try:
+        with torch.enable_grad():
+            out = model(*args, **kwargs)
+    finally:
+        module_mod.graph_runner = saved
     with torch.enable_grad():
-        outputs = recorder.run(*model.graph_inputs(args, kwargs))
-        out = model.finish(outputs)
         if backward:
             y = out if isinstance(out, Tensor) else next(
                 t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)
@@ -99,7 +117,7 @@ def op_scales(
             # hooks) without touching their .grad.
             if params:
                 torch.autograd.grad(y, params, grad, allow_unused=True)
-    return list(recorder.records.values())
+    return list(records.values())
 
 
 def out_of_range(records: list[OpScale], low: float = 0.5, high: float = 2.0) -> list[str]:

@@ -1,0 +1,558 @@
+"""Cut the rewritten flat graph into the root's graph and one graph per block.
+
+The capture preserved each kept block's call signature (``program.module_call_graph``:
+the graph nodes of its flattened inputs and outputs, its argument structure). Every
+node is assigned to the block whose module path its ``nn_module_stack`` names (nodes
+the rewrite inserted follow their users), then:
+
+* each kept block's nodes become a graph of their own whose placeholders are the
+  block's call arguments, its own parameters and buffers (read from the block module
+  at call time, so FSDP2's unsharded parameters and a checkpoint wrapper's recompute
+  are what it sees), the training flag and the block's residual taus;
+* the root keeps the other nodes and calls each block through ``call_block`` with the
+  original arguments, so the block's ``__call__`` (hooks, wrappers) runs;
+* a kept prefix stands for the whole list: the root's calls are unrolled to every
+  block (``unroll_calls``) when the calls form a chain (each block's output feeds the
+  next one, all other arguments shared).
+
+Reads: ``program.module_call_graph``; ``nn_module_stack``; ``umup.kind`` / ``umup.param``
+on placeholders; ``umup.residual`` on residual ops; ``umup.training`` (graph).
+Writes: new ``fx.GraphModule`` objects (the flat graph is not modified).
+Fails when: a block's nodes read a value its call does not pass, or two blocks of one
+structure key rewrite differently: ``RegionError``; ``transform`` then captures all
+blocks (``capture(..., full=True)``) or runs the model as one graph, and says so.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import (
+    ConstantArgument,
+    InputKind,
+    OutputKind,
+)
+
+from umup_fx import meta, ops, regions
+from umup_fx.errors import UmupError
+
+TENSOR = object()  # a flattened call leaf that the graph takes as a placeholder
+
+
+class RegionError(UmupError):
+    """The graph could not be cut at the block boundaries."""
+
+
+def call_block(root: torch.nn.Module, path: str, args: tuple, kwargs: dict) -> list[Any]:
+    """Call the block at ``path`` of ``root`` as the model would (its ``__call__`` runs
+    hooks, checkpoint and compile wrappers); its output, flattened."""
+    return pytree.tree_leaves(root.get_submodule(path)(*args, **kwargs))
+
+
+@dataclass
+class RegionGraph:
+    """A rewritten graph plus how to feed it from a module and a call's arguments.
+
+    ``inputs`` says, per placeholder, where its value comes from: ``("input", i)`` the
+    i-th flattened call leaf; ``("param" | "buffer", path)`` the module's tensor at a
+    path relative to it; ``("constant", name)``; ``("training" | "module" | "taus" |
+    "device" | "dtype", None)``. ``outputs`` is ``("user", None)`` or ``("buffer", path)``
+    per graph output (buffer updates are written back).
+    """
+
+    gm: fx.GraphModule
+    inputs: list[tuple[str, Any]]
+    outputs: list[tuple[str, Any]]
+    in_spec: pytree.TreeSpec
+    leaves: list[Any]  # per call leaf: TENSOR, or the value the graph was captured with
+    out_spec: pytree.TreeSpec
+    out_leaves: list[Any]  # per output leaf: TENSOR, or its constant value
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    name: str = "model"
+
+
+def _region_of(node: fx.Node, paths: list[str]) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    for path, _ in stack.values():
+        path = regions.canonical_name(path.split("@")[0])
+        for p in paths:
+            if path == p or path.startswith(p + "."):
+                return p
+    return ""
+
+
+def assign_regions(gm: fx.GraphModule, paths: list[str]) -> dict[fx.Node, str]:
+    """Block path (or "" for the root) of every call_function node."""
+    region: dict[fx.Node, str] = {}
+    pending = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        r = _region_of(node, paths)
+        if r is None:
+            pending.append(node)
+        else:
+            region[node] = r
+    for node in reversed(pending):  # inserted nodes go with their users
+        users = {region.get(u, "") for u in node.users if u.op != "output"}
+        region[node] = users.pop() if len(users) == 1 else ""
+    return region
+
+
+def _leaf_nodes(signature_args: list[Any], by_name: dict[str, fx.Node]) -> list[Any]:
+    out = []
+    for a in signature_args:
+        if isinstance(a, ConstantArgument):
+            out.append(a.value)
+        elif a.name in by_name:
+            out.append(by_name[a.name])
+        else:
+            raise RegionError(f"block boundary value {a.name} was rewritten away")
+    return out
+
+
+def _placeholder_targets(program: ExportedProgram, gm: fx.GraphModule) -> dict[str, tuple[str, Any]]:
+    """{placeholder name: (kind, target)} from the graph signature and our markers."""
+    kinds = {
+        InputKind.PARAMETER: "param",
+        InputKind.BUFFER: "buffer",
+        InputKind.CONSTANT_TENSOR: "constant",
+        InputKind.USER_INPUT: "input",
+    }
+    out: dict[str, tuple[str, Any]] = {}
+    user = 0
+    for spec in program.graph_signature.input_specs:
+        if spec.kind not in kinds:
+            raise UmupError(f"umup_fx cannot feed graph input {spec.arg.name} of kind {spec.kind}.")
+        kind = kinds[spec.kind]
+        if kind == "input":
+            out[spec.arg.name] = ("input", user)
+            user += 1
+        elif kind == "param":
+            out[spec.arg.name] = ("param", spec.target)
+        else:
+            out[spec.arg.name] = (kind, spec.target)
+    training = meta.graph_meta(gm).get(meta.TRAINING)
+    if training is not None:
+        out[training] = ("training", None)
+    return out
+
+
+def _relative(target: str, block: str) -> str | None:
+    return target[len(block) + 1 :] if target.startswith(block + ".") else None
+
+
+class _Builder:
+    """A new graph filled by copying nodes of the flat graph."""
+
+    def __init__(self) -> None:
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.inputs: list[tuple[str, Any]] = []
+
+    def placeholder(self, name: str, source: tuple[str, Any], like: fx.Node | None = None) -> fx.Node:
+        node = self.graph.placeholder(name)
+        if like is not None:
+            node.meta.update({k: v for k, v in like.meta.items() if k != "umup"})
+            node.meta["umup"] = dict(like.meta.get("umup", {}))
+            self.env[like] = node
+        self.inputs.append(source)
+        return node
+
+    def copy(self, node: fx.Node) -> fx.Node:
+        new = self.graph.node_copy(node, lambda n: self.env[n])
+        self.env[node] = new
+        return new
+
+
+def _block_graph(
+    gm: fx.GraphModule,
+    block: str,
+    nodes: list[fx.Node],
+    call: Any,
+    by_name: dict[str, fx.Node],
+    targets: dict[str, tuple[str, Any]],
+    constants: dict[str, torch.Tensor],
+) -> RegionGraph:
+    sig = call.signature
+    b = _Builder()
+    leaves: list[Any] = []
+    for i, a in enumerate(sig.inputs):
+        if isinstance(a, ConstantArgument):
+            leaves.append(a.value)
+            continue
+        leaves.append(TENSOR)
+        src = by_name[a.name]
+        if src in b.env:  # the same value passed twice: one placeholder is enough
+            b.placeholder(f"arg{i}", ("input", i))
+            continue
+        b.placeholder(f"arg{i}", ("input", i), like=src)
+    members = set(nodes)
+    sizes: list[fx.Node] = []
+    for node in nodes:
+        for inp in node.all_input_nodes:
+            if inp in b.env or inp in members or inp in sizes:
+                continue
+            if inp.op != "placeholder":
+                if not isinstance(inp.meta.get("val"), torch.SymInt):
+                    raise RegionError(
+                        f"block {block} reads {inp.name} ({inp.op}), which its call does not pass"
+                    )
+                sizes.append(inp)  # a size the root computed: recomputed in the block
+                continue
+            kind, target = targets[inp.name]
+            if kind in ("param", "buffer"):
+                rel = _relative(regions.canonical_name(target), block)
+                if rel is None:
+                    raise RegionError(f"block {block} uses {target}, which it does not own")
+                b.placeholder(inp.name, (kind, rel), like=inp)
+            elif kind == "constant":
+                b.placeholder(inp.name, ("constant", target), like=inp)
+            elif kind == "training":
+                b.placeholder(inp.name, ("training", None), like=inp)
+            else:
+                raise RegionError(f"block {block} reads model input {inp.name} directly")
+    for size in sizes:
+        _size_in_block(b, size, block)
+    for node in nodes:
+        b.copy(node)
+    out_nodes = _leaf_nodes(sig.outputs, by_name)
+    out_leaves = [v if not isinstance(v, fx.Node) else TENSOR for v in out_nodes]
+    try:
+        outs = [b.env[n] for n in out_nodes if isinstance(n, fx.Node)]
+    except KeyError as exc:
+        raise RegionError(f"block {block} returns a value it does not compute") from exc
+    b.graph.output(tuple(outs))
+    _taus_as_input(b)
+    used = {t for k, t in b.inputs if k == "constant"}
+    return RegionGraph(
+        fx.GraphModule(gm, b.graph, class_name=f"umup_{block.replace('.', '_')}"),
+        b.inputs,
+        [("user", None)] * len(outs),
+        sig.in_spec,
+        leaves,
+        sig.out_spec,
+        out_leaves,
+        {k: v for k, v in constants.items() if k in used},
+        block,
+    )
+
+
+_SYM_SIZE = torch.ops.aten.sym_size.int
+
+
+def _size_in_block(b: _Builder, size: fx.Node, block: str) -> fx.Node:
+    """Recompute a symbolic size the root computed from the block's own inputs: the
+    same sympy expression as an input's dimension, or the same arithmetic on such."""
+    if size in b.env:
+        return b.env[size]
+    expr = size.meta["val"].node.expr
+    for ph in [n for n in b.graph.nodes if n.op == "placeholder"]:
+        val = ph.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, dim in enumerate(val.shape):
+            if isinstance(dim, torch.SymInt) and dim.node.expr == expr:
+                new = b.graph.call_function(_SYM_SIZE, (ph, d))
+                new.meta["val"] = size.meta["val"]
+                b.env[size] = new
+                return new
+    if size.op == "call_function" and size.target is not _SYM_SIZE:
+        for a in size.all_input_nodes:
+            _size_in_block(b, a, block)
+        return b.copy(size)
+    raise RegionError(f"block {block} needs size {expr}, which none of its inputs has")
+
+
+def _taus_as_input(b: _Builder) -> None:
+    """Residual ops read tau from the block's ``_umup_taus`` (one graph, many depths)."""
+    residual = [
+        n for n in b.graph.nodes
+        if n.op == "call_function" and n.target in (ops.residual_split, ops.residual_add)
+    ]
+    if not residual:
+        return
+    order = sorted({meta.get(n, meta.RESIDUAL).index for n in residual})
+    first = next(n for n in b.graph.nodes if n.op != "placeholder")
+    with b.graph.inserting_before(first):
+        taus = b.graph.placeholder("umup_taus")
+    b.inputs.append(("taus", None))
+    for n in residual:
+        j = order.index(meta.get(n, meta.RESIDUAL).index)
+        with b.graph.inserting_before(n):
+            tau = b.graph.call_function(operator.getitem, (taus, j))
+        n.args = (*n.args[:-1], tau)  # tau is the last argument of both ops
+
+
+@dataclass
+class Split:
+    root: RegionGraph
+    blocks: dict[str, RegionGraph]  # kept block path -> its graph
+    calls: list[tuple[str, fx.Node]]  # (block path, call node) in the root graph, in order
+
+
+def split_regions(
+    gm: fx.GraphModule,
+    program: ExportedProgram,
+    block_paths: list[str],
+    example_leaves: list[Any],
+    name: str,
+) -> Split:
+    """Cut ``gm`` (rewritten) into the root graph and one graph per kept block."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for old, new in meta.graph_meta(gm).get(meta.REPLACED, {}).items():
+        by_name.setdefault(old, by_name[new])
+    targets = _placeholder_targets(program, gm)
+    constants = dict(program.constants)
+    calls = {e.fqn: e for e in program.module_call_graph if e.fqn in block_paths}
+    if set(calls) != set(block_paths) or any(e.signature is None for e in calls.values()):
+        raise RegionError("the export did not record every block call")
+    region = assign_regions(gm, block_paths)
+    members: dict[str, list[fx.Node]] = {p: [] for p in block_paths}
+    for node in gm.graph.nodes:
+        r = region.get(node, "")
+        if r:
+            members[r].append(node)
+    blocks = {
+        p: _block_graph(gm, p, members[p], calls[p], by_name, targets, constants)
+        for p in block_paths
+        if members[p]
+    }
+    # The root: every other node, with one call per block at its last node's place.
+    b = _Builder()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            b.placeholder(node.name, targets[node.name], like=node)
+    root_ph = b.graph.placeholder("umup_self")
+    b.inputs.append(("module", None))
+    last = {p: members[p][-1] for p in blocks}
+    call_nodes: list[tuple[str, fx.Node]] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        r = region.get(node, "")
+        if r and r in blocks:
+            if node is last[r]:
+                call_nodes.append((r, _emit_call(b, root_ph, r, calls[r].signature, by_name)))
+            continue
+        if node.op == "output":
+            b.graph.output(fx.node.map_arg(node.args[0], lambda n: b.env[n]))
+            continue
+        try:
+            b.copy(node)
+        except KeyError as exc:
+            raise RegionError(f"root node {node.name} reads a value inside a block") from exc
+    outputs = []
+    for spec in program.graph_signature.output_specs:
+        if spec.kind == OutputKind.USER_OUTPUT:
+            outputs.append(("user", None))
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            outputs.append(("buffer", spec.target))
+        else:
+            raise UmupError(
+                f"umup_fx cannot handle graph output {spec.arg} of kind {spec.kind} "
+                "(for example an in-place update of a model input)."
+            )
+    _drop_unused_placeholders(b)
+    used = {t for k, t in b.inputs if k == "constant"}
+    root = RegionGraph(
+        fx.GraphModule(gm, b.graph, class_name="umup_root"),
+        b.inputs,
+        outputs,
+        program.call_spec.in_spec,
+        example_leaves,
+        program.call_spec.out_spec,
+        [],
+        {k: v for k, v in constants.items() if k in used},
+        name,
+    )
+    return Split(root, blocks, call_nodes)
+
+
+def _drop_unused_placeholders(b: _Builder) -> None:
+    """The root does not read the blocks' weights (each block reads its own, at its call:
+    under FSDP2 only then are they unsharded); dead size reads go too."""
+    for node in reversed(list(b.graph.nodes)):
+        if node.op == "call_function" and node.target is _SYM_SIZE and not node.users:
+            b.graph.erase_node(node)
+    placeholders = [n for n in b.graph.nodes if n.op == "placeholder"]
+    keep = []
+    for node, source in zip(placeholders, b.inputs, strict=True):
+        if node.users or source[0] in ("input", "module", "training"):
+            keep.append(source)
+        else:
+            b.graph.erase_node(node)
+    b.inputs[:] = keep
+
+
+def _emit_call(b: _Builder, root_ph: fx.Node, path: str, sig: Any, by_name: dict[str, fx.Node]) -> fx.Node:
+    leaves = [b.env[v] if isinstance(v, fx.Node) else v for v in _leaf_nodes(sig.inputs, by_name)]
+    args, kwargs = pytree.tree_unflatten(leaves, sig.in_spec)
+    call = b.graph.call_function(call_block, (root_ph, path, tuple(args), dict(kwargs)))
+    call.meta["umup_call"] = {"path": path, "in_spec": sig.in_spec, "leaves": leaves}
+    for i, out in enumerate(_leaf_nodes(sig.outputs, by_name)):
+        if isinstance(out, fx.Node):
+            item = b.graph.call_function(operator.getitem, (call, i))
+            item.meta["val"] = out.meta.get("val")
+            b.env[out] = item
+    return call
+
+
+def _chain(prev: fx.Node, cur: fx.Node) -> dict[int, int] | None:
+    """{input leaf: output leaf of ``prev``} where ``cur`` reads ``prev``'s outputs, when
+    every other input leaf is the same value for both calls; else None."""
+    a, c = prev.meta["umup_call"]["leaves"], cur.meta["umup_call"]["leaves"]
+    if len(a) != len(c):
+        return None
+    links = {}
+    for i, (x, y) in enumerate(zip(a, c, strict=True)):
+        if isinstance(y, fx.Node) and y.target is operator.getitem and y.args[0] is prev:
+            links[i] = y.args[1]
+        elif x is not y and x != y:
+            return None
+    return links or None
+
+
+def unroll_calls(split: Split, path_of: list[str]) -> None:
+    """Extend the root's chain of kept block calls to every block in ``path_of``.
+
+    The kept calls must form a chain: call i reads call i-1's outputs at the same
+    places, shares every other argument, and nothing else reads call i-1's outputs.
+    The added calls repeat that pattern; the root's readers of the last kept call's
+    outputs read the last added call's instead.
+    """
+    calls = [n for p, n in split.calls if p in path_of]
+    if len(calls) == len(path_of):
+        return
+    if len(calls) < 2:
+        raise RegionError("fewer than two kept block calls: cannot tell the chain")
+    links = _chain(calls[0], calls[1])
+    if links is None:
+        raise RegionError("block calls do not form a chain")
+    for prev, cur in zip(calls[:-1], calls[1:], strict=True):
+        if _chain(prev, cur) != links:
+            raise RegionError("block calls do not form one chain pattern")
+        outside = [v for u in prev.users for v in u.users if v is not cur]
+        if outside:
+            raise RegionError("the root reads a block's output other than the next block")
+    graph = calls[-1].graph
+    last = calls[-1]
+    last_items = {u.args[1]: u for u in last.users}
+    readers = {i: list(item.users) for i, item in last_items.items()}
+    template = last.meta["umup_call"]
+    anchor = max(last_items.values(), key=lambda n: list(graph.nodes).index(n), default=last)
+    prev = last
+    for path in path_of[len(calls):]:
+        leaves = list(template["leaves"])
+        with graph.inserting_after(anchor):
+            items = {}
+            for i, o in links.items():
+                items[o] = items.get(o) or graph.call_function(operator.getitem, (prev, o))
+                leaves[i] = items[o]
+        args, kwargs = pytree.tree_unflatten(leaves, template["in_spec"])
+        with graph.inserting_after(max(items.values(), key=lambda n: list(graph.nodes).index(n))):
+            call = graph.call_function(
+                call_block, (last.args[0], path, tuple(args), dict(kwargs))
+            )
+        call.meta["umup_call"] = {**template, "path": path, "leaves": leaves}
+        anchor, prev = call, call
+        split.calls.append((path, call))
+    with graph.inserting_after(anchor):
+        for i, users in readers.items():
+            new = graph.call_function(operator.getitem, (prev, i))
+            new.meta["val"] = last_items[i].meta.get("val")
+            for user in users:
+                user.replace_input_with(last_items[i], new)
+    graph.lint()
+
+
+def generalize_placement(rg: RegionGraph) -> None:
+    """Device ``meta`` and dtype float64 in the graph (the capture's stand-ins for the
+    model's own) become placeholders the runner fills from the module's weights."""
+    graph = rg.gm.graph
+    found: dict[str, fx.Node] = {}
+
+    def stand_in(kind: str) -> fx.Node:
+        if kind not in found:
+            last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
+            with graph.inserting_after(last_ph):
+                found[kind] = graph.placeholder(f"umup_{kind}")
+            rg.inputs.append((kind, None))
+        return found[kind]
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, torch.device) and value.type == regions.SHADOW_DEVICE.type:
+            return stand_in("device")
+        if value is regions.SHADOW_DTYPE:
+            return stand_in("dtype")
+        if isinstance(value, (list, tuple)):
+            return type(value)(fix(v) for v in value)
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        return value
+
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _ASSERT_METADATA:
+            graph.erase_node(node)  # export's own check of the capture's stand-ins
+        elif node.op == "call_function":
+            node.args = fix(tuple(node.args))
+            node.kwargs = fix(dict(node.kwargs))
+    for node in list(graph.nodes):
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            for a in node.args:
+                if isinstance(a, fx.Node) and a.op == "get_attr":
+                    sub = getattr(rg.gm, a.target)
+                    if isinstance(sub, fx.GraphModule):
+                        for i in _generalize_subgraph(sub):
+                            _cast_output(graph, node, i, stand_in("dtype"))
+    rg.gm.recompile()
+
+
+_ASSERT_METADATA = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
+_ASSERT_METADATA = _ASSERT_METADATA.default if _ASSERT_METADATA is not None else None
+_TO_COPY = torch.ops.aten._to_copy.default
+_TO_DEVICE = torch.ops.aten.to.device
+_TO_DTYPE = torch.ops.aten.to.dtype
+
+
+def _cast_output(graph: fx.Graph, hop: fx.Node, i: int, dtype: fx.Node) -> None:
+    for item in [u for u in hop.users if u.target is operator.getitem and u.args[1] == i]:
+        with graph.inserting_after(item):
+            cast = graph.call_function(_TO_DTYPE, (item, dtype))
+        item.replace_all_uses_with(cast, delete_user_cb=lambda u, c=cast: u is not c)
+
+
+def _generalize_subgraph(gm: fx.GraphModule) -> list[int]:
+    """A higher-order op's subgraph (an autocast or no-grad region) takes no extra
+    inputs, so there: casts to the stand-in device keep their input's device (it is
+    already the model's), and a cast to the stand-in dtype that is an output of the
+    subgraph moves after it (``_cast_output``). Returns those output positions."""
+    moved = []
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    results = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is _ASSERT_METADATA:
+            gm.graph.erase_node(node)
+        elif node.target is _TO_DEVICE and node.args[1].type == "meta":
+            node.target, node.args = _TO_DTYPE, (node.args[0], node.args[2])
+        elif node.target is _TO_COPY and getattr(node.kwargs.get("device"), "type", "") == "meta":
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "device"}
+        if (node.target in (_TO_DTYPE, _TO_COPY)
+                and (node.args[1:2] == (regions.SHADOW_DTYPE,)
+                     or node.kwargs.get("dtype") is regions.SHADOW_DTYPE)
+                and set(node.users) == {output} and node in results):
+            moved.append(results.index(node))
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return moved
