@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -73,11 +75,37 @@ def test_backend_runs_the_same_passes_as_transform() -> None:
     }
 
 
-def test_backend_needs_prepare() -> None:
+def test_backend_with_no_ceremony() -> None:
+    """torch.compile(model, backend="umup") alone; the optimizer is built first."""
     torch._dynamo.reset()
-    compiled = torch.compile(_llama(), backend="umup")
-    with pytest.raises(Exception, match="prepare"):
-        compiled(*_batch())
+    model = _llama()
+    compiled = torch.compile(model, backend="umup", options={"inner": "aot_eager"})
+    opt = umup_fx.AdamW(compiled, lr=2**-4)
+    plain = torch.optim.Adam(umup_fx.param_groups(compiled, lr=2**-4))
+    with pytest.raises(umup_fx.UmupError, match="before its u-muP learning rate"):
+        plain.step()  # no compiled call yet: the factors are unknown
+    x = _batch()
+    loss = compiled(*x)
+    assert loss.item() == pytest.approx(math.log(256), rel=0.02)  # unit init happened
+    assert model.layers[0].attn.q_proj.weight.std().item() == pytest.approx(1.0, rel=0.1)
+    reference = umup_fx.transform(_llama(), x)
+    want = {n: p.lr_factor for n, p in reference.umup_plan.params.items()}
+    for group in plain.param_groups:
+        assert group["lr"] == pytest.approx(2**-4 * want[group["names"][0]])
+    loss.backward()
+    opt.step()
+    # Merged into one group per factor at the first step, each name with its factor
+    # (norm gains stay listed: the rewritten graph no longer reads them, so they get
+    # no gradient and AdamW skips them).
+    assert len(opt.param_groups) < 10
+    for group in opt.param_groups:
+        for name in group["names"]:
+            assert group["umup_lr_factor"] == pytest.approx(want[name]), name
+    # A recompile keeps the trained weights (they are marked at the first compile).
+    before = model.lm_head.weight.detach().clone()
+    torch._dynamo.reset()
+    compiled(*x)
+    assert torch.equal(model.lm_head.weight, before)
 
 
 def test_backend_options() -> None:

@@ -87,6 +87,7 @@ def _global_loss(loss: torch.Tensor) -> float:
 
 
 def _fsdp_worker(rank: int, tmp: str, port: int) -> None:
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_state_dict,
@@ -94,8 +95,6 @@ def _fsdp_worker(rank: int, tmp: str, port: int) -> None:
         set_state_dict,
     )
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    import torch.distributed.checkpoint as dcp
 
     _init(rank, port)
     tmp_path = Path(tmp)

@@ -155,7 +155,7 @@ def test_meta_device_flow() -> None:
     assert abs(w.std().item() - 1) < 0.1 and not model.layers[5].norm1.weight.requires_grad
     opt = umup_fx.AdamW(model, lr=2**-4)
     losses = []
-    for step in range(3):
+    for _step in range(3):
         opt.zero_grad()
         loss = model(*_batch(seed=7))
         loss.backward()

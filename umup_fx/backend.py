@@ -1,20 +1,20 @@
 """The ``"umup"`` ``torch.compile`` backend: the same passes as ``transform``, then Inductor.
 
-    model = umup_fx.prepare(model, example_inputs)        # unit init + plan, in place
-    opt = umup_fx.AdamW(model, lr=2**-3)                   # groups from that plan
     compiled = torch.compile(model, backend="umup")        # rewrite at first call
+    opt = umup_fx.AdamW(compiled, lr=2**-3)                # groups resolved at that call
 
-Why ``prepare`` comes first: a backend runs at the first call, after the optimizer
-exists and after weights were initialised, and sees only one graph (a graph break
-gives it pieces). Unit init and the LR groups are model-wide facts, so they come
-from ``prepare``, which runs the analysis on the whole model; the backend checks that
-it ran and reuses its options. ``torch.compile(umup_fx.transform(model, ...))`` with
-the default backend is the other, equivalent route.
+At the first compile the backend analyses the graph Dynamo captured, unit-initialises
+its parameters in place, marks them (later recompiles keep their values and options)
+and fills in the LR groups of optimizers built earlier (``optim`` module docstring).
+Its analysis sees what Dynamo gives it: the whole model without graph breaks, pieces
+with them (depth and tau are then per piece). ``prepare(model, example_inputs)``
+before compiling does the analysis and init on the whole model instead, eagerly.
+``torch.compile(umup_fx.transform(model, ...))`` is the third route.
 
-Options (``torch.compile(..., options={...})``): ``hparams`` and ``fp8`` (as
-``transform``; they override ``prepare``'s, since they change only the graph), and
-``inner`` (a compiler callable or backend name; Inductor by default). ``roles`` and
-``trainable_norms`` decide init and LR groups, so they go to ``prepare`` only. Set
+Options (``torch.compile(..., options={...})``): ``hparams``, ``fp8``, ``roles``,
+``trainable_norms``, ``reinit`` (as ``transform``) and ``inner`` (a compiler callable
+or backend name; Inductor by default). After ``prepare`` only ``hparams`` and ``fp8``,
+which change only the graph, may be given. Set
 ``UMUP_FX_DUMP=<dir>`` to write every graph before and after the rewrite (``.py``
 code, and ``.svg`` if pydot is installed).
 """
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
@@ -34,6 +35,7 @@ from . import meta
 from .capture import capture, capture_dynamo_graph
 from .errors import UmupError
 from .init import initialise
+from .optim import resolve_pending_groups
 from .options import Options
 from .pipeline import plan_graph, run_pipeline
 from .plan import Plan, expand_blocks
@@ -66,19 +68,15 @@ def prepare(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
 _GRAPH_ONLY = ("hparams", "fp8")
 
 
-def _options(example_inputs: list[Any], given: dict[str, Any]) -> Options:
+def _options(example_inputs: list[Any], given: dict[str, Any]) -> tuple[Options, bool]:
+    """The options in force, and whether this is the model's first compile (init due)."""
     marked = [getattr(x, _OPTIONS_ATTR) for x in example_inputs
               if isinstance(x, nn.Parameter) and hasattr(x, _OPTIONS_ATTR)]
     if not marked:
-        raise UmupError(
-            "torch.compile(model, backend='umup') needs umup_fx.prepare(model, example_inputs) "
-            "first: it re-initialises the weights to unit scale and gives umup_fx.AdamW the "
-            "u-muP plan, which a backend (running at the first call) cannot do. Or use "
-            "torch.compile(umup_fx.transform(model, example_inputs))."
-        )
+        return Options.build(given.pop("hparams", None), **given), True
     prepared = marked[0]
     if not given:
-        return prepared
+        return prepared, False
     fixed = sorted(set(given) - set(_GRAPH_ONLY))
     if fixed:
         raise UmupError(
@@ -87,7 +85,25 @@ def _options(example_inputs: list[Any], given: dict[str, Any]) -> Options:
             f"{', '.join(_GRAPH_ONLY)} (and inner)."
         )
     asked = Options.build(given.get("hparams", prepared.hparams), fp8=given.get("fp8", prepared.fp8))
-    return dataclasses.replace(prepared, hparams=asked.hparams, fp8=asked.fp8)
+    return dataclasses.replace(prepared, hparams=asked.hparams, fp8=asked.fp8), False
+
+
+def _first_compile(example_inputs: list[Any], captured: Any, plan: Plan, opts: Options) -> None:
+    """No ``prepare``: unit-initialise the graph's parameters now, mark them so later
+    recompiles keep their values, and give optimizers built earlier their LR factors."""
+    tensors = {name: info.tensor for name, info in captured.params.items()}
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            p = plan.params[name]
+            if opts.reinit:
+                if p.init == "normal":
+                    tensor.normal_(0.0, 1.0)
+                elif p.init == "zeros":
+                    tensor.zero_()
+                elif p.init == "ones":
+                    tensor.fill_(1.0)
+            setattr(tensor, _OPTIONS_ATTR, opts)
+            resolve_pending_groups(tensor, p.lr_factor)
 
 
 def _dump(name: str, before: fx.GraphModule, after: fx.GraphModule) -> None:
@@ -122,12 +138,14 @@ def umup_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | 
     """``torch.compile`` backend: re-capture, run the u-muP pipeline, hand to ``inner``."""
     given = dict(options or {})
     inner = _inner_compiler(given.pop("inner", None))
-    opts = _options(example_inputs, given)
+    opts, first = _options(example_inputs, given)
     captured = capture_dynamo_graph(gm, example_inputs)
     rewritten = captured.gm
     meta.graph_meta(rewritten)[meta.STATIC_MODE] = True
     before = fx.GraphModule(rewritten, rewritten.graph.__deepcopy__())
     plan = run_pipeline(rewritten, opts, captured.model_name)
+    if first:
+        _first_compile(example_inputs, captured, plan, opts)
     compiled_plans.append(plan)
     _dump(f"umup_graph_{len(compiled_plans) - 1}", before, rewritten)
     specs = captured.program.graph_signature.input_specs

@@ -44,6 +44,7 @@ class ParamInfo:
     aliases: tuple[str, ...] = ()  # other names of the same tensor (tied weights)
     node: str | None = None  # placeholder node name; None if the graph never uses it
     requires_grad: bool = True
+    tensor: Any = None  # the parameter itself (the compile backend's graphs only)
 
 
 @dataclass
@@ -292,7 +293,14 @@ def capture_dynamo_graph(dynamo_gm: fx.GraphModule, example_inputs: list[Any]) -
     """
     inputs = tuple(example_inputs)
     if not all(isinstance(x, (torch.Tensor, int, float, bool)) for x in inputs):
-        raise CaptureError("The umup backend got graph inputs it cannot export.")
+        kinds = sorted({type(x).__name__ for x in inputs})
+        raise CaptureError(
+            f"The umup backend got graph inputs it cannot export ({', '.join(kinds)}): "
+            "sizes Dynamo made dynamic after a shape change. Compile with "
+            "torch.compile(model, backend='umup', dynamic=False), or transform the model "
+            "(umup_fx.transform, whose graphs take any batch and sequence size) and "
+            "compile that."
+        )
     try:
         program = torch.export.export(dynamo_gm, inputs, strict=False)
     except Exception as exc:  # noqa: BLE001 - turned into a readable CaptureError
@@ -318,7 +326,7 @@ def capture_dynamo_graph(dynamo_gm: fx.GraphModule, example_inputs: list[Any]) -
             name = _source_name(source) or source.name
             m[meta.KIND], m[meta.PARAM] = "param", name
             params[name] = ParamInfo(name, tuple(value.shape), (name,), node.name,
-                                     value.requires_grad)
+                                     value.requires_grad, tensor=value)
         else:
             m[meta.KIND] = "input"
     meta.graph_meta(gm)[meta.PARAMS] = params

@@ -5,6 +5,12 @@ parameter's learning rate directly: ``eta`` times the plan's LR factor (fan-in, 
 and depth rules). Weight decay is *independent*: each group's ``weight_decay`` is
 ``wd / group_lr``, so AdamW's decoupled step ``lr * weight_decay`` equals ``wd`` for
 every parameter whatever its LR (scaled by a schedule as the LR is).
+
+A model compiled with ``backend="umup"`` has no plan until its first compiled call,
+yet training scripts build the optimizer first. Groups made before then are *pending*:
+one per parameter, each filled in by the backend at the first compile
+(``resolve_pending_groups``); ``umup_fx.AdamW`` merges them by factor at its first
+step, and any optimizer that steps on a group still pending raises ``UmupError``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,27 @@ from . import regions
 from .errors import UmupError
 from .init import plan_of
 
+_PENDING = "_umup_pending_groups"  # parameter attribute: its pending group dicts
+_hook_installed = False
+
+
+def _group(params: list, names: list, lr: float, weight_decay: float, factor: float) -> dict:
+    return {
+        "params": params,
+        "names": names,
+        "lr": lr * factor,
+        "weight_decay": weight_decay / (lr * factor),
+        "umup_lr_factor": factor,
+        "umup_base": (lr, weight_decay),
+    }
+
+
+def _check_args(lr: float, weight_decay: float) -> None:
+    if not lr > 0:
+        raise UmupError(f"lr must be > 0, got {lr!r}.")
+    if weight_decay < 0:
+        raise UmupError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+
 
 def param_groups(
     model: nn.Module, lr: float, weight_decay: float = 0.0
@@ -27,22 +54,24 @@ def param_groups(
     Each group has ``params``, ``lr = lr * factor``, ``weight_decay = weight_decay /
     (lr * factor)`` (independent weight decay), and, for inspection, ``umup_lr_factor``
     and ``names``. Parameters that do not require grad (frozen by you, or u-muP's
-    non-parametric norms) are left out.
+    non-parametric norms) are left out. Names are matched through checkpoint and
+    compile wrappers. A model to be compiled with ``backend="umup"`` that has not run
+    yet gets pending groups (see the module docstring).
 
     Raises:
-        UmupError: the model was not transformed, or has a trainable parameter the plan
-            does not know (added after ``transform``): u-muP cannot guess its LR rule.
+        UmupError: a trainable parameter the plan does not know (added after
+            ``transform``): u-muP cannot guess its LR rule.
     """
-    if not lr > 0:
-        raise UmupError(f"lr must be > 0, got {lr!r}.")
-    if weight_decay < 0:
-        raise UmupError(f"weight_decay must be >= 0, got {weight_decay!r}.")
-    plan = plan_of(model)
+    _check_args(lr, weight_decay)
+    try:
+        plan = plan_of(model)
+    except UmupError:
+        return _pending_groups(model, lr, weight_decay)
     groups: dict[float, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = regions.canonical_name(name)  # through checkpoint / compile wrappers
+        name = regions.canonical_name(name)
         if name not in plan.params:
             raise UmupError(
                 f"Parameter {name!r} is not in the u-muP plan of {plan.model_name} (was it "
@@ -50,26 +79,73 @@ def param_groups(
                 "parameter its own optimizer group."
             )
         factor = plan.params[name].lr_factor
-        group = groups.setdefault(
-            factor,
-            {
-                "params": [],
-                "names": [],
-                "lr": lr * factor,
-                "weight_decay": weight_decay / (lr * factor),
-                "umup_lr_factor": factor,
-            },
-        )
+        group = groups.setdefault(factor, _group([], [], lr, weight_decay, factor))
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())
+
+
+def _pending_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    _install_step_check()
+    groups = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = _group([param], [regions.canonical_name(name)], lr, weight_decay, 1.0)
+        group["umup_lr_factor"] = None  # filled in at the first compile
+        pending = getattr(param, _PENDING, None)
+        if pending is None:
+            pending = []
+            setattr(param, _PENDING, pending)
+        pending.append(group)
+        groups.append(group)
+    return groups
+
+
+def resolve_pending_groups(param: torch.Tensor, factor: float) -> None:
+    """Give every pending group of ``param`` its u-muP LR (the backend calls this)."""
+    for group in getattr(param, _PENDING, []):
+        if "initial_lr" in group:
+            raise UmupError(
+                "An LR scheduler was created before the first compiled call, when the "
+                "u-muP learning rates were not known yet. Create it after the first "
+                "step, or call umup_fx.prepare(model, example_inputs) before building "
+                "the optimizer."
+            )
+        lr, weight_decay = group["umup_base"]
+        group.update(_group(group["params"], group["names"], lr, weight_decay, factor))
+    if hasattr(param, _PENDING):
+        delattr(param, _PENDING)
+
+
+def _install_step_check() -> None:
+    """Any optimizer stepping on a pending group is an error, not a wrong LR."""
+    global _hook_installed
+    if _hook_installed:
+        return
+
+    def check(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            if group.get("umup_lr_factor", 0) is None:
+                raise UmupError(
+                    f"The optimizer steps on {group['names'][0]!r} before its u-muP "
+                    "learning rate is known: the model was neither transformed nor run "
+                    "once under torch.compile(model, backend='umup'). Run the compiled "
+                    "model's forward before the first step."
+                )
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(check)
+    _hook_installed = True
 
 
 class AdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` over ``param_groups(model, lr, weight_decay)``.
 
     ``umup_fx.AdamW(model, lr=2**-3, weight_decay=2**-13, betas=(0.9, 0.999))``; every
-    other keyword goes to ``torch.optim.AdamW``.
+    other keyword goes to ``torch.optim.AdamW``. Built before a ``backend="umup"``
+    model's first call, its groups are resolved then and merged at its first step.
     """
 
     def __init__(
@@ -81,3 +157,23 @@ class AdamW(torch.optim.AdamW):
                 "parameter list; for your own groups use umup_fx.param_groups."
             )
         super().__init__(param_groups(model, lr, weight_decay), lr=lr, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if len(self.param_groups) > 1 and all(
+            len(g["params"]) == 1 and g.get("umup_lr_factor") is not None
+            for g in self.param_groups
+        ) and not self.state:
+            self._merge_groups()
+        return super().step(closure)
+
+    def _merge_groups(self) -> None:
+        """One group per LR factor (foreach kernels run per group)."""
+        merged: dict[float, dict[str, Any]] = {}
+        for g in self.param_groups:
+            key = g["umup_lr_factor"]
+            if key not in merged:
+                merged[key] = {**g, "params": [], "names": []}
+            merged[key]["params"] += g["params"]
+            merged[key]["names"] += g["names"]
+        self.param_groups[:] = list(merged.values())
