@@ -3,7 +3,7 @@
 ``PlainDecoder`` has the reference's architecture written the ordinary way: no unit
 scaling, no u-muP, no umup_fx. Applying umup_fx to it should reproduce the reference's
 loss and AdamW trajectory; ``docs/reference-differences.md`` lists every scale the
-reference applies and where it departs from ``/work/shared/umup-rules.md``.
+reference applies and where it departs from the rules in ``docs/rules.md``.
 
 Architecture (reference ``_modules.py``):
 

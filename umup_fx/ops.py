@@ -1,4 +1,4 @@
-"""Runtime ops that a rewritten FX graph calls: the §3 rules of ``umup-rules.md``.
+"""Runtime ops that a rewritten FX graph calls: the §3 rules of ``docs/rules.md``.
 
 Scales enter through exactly two primitives, :func:`scale_fwd` (forward only) and
 :func:`scale_bwd` (backward only), both built on one ``autograd.Function``. Every op is
@@ -15,7 +15,7 @@ AOTAutograd / make_fx), which stay symbolic: ``math.log`` / ``math.exp`` would
 specialise the graph to one size and recompile for every new one.
 
 Where the reference library (``unit-scaling`` 0.3.5, ``unit_scaling.functional``)
-differs from the rules table, the op's comment says which one it follows and why.
+differs from ``docs/rules.md``, the op's comment says which one it follows and why.
 
 Outputs of :func:`scale_bwd` (and of ops whose forward scale is 1) may alias their input
 (zero-copy); like any custom-Function output they must not be modified in place.
@@ -150,7 +150,7 @@ def _rows(x: Tensor) -> int:
 # parallelism each rank sums over its own B/N rows and DDP / FSDP2 then *average* the
 # N gradients, which would leave the result N^-1/2 times the single-process gradient
 # on the same global batch. Every parameter-gradient scale is therefore multiplied by
-# N^1/2 (rules: "gradient scale independent of data parallelism", docs/distributed.md).
+# N^1/2 (docs/rules.md, "Decisions where the rules are silent"; docs/distributed.md).
 _data_parallel_size: int | None = None
 
 

@@ -1,4 +1,4 @@
-"""The u-muP rule table (``shared/umup-rules.md``), as code a reader can check line by line.
+"""The u-muP rule table (``docs/rules.md``), as code a reader can check line by line.
 
 Everything numeric that u-muP prescribes lives here: weight roles (§1), the per-op
 scales (§3), the residual tau rule (§4) and the optimizer's LR factors (§5). Passes
