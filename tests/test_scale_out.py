@@ -179,8 +179,36 @@ def test_hf_llama_blocks_are_kept() -> None:
 
 
 def test_compile_each_block_like_torchtitan() -> None:
-    model = _transformed()
+    torch._dynamo.reset()
+    model = _transformed(layers=6)
     eager = model(*_batch()).item()
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
     for i, block in enumerate(model.layers):
-        model.layers.register_module(str(i), torch.compile(block, backend="eager"))
+        model.layers.register_module(str(i), torch.compile(block, backend=count))
     assert model(*_batch()).item() == pytest.approx(eager, rel=1e-5)
+    # One shared graph: compiled for the first block, then once with taus symbolic.
+    assert len(graphs) <= 2
+
+
+def test_activation_checkpointing_before_transform_is_kept() -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+        apply_activation_checkpointing,
+    )
+
+    torch.manual_seed(0)
+    model = Llama(_config())
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    torch.manual_seed(1)
+    umup_fx.transform(model, _batch())
+    assert all(isinstance(b, CheckpointWrapper) for b in model.layers)
+    assert all(isinstance(b._checkpoint_wrapped_module, umup_fx.UmupBlock) for b in model.layers)
+    plain = _transformed()
+    assert model(*_batch()).item() == pytest.approx(plain(*_batch()).item(), rel=1e-6)
+    assert _saved_bytes(model) < 0.5 * _saved_bytes(plain)
+    assert "layers.0.attn.q_proj.weight" in model.umup_plan.params  # plan names: no wrapper

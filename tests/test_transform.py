@@ -212,8 +212,12 @@ def test_user_frozen_parameters_stay_frozen() -> None:
 
 
 def test_param_groups_errors() -> None:
-    with pytest.raises(umup_fx.UmupError, match="no u-muP plan"):
-        umup_fx.param_groups(_llama(64), lr=0.1)
+    # A model with no plan yet gets pending groups; stepping on them is the error.
+    untransformed = _llama(64)
+    opt = torch.optim.AdamW(umup_fx.param_groups(untransformed, lr=0.1))
+    untransformed(*_batch()).backward()
+    with pytest.raises(umup_fx.UmupError, match="neither transformed nor run"):
+        opt.step()
     model = umup_fx.transform(_llama(64), _batch())
     model.extra = torch.nn.Linear(4, 4)
     with pytest.raises(umup_fx.UmupError, match="extra.weight"):
