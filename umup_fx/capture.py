@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import re
 import traceback
@@ -171,11 +172,30 @@ def _canonical_names(model: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]
     return out
 
 
+_NOISY_LOGGERS = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes",
+                   "torch._subclasses.fake_tensor")
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Any:
+    """Export logs warnings (a size-1 dim specialised, a fake kernel failing before the
+    real error) that would stand before our one-message error; the message is enough."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, block_lists: list,
             preserve: tuple[str, ...], shadow: bool) -> ExportedProgram:
     if shadow:
         args, kwargs = regions.shadow_inputs(args, kwargs)
-    with regions.truncated(model, block_lists), (
+    with regions.truncated(model, block_lists), _quiet_export(), (
         regions.shadowed(model) if shadow else contextlib.nullcontext()
     ):
         return torch.export.export(
