@@ -212,3 +212,32 @@ def test_activation_checkpointing_before_transform_is_kept() -> None:
     assert model(*_batch()).item() == pytest.approx(plain(*_batch()).item(), rel=1e-6)
     assert _saved_bytes(model) < 0.5 * _saved_bytes(plain)
     assert "layers.0.attn.q_proj.weight" in model.umup_plan.params  # plan names: no wrapper
+
+
+def test_hf_gradient_checkpointing_before_or_after_transform_recomputes() -> None:
+    """HF checkpoints in the layer's __call__, which the rewritten block keeps."""
+    pytest.importorskip("transformers")
+    ids = torch.randint(0, 256, (4, 64))
+
+    def saved(model: torch.nn.Module) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids).loss.backward()
+        return total
+
+    plain = umup_fx.transform(hf_llama(layers=4), (ids,), {"labels": ids})
+    before = hf_llama(layers=4)
+    before.gradient_checkpointing_enable()
+    umup_fx.transform(before, (ids,), {"labels": ids})
+    after = umup_fx.transform(hf_llama(layers=4), (ids,), {"labels": ids})
+    after.gradient_checkpointing_enable()
+    for model in (plain, before, after):
+        model.train()
+    assert saved(before) < 0.5 * saved(plain)
+    assert saved(after) < 0.5 * saved(plain)

@@ -120,6 +120,25 @@ def _in_block(name: str, block: str) -> bool:
     return name.startswith(block + ".")
 
 
+def _in_model_order(params: dict[str, ParamPlan], block_lists: list) -> dict[str, ParamPlan]:
+    """Blocks in list order, each block's parameters as in its template, the rest where
+    the captured model had them (the order ``named_parameters`` gives)."""
+    names = list(params)
+    keys: dict[str, tuple] = {}
+    for b in block_lists:
+        anchor = min((i for i, n in enumerate(names) if _in_block(n, b.block_path(0))),
+                     default=None)
+        if anchor is None:
+            continue
+        for k in range(len(b.names)):
+            own, template = b.block_path(k), b.block_path(b.template[k])
+            order = [n for n in names if _in_block(n, template)]
+            for n in names:
+                if _in_block(n, own):
+                    keys[n] = (anchor, k, order.index(template + n[len(own):]))
+    return {n: params[n] for n in sorted(names, key=lambda n: keys.get(n, (names.index(n), -1, 0)))}
+
+
 def expand_blocks(plan: Plan, gm: fx.GraphModule, block_lists: list) -> dict[str, list[float]]:
     """Extend a plan made on a captured prefix of each block list to every block.
 
@@ -169,6 +188,7 @@ def expand_blocks(plan: Plan, gm: fx.GraphModule, block_lists: list) -> dict[str
                         aliases=tuple(dst + a[len(src):] if _in_block(a, src) else a
                                       for a in p.aliases),
                     )
+    plan.params = _in_model_order(plan.params, block_lists)
     kinds = [b.kind for b in full]
     taus = rules.residual_taus(kinds, plan.hparams)
     for i, (br, tau) in enumerate(zip(full, taus, strict=True)):
