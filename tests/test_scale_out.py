@@ -91,7 +91,8 @@ def test_long_model_matches_full_capture() -> None:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=0)
 
 
-def _saved_bytes(model: torch.nn.Module) -> int:
+def _saved_bytes(model: torch.nn.Module, step=None) -> int:
+    """Bytes autograd saves for backward over one forward + backward of ``step(model)``."""
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ def _saved_bytes(model: torch.nn.Module) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(*_batch(b=4, s=32)).backward()
+        (step or (lambda m: m(*_batch(b=4, s=32))))(model).backward()
     return total
 
 
@@ -220,16 +221,7 @@ def test_hf_gradient_checkpointing_before_or_after_transform_recomputes() -> Non
     ids = torch.randint(0, 256, (4, 64))
 
     def saved(model: torch.nn.Module) -> int:
-        total = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(ids, labels=ids).loss.backward()
-        return total
+        return _saved_bytes(model, lambda m: m(ids, labels=ids).loss)
 
     plain = umup_fx.transform(hf_llama(layers=4), (ids,), {"labels": ids})
     before = hf_llama(layers=4)
@@ -241,3 +233,49 @@ def test_hf_gradient_checkpointing_before_or_after_transform_recomputes() -> Non
         model.train()
     assert saved(before) < 0.5 * saved(plain)
     assert saved(after) < 0.5 * saved(plain)
+
+
+class _AllHidden(torch.nn.Module):
+    """The root reads every block's output (as models returning all hidden states do),
+    and the blocks scale by their index (as GPT-2's scale_attn_by_inverse_layer_idx)."""
+
+    def __init__(self, layers: int = 4, d: int = 32, indexed: bool = True) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, d)
+        self.blocks = torch.nn.ModuleList(
+            _IndexedBlock(i if indexed else 0, d) for i in range(layers)
+        )
+        self.head = torch.nn.Linear(d, 64)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x, seen = self.embed(idx), []
+        for block in self.blocks:
+            x = block(x)
+            seen.append(x)
+        return self.head(sum(seen[1:], seen[0]))
+
+
+class _IndexedBlock(torch.nn.Module):
+    def __init__(self, i: int, d: int) -> None:
+        super().__init__()
+        self.position = float(i + 1)  # a setting: part of the structure key
+        self.fc = torch.nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x) / self.position
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_blocks_that_differ_or_do_not_chain_are_captured_whole(indexed: bool) -> None:
+    """Distinct blocks each get their graph; identical blocks whose outputs the root
+    reads (no chain to unroll) are all captured, sharing one graph."""
+    torch.manual_seed(0)
+    model = _AllHidden(indexed=indexed)
+    idx = torch.randint(0, 64, (2, 8))
+    umup_fx.transform(model, (idx,))
+    assert all(isinstance(b, umup_fx.UmupBlock) for b in model.blocks)
+    graphs = {id(b.graph_module) for b in model.blocks}
+    assert len(graphs) == (4 if indexed else 1)
+    assert len(model.umup_plan.branches) == 4
+    out = model(idx)
+    assert out.shape == (2, 8, 64) and torch.isfinite(out).all()

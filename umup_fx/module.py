@@ -81,6 +81,7 @@ def _flatten_call(rg: RegionGraph, module: nn.Module, args: tuple, kwargs: dict)
 def run_region(module: nn.Module, rg: RegionGraph, args: tuple, kwargs: dict) -> Any:
     """Call ``rg``'s graph for ``module(*args, **kwargs)`` and rebuild its output."""
     flat = _flatten_call(rg, module, args, kwargs)
+    placement = None
     values: list[Any] = []
     for kind, target in rg.inputs:
         if kind == "input":
@@ -95,10 +96,9 @@ def run_region(module: nn.Module, rg: RegionGraph, args: tuple, kwargs: dict) ->
             values.append(module)
         elif kind == "taus":
             values.append(module.__dict__["_umup_taus"])
-        elif kind == "device":
-            values.append(_placement(module, flat)[0])
-        else:  # dtype
-            values.append(_placement(module, flat)[1])
+        else:  # "device" / "dtype"
+            placement = placement or _placement(module, flat)
+            values.append(placement[0] if kind == "device" else placement[1])
     results = rg.gm(*values) if graph_runner is None else graph_runner(module, rg, values)
     user = []
     for (kind, target), value in zip(rg.outputs, results, strict=True):

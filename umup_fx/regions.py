@@ -141,7 +141,7 @@ def truncated(model: nn.Module, block_lists: list[BlockList]) -> Iterator[None]:
     saved = []
     try:
         for b in block_lists:
-            container = model.get_submodule(_live_path(model, b.path))
+            container = model.get_submodule(live_path(model, b.path))
             saved.append((container, container._modules))
             kept = [(n, unwrap(container._modules[n])) for n in b.names[: b.kept]]
             container._modules = dict(kept)  # type: ignore[assignment]
@@ -151,7 +151,7 @@ def truncated(model: nn.Module, block_lists: list[BlockList]) -> Iterator[None]:
             container._modules = modules  # type: ignore[assignment]
 
 
-def _live_path(model: nn.Module, canonical: str) -> str:
+def live_path(model: nn.Module, canonical: str) -> str:
     """The live module path for a canonical path (wrappers may sit in between)."""
     if not canonical:
         return ""

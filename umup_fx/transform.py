@@ -79,7 +79,7 @@ def _example_leaves(args: Any, kwargs: dict | None) -> list[Any]:
     return [TENSOR if isinstance(x, torch.Tensor) else x for x in flat]
 
 
-def _build(model: nn.Module, captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
+def _build(captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
     gm = captured.gm
     original = fx.GraphModule(gm, gm.graph.__deepcopy__())
     plan = plan_graph(gm, opts, captured.model_name)
@@ -110,7 +110,7 @@ def _build(model: nn.Module, captured: Captured, opts: Options, leaves: list[Any
 def _install(model: nn.Module, captured: Captured, built: tuple) -> None:
     plan, taus, graphs, root, original = built
     for b in captured.blocks:
-        container = model.get_submodule(regions._live_path(model, b.path))
+        container = model.get_submodule(regions.live_path(model, b.path))
         for k, name in enumerate(b.names):
             path = b.block_path(k)
             install_block(container._modules[name], graphs[path], taus.get(path, []))
@@ -154,12 +154,12 @@ def transform(
     leaves = _example_leaves(example_inputs, example_kwargs)
     captured = capture(model, example_inputs, example_kwargs)
     try:
-        built = _build(model, captured, opts, leaves)
+        built = _build(captured, opts, leaves)
     except RegionError as first:
         if any(b.kept < len(b.names) for b in captured.blocks):
             captured = capture(model, example_inputs, example_kwargs, full=True)
             try:
-                built = _build(model, captured, opts, leaves)
+                built = _build(captured, opts, leaves)
             except RegionError:
                 built = None
         else:
@@ -173,7 +173,7 @@ def transform(
                 stacklevel=2,
             )
             captured = capture(model, example_inputs, example_kwargs, blocks=False)
-            built = _build(model, captured, opts, leaves)
+            built = _build(captured, opts, leaves)
     plan = built[0]
     if plan.uncovered:
         listed = "; ".join(f"{op} at {src}" for _, op, src in plan.uncovered)
