@@ -279,3 +279,34 @@ def test_blocks_that_differ_or_do_not_chain_are_captured_whole(indexed: bool) ->
     assert len(model.umup_plan.branches) == 4
     out = model(idx)
     assert out.shape == (2, 8, 64) and torch.isfinite(out).all()
+
+
+def test_hf_gpt2_regional_equals_one_graph() -> None:
+    """GPT-2's blocks (Conv1D layout, tuple outputs): prefix capture == whole graph."""
+    transformers = pytest.importorskip("transformers")
+    import umup_fx.regions as regions
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(one_graph: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=4, n_head=4,
+                                      n_positions=64, use_cache=False)
+        model = transformers.GPT2LMHeadModel(cfg)
+        find = regions.find_blocks
+        if one_graph:
+            regions.find_blocks = lambda m: []
+        try:
+            torch.manual_seed(1)
+            umup_fx.transform(model, (ids,), {"labels": ids})
+        finally:
+            regions.find_blocks = find
+        assert one_graph or all(isinstance(b, umup_fx.UmupBlock) for b in model.transformer.h)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss, grads), (flat_loss, flat_grads) = run(False), run(True)
+    assert loss == flat_loss and grads.keys() == flat_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], flat_grads[name], rtol=0, atol=0)
