@@ -1,16 +1,20 @@
-"""Command line: ``python -m umup_fx inspect MODULE:FACTORY [--input SPEC ...]``.
+"""Command line: python -m umup_fx inspect MODULE:FACTORY [--arg NAME=VALUE] [--input SPEC].
 
 FACTORY is a callable (or class) in an importable module. It returns either a model
-(then give ``--input`` once per positional input) or a tuple ``(model, example_inputs)``
-or ``(model, example_inputs, example_kwargs)``. An input SPEC is
-``dtype:shape[:high]``: ``long:2x64:256`` is a [2, 64] tensor of random ints in
-[0, 256); ``float:8x32`` a standard-normal [8, 32] tensor.
+(then give --input once per positional input) or a tuple (model, example_inputs) or
+(model, example_inputs, example_kwargs). A factory whose first parameter is a config
+dataclass (Llama(config: LlamaConfig)) gets one built from the --arg values (its
+defaults when there are none). An input SPEC is dtype:shape[:high]: long:2x64:256 is
+a [2, 64] tensor of random ints in [0, 256); float:8x32 a standard-normal [8, 32]
+tensor.
 
-Examples::
+examples:
+  python -m umup_fx inspect examples.llama:Llama --input long:2x64:256
+  python -m umup_fx inspect examples.llama:Llama --arg d_model=256 --input long:2x64:256
+  python -m umup_fx inspect examples.mlp:MLPClassifier --input float:8x32
 
-    python -m umup_fx inspect examples.llama:Llama --input long:2x64:256
-    python -m umup_fx inspect examples.mlp:MLPClassifier --input float:8x32
-    python -m umup_fx inspect examples.llama:Llama --arg d_model=256 --input long:2x64:256
+Every mistake is one line on stderr and exit status 2; UMUP_FX_DEBUG=1 shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import ast
 import importlib
 import inspect
+import os
 import sys
 from typing import Any
 
@@ -30,41 +35,96 @@ from .pipeline import analyze
 _DTYPES = {"long": torch.long, "int": torch.long, "float": torch.float32, "bf16": torch.bfloat16}
 
 
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit status 2."""
+
+
 def parse_input(spec: str, generator: torch.Generator) -> torch.Tensor:
     """``long:2x64:256`` -> random ints; ``float:8x32`` -> standard normal."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or parts[0] not in _DTYPES:
-        raise SystemExit(f"bad --input {spec!r}: expected dtype:shape[:high], dtype in {list(_DTYPES)}")
-    shape = [int(s) for s in parts[1].split("x")]
+        raise UsageError(
+            f"bad --input {spec!r}: expected dtype:shape[:high] with dtype one of "
+            f"{', '.join(_DTYPES)}, e.g. long:2x64:256"
+        )
+    try:
+        shape = [int(s) for s in parts[1].split("x")]
+        high = int(parts[2]) if len(parts) == 3 else 2
+    except ValueError:
+        raise UsageError(
+            f"bad --input {spec!r}: the shape is sizes joined by x (2x64) and high an int"
+        ) from None
     dtype = _DTYPES[parts[0]]
     if dtype == torch.long:
-        high = int(parts[2]) if len(parts) == 3 else 2
         return torch.randint(0, high, shape, generator=generator)
     return torch.randn(shape, generator=generator, dtype=dtype)
 
 
 def _load(target: str) -> Any:
     module_name, _, attr = target.partition(":")
-    if not attr:
-        raise SystemExit(f"bad target {target!r}: expected MODULE:FACTORY, e.g. examples.llama:Llama")
+    if not attr or not module_name:
+        raise UsageError(f"bad target {target!r}: expected MODULE:FACTORY, e.g. examples.llama:Llama")
     sys.path.insert(0, ".")
-    return getattr(importlib.import_module(module_name), attr)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(
+            f"cannot import {module_name!r} ({exc}); run from the directory that holds it or "
+            "install it"
+        ) from None
+    if not hasattr(module, attr):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise UsageError(
+            f"{module_name} has no {attr!r}; callables there: {', '.join(public) or 'none'}"
+        )
+    return getattr(module, attr)
+
+
+def _config_type(factory: Any) -> type | None:
+    """The dataclass type of the factory's first parameter, if it has one."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if not params or params[0].annotation is inspect.Parameter.empty:
+        return None
+    ann = params[0].annotation
+    hints = getattr(getattr(factory, "__init__", factory), "__globals__", {})
+    cfg_type = hints.get(ann) if isinstance(ann, str) else ann
+    return cfg_type if isinstance(cfg_type, type) and hasattr(cfg_type, "__dataclass_fields__") else None
 
 
 def _build(factory: Any, kwargs: dict[str, Any]) -> Any:
-    # A config dataclass as first parameter (Llama(LlamaConfig(...))) gets the kwargs.
-    params = list(inspect.signature(factory).parameters.values())
-    if params and params[0].annotation not in (inspect.Parameter.empty,) and kwargs:
-        ann = params[0].annotation
-        hints = getattr(factory, "__init__", factory).__globals__
-        cfg_type = hints.get(ann) if isinstance(ann, str) else ann
-        if isinstance(cfg_type, type) and hasattr(cfg_type, "__dataclass_fields__"):
-            return factory(cfg_type(**kwargs))
-    return factory(**kwargs)
+    cfg_type = _config_type(factory)
+    target = cfg_type or factory
+    try:
+        inspect.signature(target).bind(**kwargs)
+    except TypeError as exc:
+        try:
+            names = ", ".join(inspect.signature(target).parameters)
+        except (TypeError, ValueError):
+            names = "?"
+        raise UsageError(f"--arg does not fit {target.__name__}({names}): {exc}") from None
+    return factory(cfg_type(**kwargs)) if cfg_type else factory(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m umup_fx", description=__doc__.split("\n")[0])
+    try:
+        return _main(argv)
+    except (UsageError, UmupError) as exc:
+        if os.environ.get("UMUP_FX_DEBUG"):
+            raise
+        print(f"umup_fx: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m umup_fx",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print the u-muP plan of a model (nothing is changed)")
     p.add_argument("target", help="MODULE:FACTORY, e.g. examples.llama:Llama")
@@ -90,13 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = built
         if not args.input:
-            raise SystemExit("the factory returned a model: give its inputs with --input dtype:shape[:high]")
+            raise UsageError(
+                "the factory returned a model: give its inputs with --input dtype:shape[:high]"
+            )
         example_inputs = tuple(parse_input(s, generator) for s in args.input)
-    try:
-        print(analyze(model, example_inputs, example_kwargs))
-    except UmupError as exc:
-        print(f"umup_fx: {exc}", file=sys.stderr)
-        return 2
+    print(analyze(model, example_inputs, example_kwargs))
     return 0
 
 

@@ -39,6 +39,7 @@ from .optim import resolve_pending_groups
 from .options import Options
 from .pipeline import plan_graph, run_pipeline
 from .plan import Plan, expand_blocks
+from .transform import TRANSFORMED_ATTR, check_fresh
 
 _OPTIONS_ATTR = "_umup_options"
 compiled_plans: list[Plan] = []  # every graph the backend rewrote, in order (inspection)
@@ -52,6 +53,7 @@ def prepare(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
     norm gains, and attaches the plan (``model.umup_plan``) so ``umup_fx.AdamW`` /
     ``param_groups`` work before the first compiled call. Returns ``model``.
     """
+    check_fresh(model)
     opts = Options.build(hparams, **options)
     captured = capture(model, example_inputs, example_kwargs)
     plan = plan_graph(captured.gm, opts, captured.model_name)
@@ -70,6 +72,12 @@ _GRAPH_ONLY = ("hparams", "fp8")
 
 def _options(example_inputs: list[Any], given: dict[str, Any]) -> tuple[Options, bool]:
     """The options in force, and whether this is the model's first compile (init due)."""
+    if any(getattr(x, TRANSFORMED_ATTR, False) for x in example_inputs):
+        raise UmupError(
+            "This model was rewritten by umup_fx.transform already; backend='umup' would "
+            "apply u-muP a second time. Compile it with the default backend: "
+            "torch.compile(model)."
+        )
     marked = [getattr(x, _OPTIONS_ATTR) for x in example_inputs
               if isinstance(x, nn.Parameter) and hasattr(x, _OPTIONS_ATTR)]
     if not marked:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import os
 import re
@@ -179,13 +180,18 @@ _NOISY_LOGGERS = ("torch._export", "torch.export", "torch.fx.experimental.symbol
 @contextlib.contextmanager
 def _quiet_export() -> Any:
     """Export logs warnings (a size-1 dim specialised, a fake kernel failing before the
-    real error) that would stand before our one-message error; the message is enough."""
+    real error) and prints the partial graph of a failed trace to stderr, all before
+    our one-message error; the message is enough. ``UMUP_FX_DEBUG=1`` lets them through."""
+    if os.environ.get("UMUP_FX_DEBUG"):
+        yield
+        return
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)

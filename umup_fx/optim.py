@@ -63,6 +63,7 @@ def param_groups(
             ``transform``): u-muP cannot guess its LR rule.
     """
     _check_args(lr, weight_decay)
+    _install_step_check()
     try:
         plan = plan_of(model)
     except UmupError:
@@ -86,7 +87,6 @@ def param_groups(
 
 
 def _pending_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    _install_step_check()
     groups = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -119,13 +119,26 @@ def resolve_pending_groups(param: torch.Tensor, factor: float) -> None:
 
 
 def _install_step_check() -> None:
-    """Any optimizer stepping on a pending group is an error, not a wrong LR."""
+    """An optimizer stepping on a pending group, or applying u-muP's weight decay as a
+    coupled L2 penalty, is an error, not a wrong update."""
     global _hook_installed
     if _hook_installed:
         return
 
     def check(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for group in optimizer.param_groups:
+            if (
+                "umup_base" in group
+                and group.get("weight_decay", 0) > 0
+                and not isinstance(optimizer, torch.optim.AdamW)
+                and not group.get("decoupled_weight_decay", False)
+            ):
+                raise UmupError(
+                    f"{type(optimizer).__name__} applies weight_decay as an L2 term in the "
+                    "gradient, but u-muP's groups set weight_decay = wd / lr for decoupled "
+                    "decay (lr * weight_decay = wd). Use torch.optim.AdamW (or umup_fx.AdamW), "
+                    "Adam(decoupled_weight_decay=True), or weight_decay=0."
+                )
             if group.get("umup_lr_factor", 0) is None:
                 raise UmupError(
                     f"The optimizer steps on {group['names'][0]!r} before its u-muP "

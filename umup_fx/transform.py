@@ -35,6 +35,9 @@ from .plan import expand_blocks
 __all__ = ["UmupModule", "UncoveredOpWarning", "transform"]
 
 
+TRANSFORMED_ATTR = "_umup_transformed"
+
+
 class UncoveredOpWarning(UserWarning):
     """An op on the activation path that no u-muP rule covers runs unscaled."""
 
@@ -43,7 +46,8 @@ class OneGraphWarning(UserWarning):
     """The model runs as one graph: its blocks could not be kept as modules of their own."""
 
 
-def _already_transformed(model: nn.Module) -> None:
+def check_fresh(model: nn.Module) -> None:
+    """Raise unless ``model`` is untouched by umup_fx (not transformed, not prepared)."""
     for name, module in model.named_modules():
         if is_transformed(module) or getattr(module, "umup_plan", None) is not None:
             where = f"its submodule {name!r}" if name else "it"
@@ -149,7 +153,7 @@ def transform(
         AlreadyTransformedError: ``model`` (or a submodule) was transformed before.
         CaptureError / AnalysisError: the model cannot be captured or analysed.
     """
-    _already_transformed(model)
+    check_fresh(model)
     opts = Options.build(hparams, **options)
     leaves = _example_leaves(example_inputs, example_kwargs)
     captured = capture(model, example_inputs, example_kwargs)
@@ -185,4 +189,6 @@ def transform(
         )
     _install(model, captured, built)
     initialise(model, plan, opts.reinit)
+    for p in model.parameters():
+        setattr(p, TRANSFORMED_ATTR, True)  # the "umup" backend must not rewrite it again
     return model
