@@ -45,6 +45,7 @@ class SymbolInfo:
     origin: str  # where the symbol was born, for naming and messages
     order: int
     hint: str | None = None  # a preferred display name ("vocab")
+    data: bool = False  # a data dim (batch, sequence), not a model dim; set at naming
 
 
 @dataclass
@@ -125,9 +126,16 @@ class DimSolver:
         self.subs[sym] = expr
 
     def rename(self, names: dict[sp.Symbol, str]) -> dict[sp.Symbol, sp.Symbol]:
-        """Give surviving symbols display names; returns the old -> new map."""
+        """Give surviving symbols display names; returns the old -> new map.
+
+        Symbols given the same name become one symbol (the oldest one's info is kept):
+        that is how ``_display_names`` unifies the per-block copies of one width.
+        """
         mapping = {s: sp.Symbol(n, positive=True) for s, n in names.items()}
-        self.info = {mapping.get(s, s): i for s, i in self.info.items()}
+        info: dict[sp.Symbol, SymbolInfo] = {}
+        for s, i in sorted(self.info.items(), key=lambda kv: kv[1].order):
+            info.setdefault(mapping.get(s, s), i)
+        self.info = info
         self.subs = {k: v.xreplace(mapping) for k, v in self.subs.items()}
         return mapping
 
@@ -655,14 +663,45 @@ _MULTI_RULES: dict[Any, Callable[[_Propagator, fx.Node], list[Dims]]] = _table([
 ])
 
 
-def _display_names(gm: fx.GraphModule, solver: DimSolver) -> dict[sp.Symbol, str]:
-    """Readable names: the most used width symbol is d_model, others after their param."""
+def _structural(path: str) -> str:
+    """A parameter path with its list indices as ``*``: ``layers.*.attn.q_proj.weight``."""
+    return ".".join("*" if part.isdigit() else part for part in path.split("."))
+
+
+def _origin(info: SymbolInfo) -> tuple[str, int | None]:
+    """``("layers.1.mlp.up_proj.weight", 0)`` from an origin ``"...weight[0]"``."""
+    path, _, rest = info.origin.partition("[")
+    axis = rest.rstrip("]")
+    return path, int(axis) if axis.isdigit() else None
+
+
+def _display_names(
+    gm: fx.GraphModule, solver: DimSolver, data_syms: set[sp.Symbol] = frozenset()
+) -> dict[sp.Symbol, str]:
+    """Readable names, one per quantity.
+
+    - Data dims (batch, sequence: export's dynamic sizes, and input axes no parameter
+      has) are named ``batch`` / ``seq`` and flagged ``SymbolInfo.data``.
+    - Width (and fixed) symbols of the same kind and example value that sit at the same
+      parameter positions up to list indices (``layers.0.attn.q_proj.weight[0]`` and
+      ``layers.1.attn.q_proj.weight[0]``) get one name, hence become one symbol: the
+      graph does not tie blocks together, but they are the same quantity.
+    - The most used width is ``d_model``; other widths are named after their parameter.
+    """
     counts: dict[sp.Symbol, int] = {}
+    places: dict[sp.Symbol, set[tuple[str, int]]] = {}
+    inputs = set()
     for node in gm.graph.nodes:
-        if meta.get(node, meta.KIND) == "param":
-            for e in meta.get(node, meta.DIMS) or ():
-                for s in solver.resolve(e).free_symbols:
-                    counts[s] = counts.get(s, 0) + 1
+        kind = meta.get(node, meta.KIND)
+        if kind == "input":
+            inputs.add(node.name)
+        if kind != "param":
+            continue
+        name = _structural(meta.get(node, meta.PARAM) or node.name)
+        for axis, e in enumerate(meta.get(node, meta.DIMS) or ()):
+            for s in solver.resolve(e).free_symbols:
+                counts[s] = counts.get(s, 0) + 1
+                places.setdefault(s, set()).add((name, axis))
     used: set[str] = set()
     names: dict[sp.Symbol, str] = {}
 
@@ -674,22 +713,49 @@ def _display_names(gm: fx.GraphModule, solver: DimSolver) -> dict[sp.Symbol, str
         return name
 
     survivors = [s for s in solver.info if s not in solver.subs]
+    for s in survivors:
+        info = solver.info[s]
+        path, axis = _origin(info)
+        from_input = path in inputs and s not in places
+        if info.kind == FIXED and (s in data_syms or from_input):
+            info.data = True
+            if path in inputs and axis is not None:
+                base = ("batch", "seq")[axis] if axis < 2 else f"{path}_{axis}"
+            else:
+                base = "data"
+            names[s] = claim(base)
+
+    # One group per quantity: same kind, value and structural place.
+    groups: dict[tuple, list[sp.Symbol]] = {}
+    for s in survivors:
+        info = solver.info[s]
+        if s in names or info.kind == NEUTRAL:
+            continue
+        path, axis = _origin(info)
+        key = (info.kind, info.value, _structural(path), axis, frozenset(places.get(s, ())))
+        groups.setdefault(key, []).append(s)
+    reps = {g[0]: g for g in groups.values()}
+
     widths = sorted(
-        (s for s in survivors if solver.info[s].kind == WIDTH),
-        key=lambda s: (-counts.get(s, 0), solver.info[s].order),
+        (s for s in reps if solver.info[s].kind == WIDTH),
+        key=lambda s: (-sum(counts.get(m, 0) for m in reps[s]), solver.info[s].order),
     )
     for i, s in enumerate(widths):
-        origin = solver.info[s].origin.split("[")[0]
-        parts = origin.split(".")
-        leaf = parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "bias") else parts[-1]
-        names[s] = claim("d_model" if i == 0 else f"d_{leaf}")
-    for s in survivors:
+        parts = _origin(solver.info[s])[0].split(".")
+        if len(parts) > 1 and parts[-1] in ("weight", "bias"):
+            parts = parts[:-1]
+        # The module's own name; a list index (``net.2.weight``) names its list instead.
+        leaf = next((p for p in reversed(parts) if not p.isdigit()), parts[-1])
+        name = claim("d_model" if i == 0 else f"d_{leaf}")
+        names.update(dict.fromkeys(reps[s], name))
+    for s, members in reps.items():
         if s in names:
             continue
         info = solver.info[s]
-        if info.kind == FIXED:
-            names[s] = claim(info.hint or info.origin.split("[")[0].lstrip("_") + "_dim")
-        else:
+        name = claim(info.hint or info.origin.split("[")[0].lstrip("_") + "_dim")
+        names.update(dict.fromkeys(members, name))
+    for s in survivors:
+        if s not in names:
             names[s] = claim("n")
     return names
 
@@ -697,8 +763,10 @@ def _display_names(gm: fx.GraphModule, solver: DimSolver) -> dict[sp.Symbol, str
 def infer_dims(gm: fx.GraphModule) -> PassResult:
     """Give every tensor axis a sympy expression; see the module docstring."""
     solver = DimSolver()
-    _Propagator(gm, solver).run()
-    mapping = solver.rename(_display_names(gm, solver))
+    propagator = _Propagator(gm, solver)
+    propagator.run()
+    data = {s for e in propagator.export_syms.values() for s in solver.resolve(e).free_symbols}
+    mapping = solver.rename(_display_names(gm, solver, data))
     for node in gm.graph.nodes:
         m = node.meta.get(meta.NAMESPACE, {})
         dims = m.get(meta.DIMS)

@@ -51,7 +51,9 @@ class Plan:
     branches: list  # [passes.residuals.Branch]
     depth: int
     hparams: HParams
-    symbols: dict[str, tuple[str, int]]  # display name -> (kind, example value)
+    # display name -> (kind, example value); kind "width" | "fixed" (model dims: vocab,
+    # classes) | "data" (batch, sequence: any size)
+    symbols: dict[str, tuple[str, int]]
     uncovered: list[tuple[str, str, str]]
     unknown_shape_ops: list[str] = field(default_factory=list)
     fp8_ops: list[tuple[str, str]] = field(default_factory=list)  # (node, weight)
@@ -98,8 +100,10 @@ def build_plan(gm: fx.GraphModule, model_name: str = "model") -> Plan:
             trainable=info.requires_grad,
             init=rules.init_of(r.role, r.shift),
         )
+    # One entry per quantity: passes.dims already gave the per-block copies of a width
+    # one symbol, so the fans above (and the copies plan.expand_blocks makes) use it.
     symbols = {
-        str(s): (i.kind, i.value)
+        str(s): ("data" if i.data else i.kind, i.value)
         for s, i in solver.info.items()
         if not str(s).startswith("_") and i.kind != "neutral"
     }
