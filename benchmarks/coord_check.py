@@ -1,19 +1,22 @@
 """μP's coordinate check (rules §8): activation scale after a few Adam steps vs width.
 
-    python benchmarks/coord_check.py --widths 64 128 256 512 --steps 5
+    python benchmarks/coord_check.py              # widths 64 128 256 512, 5 steps; updates docs/
+    python benchmarks/coord_check.py --no-write   # print only
 
 Trains the example Llama for a few AdamW steps at several widths, in standard
 parametrization (the model as written, PyTorch's AdamW, one LR for all) and with
 u-muP (``umup_fx.transform`` + ``umup_fx.AdamW``), both at the same eta, and measures
 the RMS of every linear's output on a held-out batch. Under u-muP the RMS should not
 trend with width (log-log slope near 0); under SP it grows. Prints the mean RMS per
-width and the slope of log RMS against log width, per layer kind.
+width and the slope of log RMS against log width, per layer kind, and writes the tables
+(with the machine and the command) into the ``coord_check`` section of ``docs/transfer.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
+from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.data import get_batch, load_corpus  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
 from umup_fx.tracking import op_scales, rms  # noqa: E402
@@ -87,18 +91,50 @@ def main() -> None:
     p.add_argument("--lr-umup", type=float, default=1.0, help="u-muP eta (docs/transfer.md)")
     p.add_argument("--lr-sp", type=float, default=1e-2, help="SP learning rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = p.parse_args()
     data = load_corpus(1_000_000)
+    lines: list[str] = []
+    slopes: dict[str, list[float]] = {}
+    growth: dict[str, float] = {}
     for umup in (False, True):
         rows = {w: measure(w, umup, data, args) for w in args.widths}
         name = "u-muP" if umup else "standard parametrization"
-        print(f"\n### {name}: mean RMS of linear outputs after {args.steps} AdamW steps\n")
-        print("| layer | " + " | ".join(f"d={w}" for w in args.widths) + " | slope (log2 RMS / log2 width) |")
-        print("|---|" + "---|" * (len(args.widths) + 1))
+        lines += [f"\n{name}: mean RMS of the layer kind's outputs\n",
+                  "| layer | " + " | ".join(f"d={w}" for w in args.widths)
+                  + " | slope (log2 RMS / log2 width) |",
+                  "|---|" + "---:|" * (len(args.widths) + 1)]
+        slopes[name] = []
         for kind in KINDS:
             values = [rows[w][kind] for w in args.widths]
+            k = slope(args.widths, values)
+            slopes[name].append(k)
+            if not umup:
+                growth[kind] = values[-1] / values[0]
             cells = " | ".join(f"{v:.3g}" for v in values)
-            print(f"| {kind} | {cells} | {slope(args.widths, values):+.2f} |")
+            lines.append(f"| {kind} | {cells} | {k:+.2f} |")
+    top = max(growth, key=growth.get)
+    lines += [
+        "",
+        "- largest |slope|: " + ", ".join(
+            f"{name} {max(abs(k) for k in ks):.2f}" for name, ks in slopes.items()),
+        f"- largest growth under SP from d={args.widths[0]} to d={args.widths[-1]}: "
+        f"{top}, {growth[top]:.0f}x",
+    ]
+    text = "\n".join(lines).strip()
+    print(text)
+    if not args.no_write:
+        command = " ".join(["python benchmarks/coord_check.py", *map(shlex.quote, sys.argv[1:])])
+        settings = (
+            f"{args.steps} AdamW steps, {args.layers} layers, d_head 32, batch {args.batch} x "
+            f"{args.seq} bytes; SP lr {args.lr_sp:g} (`torch.optim.AdamW`), u-muP eta "
+            f"{args.lr_umup:g} (`umup_fx.AdamW`), seed {args.seed}"
+        )
+        write_section(
+            "coord_check",
+            f"{machine()}; `{command}`; {settings}\n\n{text}",
+            doc=Path(__file__).resolve().parent.parent / "docs" / "transfer.md",
+        )
 
 
 if __name__ == "__main__":

@@ -1,17 +1,23 @@
 """Scale tracking for FP8 layers (paper Figure 6's view): RMS over training steps.
 
-    python benchmarks/fp8_scales.py --steps 200 --every 10 --out docs/fp8_scales.png
+    python benchmarks/fp8_scales.py               # 200 steps, every 10; docs/fp8_scales.png + docs/
+    python benchmarks/fp8_scales.py --no-write    # print and plot only
 
 Trains the example Llama with u-muP and simulated FP8 on the demo corpus and, every
 ``--every`` steps, records for each FP8 linear the RMS of its input activation, its
 weight and the gradient arriving at its output (``umup_fx.tracking.op_scales``). Plots
 them on a log axis against the E4M3 (inputs, weights) and E5M2 (gradients) ranges,
-and prints a table. The plot needs matplotlib (``pip install -e ".[plot]"``).
+and prints a table. The plot needs matplotlib (``pip install -e ".[plot]"``). Unless
+``--no-write``, a summary (ranges per tensor kind at the first and last step, headroom to
+the formats' limits, the machine and the command) goes into the ``fp8_scales`` section of
+``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
+from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.data import get_batch, load_corpus, train_val_split  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
 from umup_fx import fp8  # noqa: E402
@@ -58,7 +65,7 @@ def track(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         loss = model(x, y)
         loss.backward()
         opt.step()
-    series["_steps"] = {"steps": [float(s) for s in steps]}
+    series["_steps"] = {"steps": [float(s) for s in steps], "final_loss": [loss.item()]}
     print(f"final loss {loss.item():.3f}")
     return series
 
@@ -71,6 +78,39 @@ def report(series: dict[str, dict[str, list[float]]]) -> None:
             continue
         cells = [f"{s[k][0]:.3g} -> {s[k][-1]:.3g}" for k in ("input", "weight", "grad")]
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def summary(series: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
+    """Markdown: per tensor kind, its RMS range at the first and last step and the headroom."""
+    layers = {n: s for n, s in series.items() if not n.startswith("_")}
+    steps = series["_steps"]["steps"]
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.3g} - {max(values):.3g}"
+
+    lines = [
+        "| tensor | format (normal range) | RMS at step 0 | RMS at step "
+        f"{steps[-1]:.0f} | lowest / highest, all steps | headroom below / above (decades) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, fmt in (("input", "E4M3"), ("weight", "E4M3"), ("grad", "E5M2")):
+        lo, hi = RANGES[fmt]
+        first = [s[kind][0] for s in layers.values() if math.isfinite(s[kind][0])]
+        last = [s[kind][-1] for s in layers.values() if math.isfinite(s[kind][-1])]
+        every = [v for s in layers.values() for v in s[kind] if math.isfinite(v)]
+        below, above = math.log10(min(every) / lo), math.log10(hi / max(every))
+        lines.append(
+            f"| {kind} | {fmt} ({lo:.3g} - {hi:.6g}) | {span(first)} | {span(last)} "
+            f"| {min(every):.3g} / {max(every):.3g} | {below:.1f} / {above:.1f} |"
+        )
+    missing = sum(not math.isfinite(v) for s in layers.values() for k in s for v in s[k])
+    lines += [
+        "",
+        f"{len(layers)} FP8 layers ({', '.join(sorted({n.rsplit('.', 2)[-2] for n in layers}))}), "
+        f"sampled every {args.every} steps of {args.steps}; final training loss "
+        f"{series['_steps']['final_loss'][0]:.3f}; missing or non-finite RMS values: {missing}.",
+    ]
+    return "\n".join(lines)
 
 
 def plot(series: dict[str, dict[str, list[float]]], out: Path) -> None:
@@ -113,10 +153,20 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1.0)  # the demo's eta (docs/transfer.md)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/fp8_scales.png"))
+    p.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = p.parse_args()
     series = track(args)
     report(series)
     plot(series, args.out)
+    text = summary(series, args)
+    print(f"\n{text}")
+    if not args.no_write:
+        command = " ".join(["python benchmarks/fp8_scales.py", *map(shlex.quote, sys.argv[1:])])
+        settings = (
+            f"example Llama d_model {args.d_model}, {args.layers} layers, batch {args.batch} x "
+            f"{args.seq} bytes, eta {args.lr:g}, simulated FP8, seed {args.seed}; plot: `{args.out}`"
+        )
+        write_section("fp8_scales", f"{machine()}; `{command}`; {settings}\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Learning-rate transfer across width: sweep the u-muP eta at two widths of the example Llama.
 
-    python benchmarks/lr_sweep.py                                  # the run in docs/transfer.md
+    python benchmarks/lr_sweep.py                # the run in docs/transfer.md (~13 min, 2-core CPU)
     python benchmarks/lr_sweep.py --widths 128 256 512 --steps 300 --lrs 0.125 0.25 0.5 1
+    python benchmarks/lr_sweep.py --no-write     # print only, leave docs/ alone
 
 For each width (4 layers, d_head 32, so heads = d_model // 32) and each eta it builds the
 example Llama, rewrites it with ``umup_fx.transform``, trains it with ``umup_fx.AdamW`` on
 the byte-level stdlib corpus with ``examples/demo.py``'s loop (same seed, same batches, warmup
 + cosine schedule), and reports the final train loss (mean of the last 10 steps) and the
 validation loss. Under u-muP the best eta should not move with width. Prints one line per
-run as it goes, then a markdown table and the best eta per width (by validation loss).
+run as it goes, then a markdown table and the best eta per width (by validation loss),
+and writes them (with the machine, the command and the time per step) into the
+``lr_sweep`` section of ``docs/transfer.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import argparse
 import json
 import math
 import platform
+import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
+from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.data import load_corpus, train_val_split  # noqa: E402
 from examples.demo import CORPUS_BYTES, batch, evaluate, make_model, train  # noqa: E402
 
@@ -99,6 +105,7 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = parser.parse_args()
 
     print(
@@ -119,16 +126,39 @@ def main() -> None:
                 f"val {r['val']:.4f}  ({r['seconds']:.0f}s)",
                 flush=True,
             )
-    print(f"\ntotal {time.perf_counter() - start:.0f}s\n")
-    print(table(results, args.widths, args.lrs))
-    print()
+    total = time.perf_counter() - start
+    lines = [table(results, args.widths, args.lrs), ""]
     for width in args.widths:
         ok = [r for r in results if r["width"] == width and math.isfinite(r["val"])]
         if ok:
             best = min(ok, key=lambda r: r["val"])
-            print(f"best eta at d_model {width}: {lr_label(best['lr'])} (val {best['val']:.4f})")
+            lines.append(
+                f"- best eta at d_model {width}: **{lr_label(best['lr'])}** (val {best['val']:.4f})"
+            )
         else:
-            print(f"best eta at d_model {width}: none (all diverged)")
+            lines.append(f"- best eta at d_model {width}: none (all diverged)")
+    diverged = sum(not math.isfinite(r["val"]) for r in results)
+    lines.append(f"- diverged runs: {diverged} of {len(results)}")
+    per_step = ", ".join(
+        f"{statistics.median(r['seconds'] for r in results if r['width'] == w) / args.steps:.3f} s"
+        f" at d_model {w}"
+        for w in args.widths
+    )
+    lines.append(f"- time per training step (median over eta): {per_step}; "
+                 f"whole sweep {total / 60:.1f} min")
+    text = "\n".join(lines)
+    print(f"\n{text}\n")
+    if not args.no_write:
+        command = " ".join(["python benchmarks/lr_sweep.py", *map(shlex.quote, sys.argv[1:])])
+        settings = (
+            f"steps {args.steps}, batch {args.batch} x {args.seq} bytes, {args.layers} layers, "
+            f"d_head {args.d_head}, seed {args.seed}, {args.val_batches} validation batches"
+        )
+        write_section(
+            "lr_sweep",
+            f"{machine()}; `{command}`; {settings}\n\n{text}",
+            doc=Path(__file__).resolve().parent.parent / "docs" / "transfer.md",
+        )
     if args.json:
         args.json.write_text(
             json.dumps(

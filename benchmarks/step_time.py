@@ -1,22 +1,31 @@
-"""Training-step time and memory: original vs u-muP, eager and compiled; transform time.
+"""Training-step time and memory: original vs u-muP, eager and compiled; into docs/.
 
-    python benchmarks/step_time.py                         # CPU defaults
-    python benchmarks/step_time.py --device cuda --dtype bfloat16 \\
-        --d-model 1024 --layers 12 --seq 1024 --batch 8    # GPU, realistic size
+    python benchmarks/step_time.py --kernels               # CPU defaults (the run in docs/)
+    python benchmarks/step_time.py --device cuda --dtype bfloat16 --compiled-only \\
+        --d-model 1024 --layers 12 --seq 1024 --batch 8 \\
+        --section step_time_gpu_bf16                        # GPU, realistic size
     python benchmarks/step_time.py --device cuda --dtype bfloat16 --compiled-only \\
         --d-model 2048 --layers 16 --d-ff 5632 --seq 2048 --batch 4 --vocab 32000 \\
-        --fp8 --torchao --depths                           # ~1B Llama, FP8 (issue 5)
-    python benchmarks/step_time.py --device cuda --dtype bfloat16 --mlp \\
-        --d-model 2048 --d-ff 5632 --seq 2048 --batch 4 --fp8 --torchao --depths
+        --fp8 --torchao --section step_time_gpu_1b_fp8      # ~1B Llama, FP8 (issue 5)
+    python benchmarks/step_time.py --device cuda --dtype bfloat16 --compiled-only --mlp \\
+        --d-model 2048 --d-ff 5632 --seq 2048 --batch 4 --fp8 --torchao \\
+        --section step_time_gpu_mlp_fp8                     # SwiGLU block microbenchmark
 
 One process, variants interleaved round by round (so drift and thermal effects hit all
 of them alike); each figure is the median over rounds of the mean step time in that
-round. A step is forward + backward + AdamW step. Prints markdown tables.
+round. A step is forward + backward + AdamW step. Prints a markdown table and, unless
+``--no-write``, writes it with the machine and the command into the ``--section``
+section of ``docs/benchmarks.md``. ``--kernels`` also counts the kernels Inductor
+generates for one compiled training step of a small example Llama, original vs u-muP.
+Transform time is ``benchmarks/transform_time.py``'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
 import statistics
 import sys
 import time
@@ -28,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
+from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
 
 
@@ -36,9 +46,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _config(args: argparse.Namespace, layers: int | None = None) -> LlamaConfig:
+def _config(args: argparse.Namespace) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=args.vocab, d_model=args.d_model, n_layers=layers or args.layers,
+        vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
         n_heads=max(1, args.d_model // 64), max_seq_len=args.seq, d_ff=args.d_ff,
     )
 
@@ -102,7 +112,7 @@ def _variant(args: argparse.Namespace, kind: str, compiled: bool) -> Callable[[]
     return step
 
 
-def bench_steps(args: argparse.Namespace) -> None:
+def bench_steps(args: argparse.Namespace) -> str:
     kinds = ["original", "u-muP"] + (["u-muP fp8"] if args.fp8 else [])
     variants = {}
     modes = (True,) if args.compiled_only else (False, True)
@@ -130,30 +140,58 @@ def bench_steps(args: argparse.Namespace) -> None:
             if args.device == "cuda":
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
     med = {n: statistics.median(t) for n, t in times.items()}
-    what = "SwiGLU MLP block" if args.mlp else f"Llama, {args.layers} layers"
-    print(f"\n### Step time ({what}, {args.device}, {args.dtype}, d_model {args.d_model}, "
-          f"d_ff {args.d_ff}, seq {args.seq}, batch {args.batch}, torch {torch.__version__})\n")
-    print("| variant | median step (ms) | vs original | vs u-muP | peak memory (GiB) |")
-    print("|---|---|---|---|---|")
+    what = "SwiGLU MLP block" if args.mlp else f"example Llama, {args.layers} layers"
+    lines = [
+        f"{what}, {args.device}, {args.dtype}, d_model {args.d_model}, d_ff "
+        f"{args.d_ff or 'default'}, seq {args.seq}, batch {args.batch}, vocab {args.vocab}; "
+        f"median over {args.rounds} rounds of the mean of {args.steps} steps, after "
+        f"{args.warmup} warm-up steps (which include compilation)",
+        f"(1-minute load average at the end: {os.getloadavg()[0]:.1f})",
+        "",
+        "| variant | median step (ms) | vs original, same mode | vs u-muP, same mode "
+        "| peak memory (GiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, t in med.items():
         mode = name.split(" (")[1]
         base, umup = med[f"original ({mode}"], med[f"u-muP ({mode}"]
         mem = f"{peak[name]:.2f}" if name in peak else "n/a (CPU)"
-        print(f"| {name} | {t * 1e3:.1f} | {t / base:.3f} | {t / umup:.3f} | {mem} |")
+        lines.append(f"| {name} | {t * 1e3:.1f} | {t / base:.3f} | {t / umup:.3f} | {mem} |")
+    return "\n".join(lines)
 
 
-def bench_transform(args: argparse.Namespace) -> None:
-    print(f"\n### Transform time vs depth (CPU, d_model {args.d_model}, seq {args.seq})\n")
-    print("| layers | transform (s) | per layer (ms) |")
-    print("|---|---|---|")
-    for layers in args.depths:
+def count_kernels(d_model: int = 64, layers: int = 2) -> str:
+    """Kernels in the code Inductor generates for one compiled training step (fwd + bwd)."""
+    from torch._inductor.utils import run_and_get_code
+
+    counts = {}
+    for kind in ("original", "u-muP"):
         torch.manual_seed(0)
-        model = Llama(_config(args, layers))
+        torch._dynamo.reset()
+        config = LlamaConfig(vocab_size=256, d_model=d_model, n_layers=layers,
+                             n_heads=max(1, d_model // 32), max_seq_len=64)
+        model = Llama(config)
         x = torch.randint(0, 256, (2, 64))
-        start = time.perf_counter()
-        umup_fx.transform(model, (x, x.clone()))
-        t = time.perf_counter() - start
-        print(f"| {layers} | {t:.2f} | {t / layers * 1e3:.0f} |")
+        y = torch.randint(0, 256, (2, 64))
+        if kind == "u-muP":
+            model = umup_fx.transform(model, (x, y))
+        compiled = torch.compile(model)
+        _, code = run_and_get_code(lambda m=compiled, x=x, y=y: m(x, y).backward())
+        text = "\n".join(code)
+        generated = set(re.findall(r"^(\w+) = async_compile\.\w+\(", text, re.MULTILINE))
+        library = len(re.findall(r"\b(?:extern_kernels|torch\.ops\.\w+)\.\w+(?:\.\w+)?\(", text))
+        counts[kind] = (len(generated), library, len(code))
+    lines = [
+        f"Kernels of one compiled training step (forward + backward), example Llama, d_model "
+        f"{d_model}, {layers} layers, batch 2 x 64, CPU Inductor, counted in the code "
+        "`torch._inductor.utils.run_and_get_code` returns:",
+        "",
+        "| variant | generated kernels | library calls (`extern_kernels.*`, `torch.ops.*`) "
+        "| generated modules |",
+        "|---|---:|---:|---:|",
+        *[f"| {k} | {g} | {lib} | {n} |" for k, (g, lib, n) in counts.items()],
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -173,13 +211,21 @@ def main() -> None:
     p.add_argument("--torchao", action="store_true", help="add torchao float8 (tensorwise)")
     p.add_argument("--mlp", action="store_true", help="benchmark one SwiGLU block instead")
     p.add_argument("--compiled-only", action="store_true")
-    p.add_argument("--depths", type=int, nargs="*", default=[4, 8, 16, 32])
-    p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--kernels", action="store_true",
+                   help="also count Inductor's kernels for a small example Llama (CPU)")
+    p.add_argument("--section", default="step_time",
+                   help="the section of docs/benchmarks.md to write (default %(default)s)")
+    p.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = p.parse_args()
-    if not args.skip_steps:
-        bench_steps(args)
-    if args.depths:
-        bench_transform(args)
+    load = os.getloadavg()[0]  # other work on the machine skews the timings
+    text = bench_steps(args)
+    if args.kernels:
+        text += "\n\n" + count_kernels()
+    print(f"\n{text}")
+    if not args.no_write:
+        command = " ".join(["python benchmarks/step_time.py", *map(shlex.quote, sys.argv[1:])])
+        write_section(args.section, f"{machine()}; load average at start {load:.1f}; "
+                      f"`{command}`\n\n{text}")
 
 
 if __name__ == "__main__":
