@@ -26,7 +26,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_readme_cli_command_works(capsys) -> None:
     assert main(["inspect", "examples.llama:Llama", "--input", "long:2x64:256"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("u-muP plan for Llama") and "layers.3.mlp.down_proj.weight" in out
+    assert out.startswith("u-muP plan for Llama") and "layers.{0..3}.mlp.down_proj.weight" in out
 
 
 @pytest.mark.parametrize(
