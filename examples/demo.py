@@ -9,7 +9,7 @@ plan (each parameter's role, fan-in / fan-out, LR factor, FP8), then trains it w
 the peak) on the Python standard library's own source read as bytes (``examples/data.py``:
 no download). It reports validation loss before and after training and the final
 train / validation loss. The defaults (200 steps of batch 16 x 128 bytes) take about
-20 seconds on a 2-core CPU; runs are seeded and deterministic.
+a minute on a 2-core CPU (docs/benchmarks.md has the measured training time); runs are seeded and deterministic.
 
 The default ``--lr`` (2**0 = 1) is the best value of the width sweep in
 ``benchmarks/lr_sweep.py`` (``docs/transfer.md``): with u-muP the optimal learning rate
