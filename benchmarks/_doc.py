@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +25,12 @@ def machine() -> str:
     else:
         where = f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
     return f"{where}, torch {torch.__version__}, {datetime.date.today().isoformat()}"
+
+
+def command() -> str:
+    """The command line that ran this script, as the docs quote it."""
+    script = Path(sys.argv[0]).name
+    return " ".join([f"python benchmarks/{script}", *map(shlex.quote, sys.argv[1:])])
 
 
 def write_section(name: str, body: str, doc: Path = DOC) -> None:

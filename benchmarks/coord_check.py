@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
+from benchmarks._doc import command as run_command  # noqa: E402
 from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.data import get_batch, load_corpus  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> None:
     text = "\n".join(lines).strip()
     print(text)
     if not args.no_write:
-        command = " ".join(["python benchmarks/coord_check.py", *map(shlex.quote, sys.argv[1:])])
+        command = run_command()
         settings = (
             f"{args.steps} AdamW steps, {args.layers} layers, d_head 32, batch {args.batch} x "
             f"{args.seq} bytes; SP lr {args.lr_sp:g} (`torch.optim.AdamW`), u-muP eta "

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._doc import command as run_command  # noqa: E402
 from benchmarks._doc import machine, write_section  # noqa: E402
 
 _PATTERNS = {
@@ -90,7 +91,7 @@ def main() -> None:
     default = "\n".join([*head, _row("u-muP, float32 (demo defaults)", high), "", load_note])
     print(both)
     if not args.no_write:
-        command = " ".join(["python benchmarks/demo_figures.py", *map(shlex.quote, sys.argv[1:])])
+        command = run_command()
         write_section("demo_fp8", f"{machine()}; `{command}`\n\n{both}")
         write_section("demo_default", f"{machine()}; `{command}`\n\n{default}",
                       doc=ROOT / "docs" / "transfer.md")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
+from benchmarks._doc import command as run_command  # noqa: E402
 from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.data import get_batch, load_corpus, train_val_split  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
@@ -161,7 +161,7 @@ def main() -> None:
     text = summary(series, args)
     print(f"\n{text}")
     if not args.no_write:
-        command = " ".join(["python benchmarks/fp8_scales.py", *map(shlex.quote, sys.argv[1:])])
+        command = run_command()
         settings = (
             f"example Llama d_model {args.d_model}, {args.layers} layers, batch {args.batch} x "
             f"{args.seq} bytes, eta {args.lr:g}, simulated FP8, seed {args.seed}; plot: `{args.out}`"

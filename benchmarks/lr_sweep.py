@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
+from benchmarks._doc import command as run_command  # noqa: E402
 from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.data import load_corpus, train_val_split  # noqa: E402
 from examples.demo import CORPUS_BYTES, batch, evaluate, make_model, train  # noqa: E402
@@ -149,7 +149,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(f"\n{text}\n")
     if not args.no_write:
-        command = " ".join(["python benchmarks/lr_sweep.py", *map(shlex.quote, sys.argv[1:])])
+        command = run_command()
         settings = (
             f"steps {args.steps}, batch {args.batch} x {args.seq} bytes, {args.layers} layers, "
             f"d_head {args.d_head}, seed {args.seed}, {args.val_batches} validation batches"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
+from benchmarks._doc import command as run_command  # noqa: E402
 from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
 
@@ -223,7 +223,7 @@ def main() -> None:
         text += "\n\n" + count_kernels()
     print(f"\n{text}")
     if not args.no_write:
-        command = " ".join(["python benchmarks/step_time.py", *map(shlex.quote, sys.argv[1:])])
+        command = run_command()
         write_section(args.section, f"{machine()}; load average at start {load:.1f}; "
                       f"`{command}`\n\n{text}")
 

@@ -61,8 +61,14 @@ def init_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Modu
 
     The step of its own that a meta-device recipe needs: ``transform`` on ``meta``,
     ``fully_shard``, ``to_empty(device=...)``, then ``init_`` (deterministic under
-    ``torch.manual_seed``). Buffers are the model's own business (recompute RoPE
-    tables as your ``init_weights`` would).
+    ``torch.manual_seed``). Tensor constants of the rewritten graphs are restored;
+    the model's own buffers are its business (recompute RoPE tables as your
+    ``init_weights`` would).
     """
     unit_init(model, plan_of(model), generator)
+    with torch.no_grad():  # tensor constants the graphs keep as buffers: to_empty voids them
+        for module in model.modules():
+            region = module.__dict__.get("_umup_region")
+            for name, buffer in module.__dict__.get("_umup_constants", {}).items():
+                getattr(module, buffer).copy_(region.constants[name])
     return model
