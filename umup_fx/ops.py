@@ -23,8 +23,9 @@ Outputs of :func:`scale_bwd` (and of ops whose forward scale is 1) may alias the
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,15 +33,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "activation",
+    "activation_scale",
     "add",
     "data_parallel_size",
     "set_data_parallel_size",
     "attention_output_scale",
     "attention_scales",
+    "batch_norm",
+    "broadcast_param",
+    "expand_param",
+    "mean_over",
+    "pick",
+    "conv",
     "cross_entropy",
     "dropout",
     "embedding",
     "gelu",
+    "glu",
     "hidden_linear_scales",
     "layer_norm",
     "linear",
@@ -212,6 +222,9 @@ def linear(
     weight = _scale(weight, out_scale, param_scale)
     if bias is not None:
         bias = _scale(bias, out_scale, param_scale)
+    if weight_transposed and weight.dim() > 2:  # a batched [..., in, out] operand (einsum)
+        out = torch.matmul(x, weight)
+        return out if bias is None else out + bias
     return F.linear(x, weight.t() if weight_transposed else weight, bias)
 
 
@@ -243,6 +256,59 @@ def param_grad_scale(weight: Tensor, activation: Tensor) -> Tensor:
     return scale_bwd(weight, (weight.numel() / activation.numel()) ** 0.5 * _dp())
 
 
+def broadcast_param(param: Tensor, other: Tensor) -> Tensor:
+    """A parameter added as is (a learned position table): grad * (numel / broadcast numel)^1/2.
+
+    Broadcasting adds the gradients of every copy (each batch row); like the embedding
+    rule's (V / indices)^1/2, this brings the sum of those unit gradients back to unit.
+    """
+    n = math.prod(torch.broadcast_shapes(param.shape, other.shape))
+    return scale_bwd(param, (param.numel() / n) ** 0.5 * _dp())
+
+
+def expand_param(param: Tensor, sizes: Sequence[int]) -> Tensor:
+    """``param.expand(sizes)`` (a cls / register token copied over the batch); the copies'
+    gradients are scaled by (numel / expanded numel)^1/2 before they add up."""
+    out = param.expand(*sizes)
+    return scale_bwd(out, (param.numel() / out.numel()) ** 0.5 * _dp())
+
+
+def pick(x: Tensor, dim: int, index: int) -> Tensor:
+    """Pick rule: ``x.select(dim, index)``; x grad * sqrt(n), n = x.shape[dim].
+
+    The gradient reaches one of n positions, so its RMS over x is 1/sqrt(n) of the
+    output's; as for pooling this edge feeds a head (a cut edge), and the backward
+    scale brings it back to unit.
+    """
+    return scale_bwd(x, x.shape[dim] ** 0.5).select(dim, index)
+
+
+def mean_over(x: Tensor, op: str, *args: Any) -> Tensor:
+    """Average rule: op(x, *args) as is (forward 1); x grad * n for a mean over n values.
+
+    ``op``: avg_pool{1,2,3}d, adaptive_avg_pool{1,2,3}d (F's, with their arguments) or
+    mean (``torch.mean(x, dim, keepdim)``); n (read at call time, as sizes may vary) is
+    the kernel, the input / output positions, or the reduced axes' sizes.
+    """
+    # Not the independent-input sqrt(n): pooled features share a mean (conv features
+    # after ReLU, neighbouring tokens), and their average keeps it, so the forward is
+    # left at 1 (never above the input's RMS). The backward gives each of the n inputs
+    # the output's gradient (x n instead of / n): a cut edge, as pooling feeds a head.
+    if op == "mean":
+        dims = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+        n = math.prod(x.shape[d] for d in dims)
+    elif op.startswith("adaptive"):
+        k = int(op[-2])
+        sizes = args[0] if isinstance(args[0], (list, tuple)) else [args[0]] * k
+        out = [s if s is not None else x.shape[-k + i] for i, s in enumerate(sizes)]
+        n = math.prod(x.shape[-k:]) / math.prod(out)
+    else:
+        k = int(op[-2])
+        kernel = args[0] if isinstance(args[0], (list, tuple)) else [args[0]] * k
+        n = math.prod(kernel)
+    return _AVERAGES[op](scale_bwd(x, n), *args)
+
+
 def layer_norm(
     x: Tensor,
     normalized_shape: Sequence[int],
@@ -256,6 +322,25 @@ def layer_norm(
     if bias is not None:
         bias = param_grad_scale(bias, x)
     return F.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
+
+
+def batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Norm rule: plain batch_norm (statistics per channel, dim 1); gain and bias grads
+    * (C / numel)^1/2; ``training`` is the module's flag at call time."""
+    if weight is not None:
+        weight = param_grad_scale(weight, x)
+    if bias is not None:
+        bias = param_grad_scale(bias, x)
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 def rms_norm(
@@ -479,3 +564,227 @@ def cross_entropy(
         return scale_fwd(loss, 1 / (logits.numel() // vocab))
     # Data-dependent count: the forward-only scale is a 0-d tensor here.
     return scale_fwd(loss, (target != ignore_index).sum().to(loss.dtype).reciprocal())
+
+
+# -- exact-moment activations and gated units ----------------------------------------
+# Unit-scaling principle (u-muP paper, App. B): scale an op so that a unit-Gaussian input
+# gives a unit-std output. For an elementwise f that scale is a constant, 1/std(f(X)),
+# X ~ N(0, 1), here computed by numerical integration rather than read off the empirical
+# interp models above (``silu`` / ``gelu`` keep those, as the reference library).
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _relu2(x: Tensor) -> Tensor:
+    return torch.square(F.relu(x))
+
+
+# kind -> (f, the keyword arguments f accepts). Kwargs are checked up front so a typo
+# fails here, not inside the integration (which Dynamo runs while tracing).
+_ACTIVATIONS: dict[str, tuple[Callable[..., Tensor], frozenset[str]]] = {
+    "relu": (F.relu, frozenset()),
+    "leaky_relu": (F.leaky_relu, frozenset({"negative_slope"})),
+    "tanh": (torch.tanh, frozenset()),
+    "sigmoid": (torch.sigmoid, frozenset()),
+    "softplus": (F.softplus, frozenset({"beta", "threshold"})),
+    "quick_gelu": (_quick_gelu, frozenset()),
+    "gelu": (F.gelu, frozenset({"approximate"})),
+    "silu": (F.silu, frozenset()),
+    "relu2": (_relu2, frozenset()),
+    "elu": (F.elu, frozenset({"alpha"})),
+    "mish": (F.mish, frozenset()),
+    "hardswish": (F.hardswish, frozenset()),
+}
+
+
+def _activation_fn(kind: str, fn_kwargs: dict[str, Any]) -> Callable[..., Tensor]:
+    if kind not in _ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation kind {kind!r}; expected one of {sorted(_ACTIVATIONS)}"
+        )
+    fn, allowed = _ACTIVATIONS[kind]
+    unknown = set(fn_kwargs) - allowed
+    if unknown:
+        raise ValueError(
+            f"activation {kind!r} takes keyword arguments {sorted(allowed)}, got {sorted(unknown)}"
+        )
+    return fn
+
+
+def _check_mult(mult: float) -> float:
+    # The scale is a constant of (kind, mult): a symbolic mult (a SymFloat from
+    # torch.compile(dynamic=True)) has no value to integrate with.
+    if isinstance(mult, bool) or not isinstance(mult, (int, float)):
+        raise ValueError(
+            f"activation mult must be a concrete Python number, got {type(mult).__name__} "
+            "(a symbolic mult cannot be integrated; pass it as a constant)"
+        )
+    if mult == 0 or not math.isfinite(mult):
+        raise ValueError(f"activation mult must be finite and non-zero, got {mult}")
+    return float(mult)
+
+
+def _apply(fn: Callable[..., Tensor], x: Tensor, mult: float, fn_kwargs: dict[str, Any]) -> Tensor:
+    """f(mult x) / mult: the muP multiplier inside, divided out so mult -> 0 tends to x f'(0)."""
+    return fn(x, **fn_kwargs) if mult == 1 else fn(x * mult, **fn_kwargs) / mult
+
+
+try:  # Leaves every Python dispatch mode (FakeTensorMode, make_fx's proxy mode, ...).
+    from torch.utils._python_dispatch import _disable_current_modes as _no_dispatch_modes
+except ImportError:  # pragma: no cover - private helper; plain eager is right outside tracing
+    import contextlib
+
+    _no_dispatch_modes = contextlib.nullcontext  # type: ignore[assignment]
+
+# Simpson's rule on [-12, 12]: the N(0, 1) mass outside is ~4e-33, and 200001 points
+# (h = 1.2e-4) integrate the kinks of relu-like f (on grid points at mult = 1) to ~1e-9.
+_GRID_POINTS = 200_001
+_GRID_HALF_WIDTH = 12.0
+
+
+@functools.cache  # lru_cache(maxsize=None)
+def _gaussian_scale_cached(
+    kind: str, mult: float, gated: bool, kwargs_items: tuple[tuple[str, Any], ...]
+) -> float:
+    fn = _ACTIVATIONS[kind][0]
+    # Real float64 CPU tensors even while tracing: under fake/proxy modes these would
+    # otherwise be fake (no values) or be recorded into the traced graph.
+    with _no_dispatch_modes(), torch.no_grad():
+        x = torch.linspace(
+            -_GRID_HALF_WIDTH, _GRID_HALF_WIDTH, _GRID_POINTS, dtype=torch.float64, device="cpu"
+        )
+        coef = torch.full_like(x, 2.0)
+        coef[1::2] = 4.0
+        coef[0] = coef[-1] = 1.0
+        w = coef * torch.exp(-0.5 * x * x)
+        w = w / w.sum()  # Simpson weights times the pdf, normalised: E[1] = 1 exactly
+        y = _apply(fn, x, mult, dict(kwargs_items))
+        # Gated: up * f(gate) with an independent zero-mean unit `up` has mean 0 and
+        # variance E[f^2]. Plain: centred, as a constant offset (sigmoid's 1/2) is not scale.
+        centre = 0.0 if gated else (w * y).sum()
+        v = float((w * torch.square(y - centre)).sum())
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"activation {kind!r} (mult={mult}) has output variance {v}; cannot scale")
+    return v**-0.5
+
+
+@torch.compiler.assume_constant_result
+def _gaussian_scale(
+    kind: str, mult: float, gated: bool, kwargs_items: tuple[tuple[str, Any], ...]
+) -> float:
+    # Dynamo calls this eagerly while tracing and keeps the result as a constant. It
+    # would trace *into* an lru_cache-wrapped function (and fail on the integration),
+    # hence this plain wrapper around the cached one.
+    return _gaussian_scale_cached(kind, mult, gated, kwargs_items)
+
+
+def activation_scale(
+    kind: str, *, mult: float = 1.0, gated: bool = False, **fn_kwargs: Any
+) -> float:
+    """1/std(f(mult X)/mult), X ~ N(0, 1) (gated: 1/sqrt(E[(f(mult X)/mult)^2])), cached."""
+    _activation_fn(kind, fn_kwargs)
+    mult = _check_mult(mult)
+    return _gaussian_scale(kind, mult, gated, tuple(sorted(fn_kwargs.items())))
+
+
+def activation(x: Tensor, kind: str, *, mult: float = 1.0, **fn_kwargs: Any) -> Tensor:
+    """Activation rule: f(mult x)/mult * s, s = 1/std(f(mult X)/mult), X ~ N(0,1); x grad * s (tied).
+
+    ``kind``: relu, leaky_relu (negative_slope), tanh, sigmoid, softplus (beta,
+    threshold), quick_gelu, gelu (approximate), silu, relu2, elu (alpha), mish,
+    hardswish; ``fn_kwargs`` go to f.
+    """
+    fn = _activation_fn(kind, fn_kwargs)
+    # Gradient scale tied to the output scale, as the reference's default constraint.
+    s = activation_scale(kind, mult=mult, **fn_kwargs)
+    return scale_fwd(_apply(fn, scale_bwd(x, s), float(mult), fn_kwargs), s)
+
+
+def glu(up: Tensor, gate: Tensor, kind: str, *, mult: float = 1.0, **fn_kwargs: Any) -> Tensor:
+    """Gated-unit rule: up * f(mult gate)/mult * s, s = 1/sqrt(E[(f(mult X)/mult)^2]); up, gate grads * s.
+
+    Same kinds and ``fn_kwargs`` as :func:`activation`. The product with an independent
+    unit ``up`` has mean 0, so its std is the RMS of f(X), not f's centred std.
+    """
+    fn = _activation_fn(kind, fn_kwargs)
+    s = activation_scale(kind, mult=mult, gated=True, **fn_kwargs)
+    return scale_fwd(scale_bwd(up, s) * _apply(fn, scale_bwd(gate, s), float(mult), fn_kwargs), s)
+
+
+# -- convolution -----------------------------------------------------------------------
+_CONVS: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _ntuple(v: int | Sequence[int], n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n  # type: ignore[arg-type]
+
+
+def _conv_rows(
+    x: Tensor,
+    weight: Tensor,
+    stride: int | Sequence[int],
+    padding: int | Sequence[int] | str,
+    dilation: int | Sequence[int],
+) -> int:
+    """Positions the kernel is applied to: N * prod(output spatial sizes) (B of the rule)."""
+    nd = weight.dim() - 2
+    rows = x.shape[0] if x.dim() == nd + 2 else 1  # unbatched [C, *spatial] input: N = 1
+    spatial = x.shape[x.dim() - nd :]
+    if padding == "same":  # output size = input size (PyTorch allows it only at stride 1)
+        for size in spatial:
+            rows *= size
+        return rows
+    pad = (0,) * nd if padding == "valid" else _ntuple(padding, nd)  # type: ignore[arg-type]
+    for size, k, s, p, d in zip(
+        spatial, weight.shape[2:], _ntuple(stride, nd), pad, _ntuple(dilation, nd), strict=True
+    ):
+        # PyTorch's output size; `//` keeps it symbolic under dynamic shapes.
+        rows *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return rows
+
+
+def conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    out_scale: float,
+    grad_input_scale: float,
+) -> Tensor:
+    """Conv rule (1-3-D): conv(x, W, b) * out_scale; x grad * grad_input_scale; W, b grads * B^-1/2.
+
+    B = N * prod(output spatial sizes). Scales as a linear with fan_in = C_in/groups *
+    prod(kernel) (e.g. ``hidden_linear_scales(fan_in)``).
+    """
+    nd = weight.dim() - 2
+    if nd not in _CONVS or x.dim() not in (nd + 1, nd + 2):
+        raise ValueError(
+            f"conv: expected a 3-5-D weight and an input with 1 or 2 more dims than its "
+            f"spatial ones, got weight {tuple(weight.shape)} and input {tuple(x.shape)}"
+        )
+    # As `linear`: a conv is a linear applied at every output position, each a row of
+    # the rule. The forward scale is folded into W and b (one small multiply instead of
+    # one over the activation), so x's backward scale is grad_input_scale / out_scale,
+    # and W's, b's gradients get B^-1/2 (times the data-parallel factor).
+    param_scale = _conv_rows(x, weight, stride, padding, dilation) ** -0.5 * _dp()
+    x = scale_bwd(x, grad_input_scale / out_scale)
+    weight = _scale(weight, out_scale, param_scale)
+    if bias is not None:
+        bias = _scale(bias, out_scale, param_scale)
+    return _CONVS[nd](x, weight, bias, stride, padding, dilation, groups)
+
+
+# -- averages --------------------------------------------------------------------------
+_AVERAGES: dict[str, Callable[..., Tensor]] = {
+    "avg_pool1d": F.avg_pool1d,
+    "avg_pool2d": F.avg_pool2d,
+    "avg_pool3d": F.avg_pool3d,
+    "adaptive_avg_pool1d": F.adaptive_avg_pool1d,
+    "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "adaptive_avg_pool3d": F.adaptive_avg_pool3d,
+    "mean": torch.mean,
+}
