@@ -488,23 +488,28 @@ def generalize_placement(rg: RegionGraph) -> None:
             rg.inputs.append((kind, None))
         return found[kind]
 
-    def fix(value: Any) -> Any:
+    def fix(value: Any, user: fx.Node) -> Any:
         if isinstance(value, torch.device) and value.type == regions.SHADOW_DEVICE.type:
             return stand_in("device")
         if value is regions.SHADOW_DTYPE:
             return stand_in("dtype")
+        if isinstance(value, float) and value in _SHADOW_LIMITS:
+            # torch.finfo(x.dtype).min read on the float64 capture (HF attention masks):
+            # the run-time dtype's own limit, or float32 would overflow converting it.
+            with graph.inserting_before(user):
+                return graph.call_function(dtype_limit, (stand_in("dtype"), _SHADOW_LIMITS[value]))
         if isinstance(value, (list, tuple)):
-            return type(value)(fix(v) for v in value)
+            return type(value)(fix(v, user) for v in value)
         if isinstance(value, dict):
-            return {k: fix(v) for k, v in value.items()}
+            return {k: fix(v, user) for k, v in value.items()}
         return value
 
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is _ASSERT_METADATA:
             graph.erase_node(node)  # export's own check of the capture's stand-ins
-        elif node.op == "call_function":
-            node.args = fix(tuple(node.args))
-            node.kwargs = fix(dict(node.kwargs))
+        elif node.op == "call_function" and node.target is not dtype_limit:
+            node.args = fix(tuple(node.args), node)
+            node.kwargs = fix(dict(node.kwargs), node)
     for node in list(graph.nodes):
         if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
             for a in node.args:
@@ -514,6 +519,15 @@ def generalize_placement(rg: RegionGraph) -> None:
                         for i in _generalize_subgraph(sub):
                             _cast_output(graph, node, i, stand_in("dtype"))
     rg.gm.recompile()
+
+
+_F64 = torch.finfo(regions.SHADOW_DTYPE)
+_SHADOW_LIMITS = {_F64.min: "min", _F64.max: "max"}
+
+
+def dtype_limit(dtype: torch.dtype, which: str) -> float:
+    """``torch.finfo(dtype).min`` / ``.max``, for the model's run-time dtype."""
+    return float(getattr(torch.finfo(dtype), which))
 
 
 _ASSERT_METADATA = getattr(torch.ops.aten, "_assert_tensor_metadata", None)

@@ -214,6 +214,19 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, block_lists: list,
         )
 
 
+def _check_constants(model: nn.Module, program: ExportedProgram) -> None:
+    """A tensor the forward makes from Python values (``x[..., [-2], :]``) is made next to
+    the shadow's inputs, on ``meta``: its values are lost, so the capture cannot be used."""
+    buffers = {regions.canonical_name(n) for n, _ in model.named_buffers()}
+    lost = [n for n, t in program.constants.items()
+            if isinstance(t, torch.Tensor) and t.is_meta and regions.canonical_name(n) not in buffers]
+    if lost:
+        raise RuntimeError(
+            f"the forward makes tensor constants on the inputs' device ({', '.join(lost[:3])}); "
+            "capture them on real weights"
+        )
+
+
 def capture(
     model: nn.Module,
     example_inputs: tuple | list | torch.Tensor,
@@ -255,6 +268,7 @@ def capture(
     preserve = tuple(b.block_path(i) for b in block_lists for i in range(b.kept))
     try:
         program = _export(model, args, kwargs, block_lists, preserve, shadow=True)
+        _check_constants(model, program)
     except CaptureError:
         raise
     except Exception as exc:  # noqa: BLE001 - turned into a readable CaptureError
