@@ -26,15 +26,31 @@ def ops(*names: str) -> set[Any]:
 # Ops that move or relabel values without changing their scale.
 TRANSPARENT = ops(
     "_to_copy", "to.dtype", "to.dtype_layout", "clone", "alias", "detach", "contiguous",
-    "view", "reshape", "_unsafe_view", "transpose.int", "permute", "t", "unsqueeze",
+    "view", "reshape", "_unsafe_view", "transpose.int", "permute", "t", "numpy_T", "unsqueeze",
     "squeeze.dim", "squeeze.dims", "expand", "type_as", "lift_fresh_copy",
 )
 MATMULS = ops("mm", "bmm", "matmul")
 DROPOUTS = ops("dropout", "native_dropout", "feature_dropout")
 SOFTMAXES = ops("softmax.int", "_softmax", "_safe_softmax")
-ADDS = ops("add.Tensor")
+ADDS = ops("add.Tensor", "add_.Tensor")  # in-place: see inplace_safe
+INPLACE = ops("add_.Tensor", "mul_.Tensor")
 MULS = ops("mul.Tensor")
 DIVS = ops("div.Tensor")
+
+
+def inplace_safe(node: fx.Node) -> bool:
+    """An in-place op may become its out-of-place twin when nothing reads the mutated
+    tensor after it (the rewrite's ops return new tensors)."""
+    if node.target not in INPLACE:
+        return True
+    target = node.args[0]
+    later = False
+    for n in node.graph.nodes:
+        if n is node:
+            later = True
+        elif later and target in n.all_input_nodes:
+            return False
+    return True
 
 
 def is_tensor(node: Any) -> bool:

@@ -17,16 +17,30 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta
 
-from ._graph import ADDS, DIVS, MULS, TRANSPARENT, is_tensor, op_name, ops, param_dependent, where
+from ._graph import (
+    ADDS,
+    DIVS,
+    MULS,
+    TRANSPARENT,
+    inplace_safe,
+    is_tensor,
+    op_name,
+    ops,
+    param_dependent,
+    where,
+)
 
 # Data movement and bookkeeping: no arithmetic on values, so nothing to scale.
 _PASS_THROUGH = TRANSPARENT | ops(
     "slice.Tensor", "select.int", "split.Tensor", "split_with_sizes", "chunk", "unbind.int",
     "cat", "stack", "index.Tensor", "index_select", "gather", "flatten.using_ints",
     "unflatten.int", "narrow", "repeat", "repeat_interleave.self_int", "roll", "flip",
-    "masked_fill.Scalar", "masked_fill.Tensor", "where.self", "neg", "pad", "constant_pad_nd",
+    "masked_fill.Scalar", "masked_fill.Tensor", "where.self", "where.ScalarOther", "where.ScalarSelf",
+    "neg", "pad", "constant_pad_nd",
     "_assert_tensor_metadata", "copy_", "zeros_like", "ones_like", "empty_like",
     "sym_size.int",
+    # Max pooling picks one of its inputs: values stay O(1) (docs/rules.md §3, pooling).
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
 )
 _SUB = ops("sub.Tensor")
 # The arithmetic inside a hand-written norm's statistic: x^2, mean, + eps, rsqrt.
@@ -62,6 +76,8 @@ def find_uncovered(gm: fx.GraphModule) -> PassResult:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in active or not is_tensor(node):
             continue
+        if not node.meta["val"].is_floating_point():
+            continue  # comparisons, argmax, masks: no scale to keep
         if meta.get(node, meta.RULE) or meta.get(node, meta.NORM) or node.name in parts:
             continue
         if node.target in _PASS_THROUGH or node.target.__name__ == "getitem":
@@ -69,7 +85,9 @@ def find_uncovered(gm: fx.GraphModule) -> PassResult:
         if node.target in (MULS | ADDS | DIVS | _SUB):
             # Products / sums where one side is a constant or a buffer (RoPE, masks).
             operands = [a for a in node.args if isinstance(a, fx.Node)]
-            if len([a for a in operands if a in active]) <= 1 or node.target in ADDS:
+            if len([a for a in operands if a in active]) <= 1 or (
+                node.target in ADDS and inplace_safe(node)
+            ):
                 continue
         out.append((node.name, op_name(node), where(node)))
     meta.graph_meta(gm)[meta.UNCOVERED] = out

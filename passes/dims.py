@@ -28,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta
 
-from ._graph import ops
+from ._graph import ops, source
 
 aten = torch.ops.aten
 
@@ -144,10 +144,15 @@ def _solve(diff: sp.Expr, sym: sp.Symbol) -> list[sp.Expr]:
     """``sp.solve(diff, sym)``, short-cut for the equations shapes give: linear in ``sym``
     (``k*sym + rest``, ``k`` free of ``sym``) solves to ``-rest/k`` without sympy's
     general solver, which dominated analysis time."""
+    if diff.atoms(sp.Function):
+        return []  # strided shapes (export's FloorDiv, floor): not a width equation
     k = diff.diff(sym)
     if k != 0 and sym not in k.free_symbols:
         return [-diff.xreplace({sym: 0}) / k]
-    return sp.solve(diff, sym)
+    try:
+        return sp.solve(diff, sym)
+    except NotImplementedError:  # sympy has no algorithm for it: leave the dims apart
+        return []
 
 
 def size_hint(size: Any) -> int:
@@ -179,6 +184,8 @@ class _Propagator:
         self.gm = gm
         self.s = solver
         self.export_syms: dict[sp.Symbol, sp.Symbol] = {}
+        self.contracted: list[sp.Expr] = []  # input-feature dims of weight ops
+        self.hidden_outputs: list[sp.Expr] = []  # output dims kept width-like
 
     # -- helpers ---------------------------------------------------------------
     def d(self, node: Any) -> Dims:
@@ -261,8 +268,10 @@ class _Propagator:
         kind = meta.get(node, meta.KIND, "input")
         if kind == "param":
             name = meta.get(node, meta.PARAM)
+            # A size-1 axis (a cls token's [1, 1, d]) is a broadcast axis, never a width.
             return tuple(
-                self.s.new(WIDTH, n, f"{name}[{i}]") for i, n in enumerate(_shape(node))
+                sp.Integer(1) if n == 1 else self.s.new(WIDTH, n, f"{name}[{i}]")
+                for i, n in enumerate(_shape(node))
             )
         if kind == "input":
             return tuple(
@@ -272,11 +281,19 @@ class _Propagator:
         return self.fresh(node)
 
     def outputs(self, node: fx.Node) -> None:
+        """Output dims are fixed (rules §1), except a width some weight op takes as its
+        input features: the model returns hidden states (a backbone without a head, or
+        T5's encoder states next to its logits), and that width still grows."""
+        contracted = {self.s.resolve(e) for e in self.contracted}
         flat, _ = torch.utils._pytree.tree_flatten(node.args[0])
         for t in flat:
             if _is_tensor(t) and self.d(t) is not None:
                 for e in self.d(t):
-                    self.s.mark_fixed(e, "out")
+                    e = self.s.resolve(e)
+                    if e in contracted and self.s.kind_of(e) == WIDTH:
+                        self.hidden_outputs.append(e)
+                    else:
+                        self.s.mark_fixed(e, "out")
 
     def tensor_op(self, node: fx.Node) -> Dims:
         rule = _RULES.get(node.target) if node.op == "call_function" else None
@@ -330,6 +347,7 @@ def _norm_axis(axis: int, ndim: int) -> int:
 
 # -- shape rules, one per op family -------------------------------------------------
 Rule = Callable[[_Propagator, fx.Node], Any]
+_CONVOLUTION = ops("convolution")
 
 
 def _linear(p: _Propagator, n: fx.Node) -> Dims:
@@ -337,6 +355,7 @@ def _linear(p: _Propagator, n: fx.Node) -> Dims:
     b = _arg(n, 2, "bias")
     xd, wd = p.d(x), p.d(w)
     p.s.equate(xd[-1], wd[1], n.name)
+    p.contracted.append(wd[1])
     if isinstance(b, fx.Node):
         p.s.equate(p.d(b)[-1], wd[0], n.name)
     return xd[:-1] + (wd[0],)
@@ -364,11 +383,18 @@ def _matmul_dims(p: _Propagator, n: fx.Node, a: fx.Node, b: fx.Node) -> Dims:
     return out
 
 
+def _contract_weight(p: _Propagator, w: Any) -> None:
+    if meta.get(source(w), meta.KIND) == "param":
+        p.contracted.append(p.d(w)[-2])
+
+
 def _mm(p: _Propagator, n: fx.Node) -> Dims:
+    _contract_weight(p, n.args[1])
     return _matmul_dims(p, n, n.args[0], n.args[1])
 
 
 def _addmm(p: _Propagator, n: fx.Node) -> Dims:
+    _contract_weight(p, n.args[2])
     out = _matmul_dims(p, n, n.args[1], n.args[2])
     bias = n.args[0]
     if _is_tensor(bias):
@@ -569,6 +595,62 @@ def _cross_entropy(p: _Propagator, n: fx.Node) -> Dims:
     return target if reduction == 0 else ()
 
 
+def _spatial(p: _Propagator, n: fx.Node, x: Dims, first: int) -> Dims:
+    """Spatial output axes from ``first`` on: the input's dim when the size is kept, else a
+    new fixed dim (kernel, stride and padding are data-side numbers, never widths)."""
+    xs, shape = _shape(n.args[0]), _shape(n)
+    out = []
+    for k in range(first, len(shape)):
+        same = k < len(xs) and xs[k] == shape[k]
+        out.append(x[k] if same else p.s.new(FIXED, shape[k], f"{n.name}[{k}]", "spatial"))
+    return tuple(out)
+
+
+def _conv(p: _Propagator, n: fx.Node) -> Dims:
+    """conv{1,2,3}d / convolution: x[C_in] = W[1] * groups, out[C] = W[0], kernels fixed."""
+    x, w = p.d(n.args[0]), p.d(n.args[1])
+    kernel = len(w) - 2
+    channel = len(x) - kernel - 1  # 1 batched, 0 unbatched
+    groups = _arg(n, 8 if n.target in _CONVOLUTION else 6, "groups", 1)
+    p.s.equate(x[channel], w[1] * groups, n.name)
+    for e in w[2:]:
+        p.s.mark_fixed(e, "kernel")
+    bias = _arg(n, 2, "bias")
+    if isinstance(bias, fx.Node):
+        p.s.equate(p.d(bias)[0], w[0], n.name)
+    return x[:channel] + (w[0],) + _spatial(p, n, x, channel + 1)
+
+
+def _pool(p: _Propagator, n: fx.Node) -> Dims:
+    """Pooling keeps batch and channel axes; spatial axes as ``_spatial``."""
+    x = p.d(n.args[0])
+    ndim = len(_shape(n))
+    first = ndim - int(n.target._opname[-2])  # avg_pool2d: 2 spatial axes
+    return x[:first] + _spatial(p, n, x, first)
+
+
+def _batch_norm(p: _Propagator, n: fx.Node) -> Dims:
+    """batch_norm: statistics and affine parameters are per channel (axis 1)."""
+    x = p.d(n.args[0])
+    for t in n.args[1:5]:
+        if _is_tensor(t):
+            p.s.equate(p.d(t)[0], x[1], n.name)
+    return x
+
+
+def _index(p: _Propagator, n: fx.Node) -> Dims:
+    """x[..., idx, ...] with one index tensor: its axis becomes the index's axes; a
+    parameter indexed on its rows by integers is a table (rows fixed, as embedding)."""
+    x, indices = p.d(n.args[0]), list(n.args[1])
+    tensors = [k for k, t in enumerate(indices) if t is not None]
+    if len(tensors) != 1 or not _is_tensor(indices[tensors[0]]):
+        return p.fresh(n)
+    k, idx = tensors[0], indices[tensors[0]]
+    if k == 0 and meta.get(source(n.args[0]), meta.KIND) == "param" and not _val(idx).is_floating_point():
+        p.s.mark_fixed(x[0], "vocab")
+    return x[:k] + p.d(idx) + x[k + 1:]
+
+
 def _factory(p: _Propagator, n: fx.Node) -> Dims:
     return p.fresh(n)
 
@@ -641,6 +723,12 @@ _RULES: dict[Any, Rule] = _table([
     (ops("stack"), _stack),
     (ops("scaled_dot_product_attention"), _sdpa),
     (ops("layer_norm"), _layer_norm),
+    (ops("batch_norm"), _batch_norm),
+    (ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
+         "convolution"), _conv),
+    (ops("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+         "adaptive_avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d"), _pool),
+    (ops("index.Tensor"), _index),
     (ops("rms_norm"), _rms_norm),
     (ops("cross_entropy_loss", "nll_loss", "nll_loss_nd"), _cross_entropy),
     (
@@ -776,6 +864,13 @@ def infer_dims(gm: fx.GraphModule) -> PassResult:
             m[meta.DIMS] = [tuple(solver.resolve(e).xreplace(mapping) for e in t) for t in dims]
         else:
             m[meta.DIMS] = tuple(solver.resolve(e).xreplace(mapping) for e in dims)
+    hidden = {str(solver.resolve(e).xreplace(mapping)) for e in propagator.hidden_outputs}
     solver.subs = {}  # node dims are now fully resolved and renamed
-    meta.graph_meta(gm)[meta.SOLVER] = solver
+    g = meta.graph_meta(gm)
+    g[meta.SOLVER] = solver
+    if hidden:
+        g.setdefault(meta.NOTES, []).append(
+            f"the model returns hidden states: output dim {', '.join(sorted(hidden))} is a "
+            "width that weights take as input, so it stays width-like (rules §1)"
+        )
     return PassResult(gm, False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -52,6 +53,106 @@ _CE = ops("cross_entropy_loss")
 _TANH = ops("tanh")
 _POW = ops("pow.Tensor_Scalar")
 _MASKING = ops("masked_fill.Scalar", "masked_fill.Tensor", "where.self", "add.Tensor")
+_SIGMOID = ops("sigmoid")
+_CONV = ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
+            "convolution")
+_INDEX = ops("index.Tensor")
+_AVG_POOLS = ops("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+                 "adaptive_avg_pool2d", "adaptive_avg_pool3d")
+_MEAN = ops("mean.dim")
+_SELECT = ops("select.int")
+_EXPAND = ops("expand")
+_CAT = ops("cat", "stack")
+# Data movement a parameter used as a value may go through: views, slices, row picks.
+_DATA_MOVE = (TRANSPARENT - _EXPAND) | ops("slice.Tensor", "select.int", "narrow", "index.Tensor")
+
+
+def _picks_for_head(node: fx.Node, solver: Any) -> bool:
+    """``x[:, i]`` on a data-sized axis (a sequence, not a number the model fixes) whose
+    value a linear reads: a classifier on the cls / last token."""
+    dims = meta.get(node.args[0], meta.DIMS)
+    axis = node.args[1] % len(dims)
+    if dims[axis].is_number or solver.kind_of(dims[axis]) != "fixed":
+        return False
+    return any(meta.get(u, meta.RULE) == rules.LINEAR for u in _users(node))
+
+
+def _row_lookup(node: fx.Node) -> bool:
+    """``W[ids]``: an integer index tensor on the rows (axis 0) of a 2-D parameter."""
+    indices = list(node.args[1])
+    idx = indices[0] if len(indices) == 1 else None
+    return (isinstance(idx, fx.Node) and is_tensor(idx) and not idx.meta["val"].is_floating_point()
+            and source(node.args[0]).meta["val"].dim() == 2)
+
+
+def _direct_use(param: fx.Node, active: set[fx.Node]) -> dict[str, str] | None:
+    """How a parameter enters as a value: added (broadcast) to an activation, expanded
+    over the batch, or concatenated; through views and slices. None otherwise."""
+    node = param
+    while len(node.users) == 1 and next(iter(node.users)).target in _DATA_MOVE:
+        node = next(iter(node.users))
+    if len(node.users) != 1:
+        return None
+    op = next(iter(node.users))
+    if op.target in _EXPAND and len(op.users) == 1 and next(iter(op.users)).target in _CAT:
+        return {"kind": "expand", "op": op.name, "operand": node.name}
+    if op.target in _CAT:
+        return {"kind": "cat", "op": op.name, "operand": node.name}
+    if op.target in ADDS and len(op.args) == 2:
+        other = op.args[1] if op.args[0] is node else op.args[0]
+        if isinstance(other, fx.Node) and other in active and param_of(other) is None:
+            return {"kind": "add", "op": op.name, "operand": node.name}
+    return None
+
+
+def _activation_kind(node: fx.Node) -> tuple[str, dict[str, Any]] | None:
+    """(kind, kwargs) of ``ops.activation`` for an ATen pointwise nonlinearity."""
+    name = getattr(node.target, "_opname", None)
+    if not isinstance(node.target, torch._ops.OpOverload) or name not in _ACTIVATION_ARGS:
+        return None
+    kwargs = {k: _arg(node, i + 1, k, d) for i, (k, d) in enumerate(_ACTIVATION_ARGS[name])}
+    return name, kwargs
+
+
+# ATen activation -> its scalar arguments (name, default), in order after the input.
+_ACTIVATION_ARGS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "relu": (), "tanh": (), "sigmoid": (), "mish": (), "hardswish": (),
+    "leaky_relu": (("negative_slope", 0.01),),
+    "softplus": (("beta", 1.0), ("threshold", 20.0)),
+    "elu": (("alpha", 1.0),),
+}
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _softcap_input(node: fx.Node) -> fx.Node | None:
+    """``y`` if ``node`` is ``c * tanh(y / c)`` (logit soft-capping), else None."""
+    if node.target not in MULS or len(node.args) != 2:
+        return None
+    t, c = node.args if isinstance(node.args[0], fx.Node) else node.args[::-1]
+    if not (isinstance(t, fx.Node) and t.target in _TANH and isinstance(c, (int, float))):
+        return None
+    inner = t.args[0]
+    if inner.target in DIVS and inner.args[1] == c or _times_constant(inner, 1 / c) is not None:
+        return inner.args[0]
+    return None
+
+
+def _match_quick_gelu(node: fx.Node) -> fx.Node | None:
+    """``x`` if ``node`` is ``x * sigmoid(c x)`` (c = 1.702: quick-GELU; c = 1: SiLU)."""
+    if node.target not in MULS or len(node.args) != 2:
+        return None
+    for x, sig in (node.args, node.args[::-1]):
+        if isinstance(sig, fx.Node) and sig.target in _SIGMOID and len(sig.users) == 1:
+            inner = sig.args[0]
+            if inner is x or _times_constant(inner, 1.702) is x:
+                return x
+    return None
+
+
+_GATE_ACTS = {rules.SILU, rules.GELU, rules.ACTIVATION}
 
 
 def _set(node: fx.Node, rule: str, **extra: Any) -> None:
@@ -76,9 +177,13 @@ def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] |
     node = source(softmax.args[0])
     scale: fx.Node | None = None
     masked = False
-    for _ in range(4):
+    for _ in range(6):
         if node.target in MATMULS:
             break
+        capped = _softcap_input(node)
+        if capped is not None:  # Gemma 2's c * tanh(logits / c): near 1 at u-muP logits
+            node = source(capped)
+            continue
         if node.target in (MULS | DIVS) and not is_tensor(node.args[1]):
             scale = node
         elif node.target in _MASKING:
@@ -162,6 +267,21 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
                 _set(out, rules.GELU, **{meta.GELU_INPUT: x.name})
                 for part in parts:
                     _set(part, rules.PATTERN_PART)
+    for node in gm.graph.nodes:  # quick-GELU / x * sigmoid(x), soft-capping
+        if node not in active or meta.get(node, meta.RULE) is not None:
+            continue
+        x = _match_quick_gelu(node)
+        if x is not None:
+            sig = next(a for a in node.args if a is not x)
+            kind = "silu" if sig.args[0] is x else "quick_gelu"
+            _set(node, rules.ACTIVATION, **{meta.GELU_INPUT: x.name, meta.ACTIVATION: (kind, {})})
+            for part in (sig, sig.args[0]) if kind == "quick_gelu" else (sig,):
+                _set(part, rules.PATTERN_PART)
+        elif _softcap_input(node) is not None:
+            _set(node, rules.SOFTCAP)
+            tanh = next(a for a in node.args if isinstance(a, fx.Node))
+            _set(tanh, rules.PATTERN_PART)
+            _set(tanh.args[0], rules.PATTERN_PART)
     for node in gm.graph.nodes:
         if node.op != "call_function" or meta.get(node, meta.RULE) is not None:
             continue
@@ -172,8 +292,14 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[2]), meta.TRANSPOSED: True})
         elif t in MATMULS and param_of(node.args[1]) and not param_of(node.args[0]):
             _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[1]), meta.TRANSPOSED: True})
-        elif t in _EMBEDDING and param_of(node.args[0]):
+        elif param_of(node.args[0]) and (t in _EMBEDDING or t in _INDEX and _row_lookup(node)):
             _set(node, rules.EMBEDDING, **{meta.WEIGHT: param_of(node.args[0])})
+        elif t in _CONV and param_of(node.args[1]):
+            _set(node, rules.CONV, **{meta.WEIGHT: param_of(node.args[1])})
+        elif t in _AVG_POOLS and node in active:
+            _set(node, rules.POOL)
+        elif t in _MEAN and node in active and not (len(node.args) > 2 and node.args[2]):
+            _set(node, rules.POOL)  # keepdim=False: pooling (a norm's mean keeps dims)
         elif t in _SDPA:
             _set(node, rules.SDPA)
         elif t in SOFTMAXES and node in active:
@@ -190,19 +316,36 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             _set(node, rules.SILU)
         elif t in _GELU and node in active:
             _set(node, rules.GELU)
+        elif node in active and _activation_kind(node):
+            _set(node, rules.ACTIVATION, **{meta.ACTIVATION: _activation_kind(node)})
         elif t in DROPOUTS and node in active:
             _set(node, rules.DROPOUT)
         elif t in _CE:
             _set(node, rules.CROSS_ENTROPY)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    solver = meta.graph_meta(gm)[meta.SOLVER]
+    for node in gm.graph.nodes:
+        if (node.target in _SELECT and node in active and meta.get(node, meta.RULE) is None
+                and _picks_for_head(node, solver)):
+            _set(node, rules.PICK)
+    for node in gm.graph.nodes:  # parameters used as values (position tables, cls tokens)
+        if node.op == "placeholder" and meta.get(node, meta.PARAM) and node.users:
+            if node.meta["val"].dim() < 2 or any(meta.get(u, meta.RULE) for u in node.users):
+                continue
+            use = _direct_use(node, active)
+            if use:
+                meta.node_meta(node)[meta.DIRECT] = use
+                if use["kind"] == "add":
+                    _set(by_name[use["op"]], rules.ADD)
     for node in gm.graph.nodes:
         if node.op != "call_function" or meta.get(node, meta.RULE) is not None:
             continue
         if node.target in MATMULS and node.name not in attention_parts and node in active:
             _set(node, rules.MATMUL)
         elif node.target in MULS and len(node.args) == 2 and all(a in active for a in node.args):
-            # up * silu(gate): the gated unit takes over the SiLU's scaling.
+            # up * act(gate): the gated unit takes over the activation's scaling.
             for _up, act in (node.args, node.args[::-1]):
-                if meta.get(act, meta.RULE) == rules.SILU and len(act.users) == 1:
+                if meta.get(act, meta.RULE) in _GATE_ACTS and len(act.users) == 1:
                     _set(node, rules.GATED, **{meta.GATE: act.name})
                     meta.node_meta(act)[meta.RULE] = rules.GATE_ACT
                     break

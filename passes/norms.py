@@ -20,7 +20,7 @@ from umup_fx import meta, rules
 
 from ._graph import ADDS, MULS, TRANSPARENT, ops, param_name, source
 
-NORM_OPS = ops("layer_norm", "rms_norm", "group_norm")
+NORM_OPS = ops("layer_norm", "rms_norm", "group_norm", "batch_norm")
 _RSQRT = ops("rsqrt")
 _MEAN = ops("mean.dim", "var.correction", "var.dim")
 
@@ -62,8 +62,24 @@ def find_norms(gm: fx.GraphModule) -> PassResult:
         elif node.target in MULS and len(node.args) == 2 or node.target in ADDS and len(node.args) == 2:
             a, b = node.args
             for x, g in ((a, b), (b, a)):
-                if _is_norm(x) and param_name(source(g)) and source(g).meta["val"].dim() == 1:
+                name = _gain_param(g, offset_ok=node.target in MULS)
+                if _is_norm(x) and name:
                     m[meta.NORM] = True
                     m[meta.RULE] = rules.NORM_GAIN
-                    m[meta.WEIGHT] = param_name(source(g))
+                    m[meta.WEIGHT] = name
     return PassResult(gm, False)
+
+
+def _gain_param(g: object, offset_ok: bool) -> str | None:
+    """The 1-D parameter a gain operand is: ``w``, or ``1 + w`` (Gemma, with ``w`` at 0
+    meaning a gain of 1; the offset is a Python number), through casts."""
+    g = source(g)
+    if not isinstance(g, fx.Node):
+        return None
+    if offset_ok and g.target in ADDS and len(g.args) == 2:
+        numbers = [a for a in g.args if isinstance(a, (int, float))]
+        tensors = [a for a in g.args if isinstance(a, fx.Node)]
+        if len(numbers) == 1 and len(tensors) == 1:
+            g = source(tensors[0])
+    name = param_name(g)
+    return name if name and g.meta["val"].dim() == 1 else None

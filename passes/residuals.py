@@ -10,7 +10,9 @@ activations are plain adds (rule ``add``), except sums of products with constant
 
 Reads: ``umup.rule``, ``umup.param``; ``gm.meta["umup"]["hparams"]``.
 Writes: ``umup.rule = "residual_add"`` and ``umup.residual`` (a ``Branch``) on residual
-adds, ``umup.rule = "add"`` on plain adds; graph keys ``branches``, ``depth_scaled``.
+adds, ``umup.rule = "add"`` on plain adds; graph keys ``branches``, ``depth_scaled``, and
+a ``notes`` line when some adds are post-norm (``Branch.post_norm``: the add feeds only a
+norm, as in BERT; rules §4 says what u-muP assumes there).
 Fails when: never.
 """
 
@@ -25,10 +27,18 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, rules
 from umup_fx.hparams import HParams
 
-from ._graph import ADDS, MULS, is_tensor, param_dependent, param_name
+from ._graph import (
+    ADDS,
+    MULS,
+    TRANSPARENT,
+    inplace_safe,
+    is_tensor,
+    param_dependent,
+    param_name,
+)
 
 _ATTENTION_RULES = {rules.SDPA, rules.ATTENTION, rules.SOFTMAX}
-_WEIGHT_RULES = {rules.LINEAR, rules.EMBEDDING}
+_WEIGHT_RULES = {rules.LINEAR, rules.EMBEDDING, rules.CONV}
 
 
 @dataclass
@@ -40,6 +50,18 @@ class Branch:
     tau: float = 1.0
     params: list[str] = field(default_factory=list)
     region: str = ""  # the block it lies in ("" for the root), filled by plan.expand_blocks
+    post_norm: bool = False  # the add feeds only a norm (post-LN: BERT, the original T)
+
+
+def _feeds_only_norms(add: fx.Node) -> bool:
+    users, frontier = [], list(add.users)
+    while frontier:
+        u = frontier.pop()
+        if u.target in TRANSPARENT:
+            frontier.extend(u.users)
+        else:
+            users.append(u)
+    return bool(users) and all(meta.get(u, meta.RULE) == rules.NORM_OP for u in users)
 
 
 def _is_rotary_mix(add: fx.Node, active: set[fx.Node]) -> bool:
@@ -66,7 +88,7 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in ADDS or len(node.args) < 2:
             continue
-        if meta.get(node, meta.RULE) is not None:
+        if meta.get(node, meta.RULE) is not None or not inplace_safe(node):
             continue  # part of a recognised pattern (a hand-written GELU's inner add)
         a, b = node.args[:2]
         if not (is_tensor(a) and is_tensor(b) and a in active and b in active):
@@ -96,13 +118,22 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
         params = sorted(
             {param_name(p) for n in body for p in n.all_input_nodes if param_name(p)}
         )
-        branch = Branch(i, kind, add.name, skip.name, tau, params)
+        branch = Branch(i, kind, add.name, skip.name, tau, params,
+                        post_norm=_feeds_only_norms(add))
         m = meta.node_meta(add)
         m[meta.RULE] = rules.RESIDUAL_ADD
         m[meta.RESIDUAL] = branch
         branches.append(branch)
         depth_scaled.update(params)
     g = meta.graph_meta(gm)
+    post = [b for b in branches if b.post_norm]
+    if post:
+        g.setdefault(meta.NOTES, []).append(
+            f"{len(post)} of {len(branches)} residual adds are post-norm (a norm right after "
+            "the add): the residual rule (rules §4) is written for pre-norm blocks; here the "
+            "norm resets the stream's scale, so tau only weighs branch against skip, and "
+            "transfer across depth is not what u-muP promises (across width it holds)"
+        )
     g[meta.BRANCHES] = branches
     g[meta.DEPTH_SCALED] = depth_scaled
     return PassResult(gm, False)

@@ -23,8 +23,12 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, rules
 from umup_fx.errors import AnalysisError
 
-from ._graph import ADDS, TRANSPARENT, op_name, param_name, where
+from ._graph import ADDS, TRANSPARENT, op_name, ops, param_name, where
 from .dims import WIDTH
+
+_ADDMM = ops("addmm")
+_BATCH_NORM = ops("batch_norm")
+_ASSERT_METADATA = next(iter(ops("_assert_tensor_metadata")), None)
 
 
 @dataclass
@@ -46,33 +50,61 @@ class ParamRole:
 def _consumers(node: fx.Node) -> list[fx.Node]:
     out = []
     for u in node.users:
+        if u.target is _ASSERT_METADATA:
+            continue  # export's dtype check of a `.float()` (Gemma's norm): no use
         out.extend(_consumers(u) if u.target in TRANSPARENT else [u])
     return out
 
 
-def _weight_use(op: fx.Node, dims: tuple, solver) -> ParamRole:
+def _weight_use(op: fx.Node, solver) -> ParamRole:
+    """Fans from the weight *operand* as the op sees it (after any ``.T``, view or
+    permute the model applies), so stored layout and einsum plumbing do not matter."""
     rule = meta.get(op, meta.RULE)
-    if rule == rules.EMBEDDING or meta.get(op, meta.TRANSPOSED):
+    if rule == rules.EMBEDDING:
+        dims = meta.get(op.args[0], meta.DIMS)
         fan_in, fan_out = dims[0], dims[1]
-    else:
+    elif meta.get(op, meta.TRANSPOSED):  # x @ W, addmm(b, x, W), bmm: W is [..., in, out]
+        dims = meta.get(op.args[2] if op.target in _ADDMM else op.args[1], meta.DIMS)
+        fan_in, fan_out = dims[-2], dims[-1]
+    else:  # linear(x, W): W is [out, in]
+        dims = meta.get(op.args[1], meta.DIMS)
         fan_in, fan_out = dims[1], dims[0]
+    return _role(fan_in, fan_out, solver)
+
+
+def _role(fan_in: sp.Expr, fan_out: sp.Expr, solver) -> ParamRole:
     role = rules.weight_role(solver.kind_of(fan_in) == WIDTH, solver.kind_of(fan_out) == WIDTH)
     return ParamRole(role, fan_in, fan_out)
+
+
+def _direct_role(node: fx.Node, solver) -> ParamRole:
+    """A parameter used as a value (position table, cls token): an input weight when its
+    last axis is a width; its other axes (positions, tokens) are its fan-in."""
+    dims = meta.get(node, meta.DIMS)
+    return _role(sp.Mul(*dims[:-1]), dims[-1], solver)
 
 
 def _use_of(node: fx.Node, op: fx.Node, name: str, solver) -> ParamRole | None:
     rule = meta.get(op, meta.RULE)
     dims = meta.get(node, meta.DIMS)
+    if rule == rules.CONV and meta.get(op, meta.WEIGHT) == name:
+        # W[out, in / groups, *kernel]: the kernel's taps add to fan_in (kernel dims fixed)
+        return _role(sp.Mul(*dims[1:]), dims[0], solver)
     if rule in (rules.LINEAR, rules.EMBEDDING) and meta.get(op, meta.WEIGHT) == name:
         if len(dims) == 1:
             return None
-        return _weight_use(op, dims, solver)
-    if rule == rules.LINEAR and len(dims) == 1:
-        return ParamRole(rules.BIAS)  # linear(x, W, b) / addmm(b, x, W)
+        return _weight_use(op, solver)
+    if rule in (rules.LINEAR, rules.CONV) and len(dims) == 1:
+        return ParamRole(rules.BIAS)  # linear(x, W, b) / addmm(b, x, W) / conv(x, W, b)
     if rule == rules.NORM_OP:
-        return ParamRole(rules.NORM, shift=len(op.args) > 3 and op.args[3] is node)
+        shift_at = 2 if op.target in _BATCH_NORM else 3  # batch_norm(x, w, b, ...)
+        return ParamRole(rules.NORM, shift=len(op.args) > shift_at and op.args[shift_at] is node)
     if rule == rules.NORM_GAIN:
         return ParamRole(rules.NORM, shift=op.target in ADDS)
+    if op.target in ADDS and len(dims) == 1 and any(isinstance(a, (int, float)) for a in op.args):
+        users = _consumers(op)
+        if users and all(meta.get(u, meta.RULE) == rules.NORM_GAIN for u in users):
+            return ParamRole(rules.NORM, shift=True)  # a gain of 1 + w: w starts at 0
     if op.target in ADDS and len(dims) == 1:
         other = [a for a in op.args if a is not node]
         if other and meta.get(other[0], meta.RULE) == rules.LINEAR:
@@ -91,7 +123,10 @@ def assign_roles(gm: fx.GraphModule, overrides: dict[str, str] | None = None) ->
         if name is None or not node.users:
             continue
         found: ParamRole | None = None
-        for op in _consumers(node):
+        if meta.get(node, meta.DIRECT):
+            found = _direct_role(node, solver)
+            found.uses.append(Use(meta.get(node, meta.DIRECT)["op"], "direct", found.role))
+        for op in [] if found else _consumers(node):
             use = _use_of(node, op, name, solver)
             if use is None:
                 if name in overrides:

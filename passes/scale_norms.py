@@ -19,17 +19,28 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, ops, rules
 
 from ._graph import ops as aten_ops
-from ._graph import param_name, source
-from ._rewrite import arg, insert_call, nodes_with_rule, swap
+from ._graph import source
+from ._rewrite import arg, insert_call, nodes_with_rule, swap, training_flag
 
 _LAYER_NORM = aten_ops("layer_norm")
 _RMS_NORM = aten_ops("rms_norm")
+_BATCH_NORM = aten_ops("batch_norm")
 
 
 def _split_gain(node: fx.Node) -> tuple[fx.Node, fx.Node]:
     """(normalised value, gain or bias operand) of a ``norm_gain`` mul / add."""
     a, b = node.args[:2]
-    return (b, a) if param_name(source(a)) else (a, b)
+    return (a, b) if meta.get(source(a), meta.NORM) else (b, a)
+
+
+def _erase_unused(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase ``node`` and its producers once nothing reads them (a gain's ``1 + w``)."""
+    while node.op == "call_function" and not node.users:
+        inputs = node.all_input_nodes
+        gm.graph.erase_node(node)
+        if len(inputs) != 1:
+            return
+        node = inputs[0]
 
 
 def scale_norms(gm: fx.GraphModule) -> PassResult:
@@ -45,10 +56,12 @@ def scale_norms(gm: fx.GraphModule) -> PassResult:
             node.replace_all_uses_with(x)
             meta.graph_meta(gm).setdefault(meta.REPLACED, {})[node.name] = x.name
             gm.graph.erase_node(node)
+            if isinstance(gain, fx.Node):
+                _erase_unused(gm, gain)
         changed = True
     for node in nodes_with_rule(gm, rules.NORM_OP):
         x, shape = node.args[:2]
-        weight = arg(node, "weight")
+        weight = arg(node, "weight")  # (batch_norm's is args[1]: handled below)
         if node.target in _LAYER_NORM:
             bias, eps = arg(node, "bias"), arg(node, "eps", 1e-5)
             if trainable:
@@ -58,6 +71,11 @@ def scale_norms(gm: fx.GraphModule) -> PassResult:
         elif node.target in _RMS_NORM:
             eps = arg(node, "eps")
             swap(node, ops.rms_norm, (x, shape, weight if trainable else None, eps))
+        elif node.target in _BATCH_NORM:
+            weight, bias = (node.args[1], node.args[2]) if trainable else (None, None)
+            flag = training_flag(gm, node.args[5])  # running stats in eval, as the module
+            swap(node, ops.batch_norm, (node.args[0], weight, bias, *node.args[3:5], flag,
+                                        *node.args[6:8]))
         else:
             continue  # hand-written norm core: parameter-free already
         changed = True

@@ -18,7 +18,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta, ops, rules
 
+from ._graph import ops as aten_ops
 from ._rewrite import arg, nodes_with_rule, swap, training_flag
+
+_SILU = aten_ops("silu")
 
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
@@ -27,25 +30,44 @@ def scale_activations(gm: fx.GraphModule) -> PassResult:
     """SiLU, GELU and gated units."""
     mult = meta.graph_meta(gm)[meta.PLAN].hparams.ffn_act_mult
     by_name = {n.name: n for n in gm.graph.nodes}
-    nodes = nodes_with_rule(gm, rules.SILU, rules.GELU, rules.GATED)
+    nodes = nodes_with_rule(gm, rules.SILU, rules.GELU, rules.ACTIVATION, rules.GATED)
     for node in nodes:
         rule = meta.get(node, meta.RULE)
         if rule == rules.SILU:
             swap(node, ops.silu, (node.args[0],), {"mult": mult})
-        elif rule == rules.GELU and meta.get(node, meta.GELU_INPUT):
-            # A hand-written tanh-GELU: one op replaces the pattern, its parts go.
-            x = by_name[meta.get(node, meta.GELU_INPUT)]
-            swap(node, ops.gelu, (x,), {"mult": mult, "approximate": "tanh"})
-            _erase_dead(gm, rules.PATTERN_PART)
         elif rule == rules.GELU:
-            approximate = arg(node, "approximate", "none")
-            swap(node, ops.gelu, (node.args[0],), {"mult": mult, "approximate": approximate})
+            approximate = "tanh" if meta.get(node, meta.GELU_INPUT) else arg(node, "approximate", "none")
+            swap(node, ops.gelu, (_input_of(node, by_name),), {"mult": mult, "approximate": approximate})
+        elif rule == rules.ACTIVATION:
+            kind, kwargs = meta.get(node, meta.ACTIVATION)
+            swap(node, ops.activation, (_input_of(node, by_name), kind), {"mult": mult, **kwargs})
         else:
             act = by_name[meta.get(node, meta.GATE)]
             up = next(a for a in node.args[:2] if a is not act)
-            swap(node, ops.silu_glu, (up, act.args[0]), {"mult": mult})
+            gate = _input_of(act, by_name)
+            if act.target in _SILU:  # the reference library's gated-SiLU rule
+                swap(node, ops.silu_glu, (up, gate), {"mult": mult})
+            else:
+                kind, kwargs = _act_kind(act)
+                swap(node, ops.glu, (up, gate, kind), {"mult": mult, **kwargs})
             gm.graph.erase_node(act)
+    _erase_dead(gm, rules.PATTERN_PART)  # inner ops of hand-written activations
     return PassResult(gm, bool(nodes))
+
+
+def _input_of(act: fx.Node, by_name: dict[str, fx.Node]) -> fx.Node:
+    """An activation's input: its argument, or a hand-written pattern's input."""
+    name = meta.get(act, meta.GELU_INPUT)
+    return by_name[name] if name else act.args[0]
+
+
+def _act_kind(act: fx.Node) -> tuple[str, dict]:
+    """``ops.glu``'s (kind, kwargs) for the activation node a gated unit absorbs."""
+    if meta.get(act, meta.ACTIVATION):
+        return meta.get(act, meta.ACTIVATION)
+    if meta.get(act, meta.GELU_INPUT):  # hand-written tanh-GELU
+        return "gelu", {"approximate": "tanh"}
+    return "gelu", {"approximate": arg(act, "approximate", "none")}
 
 
 def _erase_dead(gm: fx.GraphModule, rule: str) -> None:
@@ -61,6 +83,31 @@ def scale_dropout(gm: fx.GraphModule) -> PassResult:
     for node in nodes:
         flag = training_flag(gm, arg(node, "train", True))
         swap(node, ops.dropout, (node.args[0], float(arg(node, "p", 0.5)), flag))
+    return PassResult(gm, bool(nodes))
+
+
+def scale_pooling(gm: fx.GraphModule) -> PassResult:
+    """Average pooling and means over activation axes: x sqrt(n) forward, grad tied."""
+    nodes = nodes_with_rule(gm, rules.POOL)
+    for node in nodes:
+        name = node.target._opname  # avg_pool2d, adaptive_avg_pool2d, mean
+        if name == "mean":
+            args = (node.args[1], bool(arg(node, "keepdim", False)))
+        elif name.startswith("adaptive"):
+            args = (node.args[1],)
+        else:  # avg_pool: kernel, stride, padding, ceil_mode, count_include_pad
+            names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+            args = tuple(arg(node, k) for k in names)
+            args = args[:1] + (args[1] or None,) + args[2:]
+        swap(node, ops.mean_over, (node.args[0], name, *args))
+    return PassResult(gm, bool(nodes))
+
+
+def scale_picks(gm: fx.GraphModule) -> PassResult:
+    """A head's pick of one sequence position: x grad * sqrt(n)."""
+    nodes = nodes_with_rule(gm, rules.PICK)
+    for node in nodes:
+        swap(node, ops.pick, tuple(node.args[:3]))
     return PassResult(gm, bool(nodes))
 
 

@@ -17,16 +17,21 @@ Fails when: never (an ``addmm`` with beta/alpha != 1 is left as is and listed).
 
 from __future__ import annotations
 
+import math
+
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import fp8, meta, ops, rules
 
 from ._graph import ops as aten_ops
-from ._rewrite import arg, nodes_with_rule, shape_of, swap
+from ._graph import where
+from ._rewrite import arg, insert_call, nodes_with_rule, shape_of, swap
 
 _LINEAR = aten_ops("linear")
 _ADDMM = aten_ops("addmm")
+_INDEX = aten_ops("index.Tensor")
+_CONVOLUTION = aten_ops("convolution")
 
 
 def _use_role(plan, weight: str, node: fx.Node) -> str:
@@ -54,20 +59,10 @@ def scale_linears(gm: fx.GraphModule) -> PassResult:
             x, w, bias = node.args[0], node.args[1], arg(node, "bias")
         else:  # mm / matmul: x @ W
             (x, w), bias = node.args[:2], None
-        transposed = bool(meta.get(node, meta.TRANSPOSED))
+        transposed = bool(meta.get(node, meta.TRANSPOSED))  # the operand is [in, out]
         w_shape = shape_of(w)
-        fan_in, fan_out = (w_shape[0], w_shape[1]) if transposed else (w_shape[1], w_shape[0])
-        if _use_role(plan, meta.get(node, meta.WEIGHT), node) == rules.OUTPUT:
-            out_scale, grad_scale = ops.readout_linear_scales(
-                fan_in, fan_out, plan.hparams.output_mult
-            )
-        else:
-            out_scale, grad_scale = ops.hidden_linear_scales(fan_in)
-        kwargs = {
-            "out_scale": out_scale,
-            "grad_input_scale": grad_scale,
-            "weight_transposed": transposed,
-        }
+        fan_in, fan_out = (w_shape[-2], w_shape[-1]) if transposed else (w_shape[1], w_shape[0])
+        kwargs = {**_scales(plan, node, fan_in, fan_out), "weight_transposed": transposed}
         if options.fp8 != "off" and meta.get(node, meta.FP8):
             kwargs.update(mode=options.fp8, name=meta.get(node, meta.WEIGHT))
             swap(node, fp8.linear, (x, w, bias), kwargs)
@@ -77,11 +72,66 @@ def scale_linears(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, changed)
 
 
+def _scales(plan, node: fx.Node, fan_in: int, fan_out: int) -> dict[str, float]:
+    if _use_role(plan, meta.get(node, meta.WEIGHT), node) == rules.OUTPUT:
+        out_scale, grad_scale = ops.readout_linear_scales(fan_in, fan_out, plan.hparams.output_mult)
+    else:
+        out_scale, grad_scale = ops.hidden_linear_scales(fan_in)
+    return {"out_scale": out_scale, "grad_input_scale": grad_scale}
+
+
+def scale_convs(gm: fx.GraphModule) -> PassResult:
+    """Swap conv1d/2d/3d with a parameter weight for ``ops.conv`` (the linear rule with
+    fan_in = C_in/groups * prod(kernel)); a transposed convolution is listed, unscaled."""
+    g = meta.graph_meta(gm)
+    changed = False
+    for node in nodes_with_rule(gm, rules.CONV):
+        x, w = node.args[:2]
+        if node.target in _CONVOLUTION:
+            stride, padding, dilation, transposed, _, groups = node.args[3:9]
+            if transposed:
+                g[meta.UNCOVERED].append((node.name, "transposed convolution", where(node)))
+                continue
+        else:
+            stride, padding = arg(node, "stride", 1), arg(node, "padding", 0)
+            dilation, groups = arg(node, "dilation", 1), arg(node, "groups", 1)
+        shape = shape_of(w)
+        scales = _scales(g[meta.PLAN], node, math.prod(shape[1:]), shape[0])
+        swap(node, ops.conv, (x, w, arg(node, "bias"), stride, padding, dilation, groups), scales)
+        changed = True
+    return PassResult(gm, changed)
+
+
 def scale_embeddings(gm: fx.GraphModule) -> PassResult:
-    """Swap ``aten.embedding`` for ``ops.embedding`` (weight grad x (V / indices)^1/2)."""
+    """Swap ``aten.embedding`` and ``W[ids]`` for ``ops.embedding`` (weight grad x
+    (V / indices)^1/2)."""
     nodes = nodes_with_rule(gm, rules.EMBEDDING)
     for node in nodes:
+        if node.target in _INDEX:  # W[ids]
+            swap(node, ops.embedding, (node.args[1][0], node.args[0], None))
+            continue
         weight, indices = node.args[:2]
         padding_idx = arg(node, "padding_idx", -1)
         swap(node, ops.embedding, (indices, weight, None if padding_idx == -1 else padding_idx))
     return PassResult(gm, bool(nodes))
+
+
+def scale_direct_params(gm: fx.GraphModule) -> PassResult:
+    """Parameters used as values (rules §3, "parameters used directly"): an added table's
+    gradient x (numel / broadcast numel)^1/2 (``ops.broadcast_param``), an expanded
+    token's x (numel / expanded numel)^1/2 (``ops.expand_param``); concatenated as is."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    changed = False
+    for node in list(gm.graph.nodes):
+        use = meta.get(node, meta.DIRECT) if node.op == "placeholder" else None
+        if not use or use["kind"] == "cat":
+            continue
+        op, operand = by_name[use["op"]], by_name[use["operand"]]
+        if use["kind"] == "expand":
+            swap(op, ops.expand_param, (op.args[0], op.args[1]))
+        else:
+            other = op.args[1] if op.args[0] is operand else op.args[0]
+            scaled = insert_call(gm, op, ops.broadcast_param, (operand, other), like=operand)
+            op.replace_input_with(operand, scaled)
+        changed = True
+    return PassResult(gm, changed)

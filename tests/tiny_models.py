@@ -86,8 +86,8 @@ class NoParams(nn.Module):
         return x * 2
 
 
-class TanhMLP(nn.Module):
-    """An MLP with a hand-written activation no u-muP rule covers (tanh)."""
+class SinMLP(nn.Module):
+    """An MLP with an activation no u-muP rule covers (sin, as in SIREN)."""
 
     def __init__(self, d_in: int = 16, hidden: int = 32, d_out: int = 4) -> None:
         super().__init__()
@@ -95,7 +95,7 @@ class TanhMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x)))
+        return self.fc2(torch.sin(self.fc1(x)))
 
 
 class ResidualMLPStack(nn.Module):

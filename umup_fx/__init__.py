@@ -10,7 +10,13 @@ from .optim import AdamW, param_groups
 from .options import Options
 from .pipeline import analyze, explain
 from .plan import ParamPlan, Plan
-from .transform import OneGraphWarning, UmupModule, UncoveredOpWarning, transform
+from .transform import (
+    OneGraphWarning,
+    PostNormWarning,
+    UmupModule,
+    UncoveredOpWarning,
+    transform,
+)
 
 __all__ = [
     "AdamW",
@@ -20,6 +26,7 @@ __all__ = [
     "HParams",
     "HParamsError",
     "OneGraphWarning",
+    "PostNormWarning",
     "ParamPlan",
     "Plan",
     "Options",

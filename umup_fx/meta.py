@@ -11,6 +11,9 @@ key                written by         value
 =================  =================  ==================================================
 ``kind``           capture            placeholders only: "param" | "buffer" |
                                       "constant" | "input"
+``direct``         passes.match       on parameter placeholders used as values, not
+                                      weights (position tables, cls tokens): dict
+                                      {"kind": "add" | "expand" | "cat", "op", "operand"}
 ``param``          capture            placeholders of parameters: the canonical
                                       parameter name (first name in
                                       ``model.named_parameters()``; tied names share it)
@@ -22,7 +25,9 @@ key                written by         value
 ``weight``         passes.match        for weight-bearing ops: the parameter name
 ``transposed``     passes.match       on weight ops: True when W is stored [in, out]
                                       (``addmm`` / ``matmul`` right operand)
-``gate``           passes.match       on gated units: the SiLU node it absorbs
+``gate``           passes.match       on gated units: the activation node it absorbs
+``activation``     passes.match       on "activation" / "gated" nodes: (kind, kwargs)
+                                      for ``ops.activation`` / ``ops.glu``
 ``gelu_input``     passes.match       on a hand-written tanh-GELU's output: its input
 ``attention``      passes.match        for ``rule == "attention"`` patterns: dict with
                                       the pattern's nodes and whether it is causal
@@ -40,6 +45,8 @@ Per-graph keys (``gm.meta["umup"][KEY]``):
 ``depth_scaled``   passes.residuals   set of parameter names inside a residual branch
 ``uncovered``      passes.coverage    list of (node name, op name, why) left unscaled
 ``roles``          passes.roles       {parameter name: ParamRole}
+``notes``          analysis passes    lines for the report: what the analysis decided
+                                      that changes the model's own numbers
 ``replaced``       passes.scale_norms {erased node name: the node that took its place}
                                       (``passes.regions`` follows it to block outputs)
 =================  =================  ==================================================
@@ -66,6 +73,8 @@ WEIGHT = "weight"
 ATTENTION = "attention"
 TRANSPOSED = "transposed"
 GATE = "gate"
+ACTIVATION = "activation"
+DIRECT = "direct"
 GELU_INPUT = "gelu_input"
 RESIDUAL = "residual"
 FP8 = "fp8"
@@ -83,6 +92,7 @@ OPTIONS = "options"
 TRAINING = "training"
 STATIC_MODE = "static_mode"
 REPLACED = "replaced"
+NOTES = "notes"
 
 
 def node_meta(node: fx.Node) -> dict[str, Any]:

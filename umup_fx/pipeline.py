@@ -7,6 +7,7 @@ graph they captured, so the two entry points share every pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,12 +15,14 @@ from torch import fx, nn
 
 from . import meta, rules
 from .capture import capture
+from .errors import AnalysisError, UmupError
 from .hparams import HParams
 from .options import Options
 from .passes.coverage import find_uncovered
 from .passes.dims import infer_dims
 from .passes.fp8 import mark_fp8
 from .passes.match import match_rules
+from .passes.model_scales import drop_model_scales, find_model_scales
 from .passes.norms import find_norms
 from .passes.residuals import find_residuals
 from .passes.roles import assign_roles
@@ -30,9 +33,16 @@ from .passes.scale_pointwise import (
     scale_cross_entropy,
     scale_dropout,
     scale_matmuls,
+    scale_picks,
+    scale_pooling,
 )
 from .passes.scale_residuals import scale_residuals
-from .passes.scale_weights import scale_embeddings, scale_linears
+from .passes.scale_weights import (
+    scale_convs,
+    scale_direct_params,
+    scale_embeddings,
+    scale_linears,
+)
 from .plan import Plan, build_plan, expand_blocks
 
 
@@ -42,7 +52,8 @@ def analysis_passes(roles: dict[str, str] | None = None) -> list[Callable[[fx.Gr
         infer_dims,  # umup.dims: sympy dims, fixed vs width (rules §1)
         find_norms,  # umup.norm: normalisation outputs and gains
         match_rules,  # umup.rule: which §3 rule each op gets
-        lambda gm: assign_roles(gm, roles),  # roles and fans (§1)
+        functools.partial(assign_roles, overrides=roles),  # roles and fans (§1)
+        find_model_scales,  # a model's own sqrt(d) / d^-1/2 where u-muP sets the scale
         find_residuals,  # residual branches, depth, tau (§4)
         mark_fp8,  # umup.fp8: non-critical matmuls (§7)
         find_uncovered,  # ops no rule covers, listed
@@ -56,18 +67,41 @@ def rewrite_passes() -> list[Callable[[fx.GraphModule], Any]]:
     nodes in place, keeping node names and metadata for the passes after them.
     """
     return [
+        drop_model_scales,  # before the weight ops: they read their inputs
         scale_residuals,  # residual split / add with tau, plain adds (§3, §4)
         scale_linears,  # linears by role; FP8 on eligible ones (§3, §7)
+        scale_convs,  # the linear rule, fan_in = C_in/groups * kernel
         scale_embeddings,
+        scale_direct_params,  # position tables / cls tokens used as values
         scale_norms,  # non-parametric norms by default (§2)
         scale_sdpa,  # SDPA with alpha/d_head logits (§3)
         scale_manual_attention,  # hand-written attention gets SDPA's rule
         scale_softmax,
         scale_activations,  # SiLU, GELU, gated units
         scale_dropout,
+        scale_pooling,
+        scale_picks,
         scale_matmuls,
         scale_cross_entropy,
     ]
+
+
+def run_pass(run: Callable[[fx.GraphModule], Any], gm: fx.GraphModule, model_name: str) -> None:
+    """Run one pass; anything but an ``UmupError`` becomes an ``AnalysisError`` that names
+    the pass and the model (the chained exception keeps the traceback for a report)."""
+    try:
+        run(gm)
+    except UmupError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a raw crash is never what a user sees
+        name = getattr(run, "__name__", None) or getattr(getattr(run, "func", None), "__name__", "a")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AnalysisError(
+            f"umup_fx could not process {model_name}: its {name} pass failed with "
+            f"{type(exc).__name__}: {first[:300]}. This is an op or pattern umup_fx does not "
+            "handle yet; roles={...} cannot fix it. Please report it with the model "
+            "(UMUP_FX_DEBUG=1 shows where it failed)."
+        ) from exc
 
 
 def plan_graph(gm: fx.GraphModule, options: Options, model_name: str = "model") -> Plan:
@@ -85,8 +119,8 @@ def rewrite_graph(gm: fx.GraphModule, plan: Plan, options: Options) -> None:
     """Rewrite an analysed ``gm`` in place into its u-muP form, from ``plan``."""
     g = meta.graph_meta(gm)
     g[meta.PLAN], g[meta.OPTIONS] = plan, options
-    for run_pass in rewrite_passes():
-        run_pass(gm)
+    for rewrite in rewrite_passes():
+        run_pass(rewrite, gm, plan.model_name)
     gm.graph.lint()
     gm.recompile()
     plan.uncovered = list(g[meta.UNCOVERED])
@@ -107,8 +141,8 @@ def analyze_graph(
 ) -> Plan:
     """Run every analysis pass over a captured graph and collect the plan."""
     meta.graph_meta(gm)[meta.HPARAMS] = HParams.coerce(hparams)
-    for run_pass in analysis_passes(roles):
-        run_pass(gm)
+    for analysis in analysis_passes(roles):
+        run_pass(analysis, gm, model_name)
     return build_plan(gm, model_name)
 
 

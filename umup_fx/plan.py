@@ -58,6 +58,7 @@ class Plan:
     unknown_shape_ops: list[str] = field(default_factory=list)
     fp8_ops: list[tuple[str, str]] = field(default_factory=list)  # (node, weight)
     fp8_mode: str = "off"  # Options.fp8 of the transform ("off" for analyze)
+    notes: list[str] = field(default_factory=list)  # decisions that change the model's numbers
 
     def lr_factor(self, name: str) -> float:
         return self.params[name].lr_factor
@@ -117,6 +118,7 @@ def build_plan(gm: fx.GraphModule, model_name: str = "model") -> Plan:
         uncovered=list(g[meta.UNCOVERED]),
         unknown_shape_ops=list(solver.unknown_ops),
         fp8_ops=fp8_ops,
+        notes=list(dict.fromkeys(g.get(meta.NOTES, []))),
     )
 
 

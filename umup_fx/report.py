@@ -166,6 +166,8 @@ def format_plan(plan: Plan) -> str:
     elif n_fp8:
         lines += ["", f"FP8 matmuls: {n_fp8} linears in FP8 (FP8 column), E4M3 forward, "
                       "E5M2 grads, static scale 1", f"  {_fp8_path(plan.fp8_mode)}"]
+    if plan.notes:
+        lines += ["", "notes:"] + [f"  {note}" for note in plan.notes]
     if plan.uncovered:
         lines += ["", "ops no u-muP rule covers (pass through unscaled):"]
         lines += [f"  {name}: {op} at {src}" for name, op, src in plan.uncovered]

@@ -51,7 +51,10 @@ def init_of(role: str, shift: bool = False) -> str:
 
 # -- §3 ops the rewrite scales (the values of node.meta["umup"]["rule"]) ---------------
 LINEAR = "linear"
-EMBEDDING = "embedding"
+EMBEDDING = "embedding"  # also ``W[ids]``: an integer lookup of a parameter's rows
+CONV = "conv"  # conv1d/2d/3d: the linear rule with fan_in = C_in/groups * prod(kernel)
+PICK = "pick"  # one position of a sequence read by a head (ViT's cls token): grad x sqrt(n)
+POOL = "pool"  # average pooling / a mean over activation axes: x sqrt(n), grad tied
 NORM_OP = "norm"  # layer_norm / rms_norm or the decomposed x * rsqrt(mean(x^2) + eps)
 NORM_GAIN = "norm_gain"  # the normalised value times its 1-D gain
 RESIDUAL_ADD = "residual_add"
@@ -61,7 +64,10 @@ ATTENTION = "attention"  # hand-written q @ k^T * c -> softmax -> @ v, rewritten
 SOFTMAX = "softmax"
 SILU = "silu"
 GELU = "gelu"
-GATED = "gated"  # up * silu(gate)
+ACTIVATION = "activation"  # relu, tanh, sigmoid, quick-GELU, ...: the exact Gaussian std
+GATED = "gated"  # up * act(gate): SiLU (reference rule) or any ACTIVATION / GELU
+SOFTCAP = "softcap"  # c * tanh(x / c) (Gemma 2): the identity at u-muP's O(1) logits
+MODEL_SCALE = "model_scale"  # a model's own constant on an embedding / before a readout
 GATE_ACT = "gate_act"  # the SiLU inside a gated unit (scaled by GATED)
 PATTERN_PART = "pattern_part"  # inside a recognised pattern (tanh-GELU, attention dropout)
 DROPOUT = "dropout"

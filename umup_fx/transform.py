@@ -32,7 +32,7 @@ from .passes.regions import (
 from .pipeline import plan_graph, rewrite_graph
 from .plan import expand_blocks
 
-__all__ = ["UmupModule", "UncoveredOpWarning", "transform"]
+__all__ = ["OneGraphWarning", "PostNormWarning", "UmupModule", "UncoveredOpWarning", "transform"]
 
 
 TRANSFORMED_ATTR = "_umup_transformed"
@@ -40,6 +40,10 @@ TRANSFORMED_ATTR = "_umup_transformed"
 
 class UncoveredOpWarning(UserWarning):
     """An op on the activation path that no u-muP rule covers runs unscaled."""
+
+
+class PostNormWarning(UserWarning):
+    """The model's residual adds feed a norm (post-LN); u-muP's residual rule assumes pre-norm."""
 
 
 class OneGraphWarning(UserWarning):
@@ -185,6 +189,17 @@ def transform(
             f"umup_fx: {len(plan.uncovered)} op(s) of {captured.model_name} have no u-muP rule "
             f"and run unscaled: {listed}. The report (umup_fx.explain) lists them.",
             UncoveredOpWarning,
+            stacklevel=2,
+        )
+    post = [b for b in plan.branches if b.post_norm]
+    if post:
+        warnings.warn(
+            f"umup_fx: {captured.model_name} is post-norm ({len(post)} residual adds feed a "
+            "norm, e.g. at the branch ending in parameter "
+            f"{post[0].params[-1] if post[0].params else post[0].add!r}). u-muP's residual "
+            "rule assumes pre-norm: width transfer holds, depth transfer is not promised "
+            "(docs/rules.md section 4).",
+            PostNormWarning,
             stacklevel=2,
         )
     _install(model, captured, built)

@@ -1,0 +1,107 @@
+"""Constants a model multiplies in itself where u-muP sets the scale (rules §3).
+
+Gemma multiplies its embeddings by ``sqrt(d_model)`` and T5 (tied) its last hidden
+state by ``d_model^-1/2`` before the LM head. Those constants are the model's own
+way to fix a scale that u-muP's embedding and readout rules now fix, so keeping them
+would apply the scale twice (T5's logits came out 8x small). A multiply (or divide) of
+an activation by a constant (a Python number, or a one-element tensor that no
+parameter feeds) is *neutralised* when it sits directly on an embedding's output, or
+directly on the input of a linear whose use is a readout (role ``output``).
+
+Reads: ``umup.rule``; graph key ``roles`` (per-use roles of tied weights).
+Writes: ``umup.rule = "model_scale"`` on those nodes; graph key ``notes`` (one line
+each, shown in the report). ``drop_model_scales`` erases them, recording each in graph
+key ``replaced`` and moving a residual branch that started there to the operand.
+Fails when: never.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from umup_fx import meta, rules
+
+from ._graph import DIVS, MULS, TRANSPARENT, ops, param_dependent, source, where
+
+_ADDMM = ops("addmm")
+
+
+def _constant_operand(node: fx.Node, active: set[fx.Node]) -> fx.Node | None:
+    """The activation operand of ``x * c`` / ``x / c`` with ``c`` a constant, else None."""
+    if node.target not in (MULS | DIVS) or len(node.args) != 2:
+        return None
+    x, c = node.args
+    if node.target in MULS and not (isinstance(x, fx.Node) and x in active):
+        x, c = c, x
+    if not (isinstance(x, fx.Node) and x in active):
+        return None
+    if isinstance(c, (int, float)):
+        return x
+    val = c.meta.get("val") if isinstance(c, fx.Node) else None
+    if isinstance(c, fx.Node) and c not in active and val is not None and val.numel() == 1:
+        return x
+    return None
+
+
+def _readout_uses(node: fx.Node, roles: dict) -> bool:
+    """True when every consumer (through views) is a readout linear taking ``node`` as x."""
+    users: list[fx.Node] = []
+    frontier = list(node.users)
+    while frontier:
+        u = frontier.pop()
+        if u.target in TRANSPARENT:
+            frontier.extend(u.users)
+        else:
+            users.append(u)
+    if not users:
+        return False
+    for u in users:
+        if meta.get(u, meta.RULE) != rules.LINEAR:
+            return False
+        if source(u.args[1] if u.target in _ADDMM else u.args[0]) is not node:
+            return False
+        weight = meta.get(u, meta.WEIGHT)
+        use_roles = [use.role for use in roles[weight].uses if use.node == u.name]
+        if (use_roles or [roles[weight].role])[0] != rules.OUTPUT:
+            return False
+    return True
+
+
+def find_model_scales(gm: fx.GraphModule) -> PassResult:
+    """Mark a model's own embedding / readout constants; see the module docstring."""
+    g = meta.graph_meta(gm)
+    roles = g[meta.ROLES]
+    active = param_dependent(gm)
+    notes = g.setdefault(meta.NOTES, [])
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or meta.get(node, meta.RULE) is not None:
+            continue
+        x = _constant_operand(node, active)
+        if x is None:
+            continue
+        on_embedding = meta.get(source(x), meta.RULE) == rules.EMBEDDING
+        if on_embedding or _readout_uses(node, roles):
+            meta.node_meta(node)[meta.RULE] = rules.MODEL_SCALE
+            what = "embedding output" if on_embedding else "readout input"
+            notes.append(f"the model's own constant on its {what} is dropped (u-muP "
+                         f"sets that scale): {where(node)}")
+    return PassResult(gm, False)
+
+
+def drop_model_scales(gm: fx.GraphModule) -> PassResult:
+    """Rewrite: each ``model_scale`` multiply becomes its activation operand."""
+    active = param_dependent(gm)
+    changed = False
+    for node in list(gm.graph.nodes):
+        if meta.get(node, meta.RULE) == rules.MODEL_SCALE:
+            x = _constant_operand(node, active)
+            node.replace_all_uses_with(x)
+            g = meta.graph_meta(gm)
+            g.setdefault(meta.REPLACED, {})[node.name] = x.name
+            for branch in g.get(meta.BRANCHES, []):  # the first residual starts here
+                if branch.skip == node.name:
+                    branch.skip = x.name
+            gm.graph.erase_node(node)
+            changed = True
+    return PassResult(gm, changed)
