@@ -53,6 +53,16 @@ def inplace_safe(node: fx.Node) -> bool:
     return True
 
 
+def einsum_letters(equation: str) -> tuple[list[str], str] | None:
+    """(operand subscripts, output subscripts) of an explicit einsum equation without
+    ``...``; None for the forms the passes do not read (implicit output, ellipsis)."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    inputs, out = eq.split("->")
+    return inputs.split(","), out
+
+
 def is_tensor(node: Any) -> bool:
     return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
 

@@ -28,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta
 
-from ._graph import ops, source
+from ._graph import einsum_letters, ops, source
 
 aten = torch.ops.aten
 
@@ -651,6 +651,22 @@ def _index(p: _Propagator, n: fx.Node) -> Dims:
     return x[:k] + p.d(idx) + x[k + 1:]
 
 
+def _einsum(p: _Propagator, n: fx.Node) -> Dims:
+    """Subscripts name dims: each letter is one dim across operands and output."""
+    parsed = einsum_letters(n.args[0])
+    operands = list(n.args[1])
+    if parsed is None or len(parsed[0]) != len(operands):
+        return p.fresh(n)
+    letters: dict[str, sp.Expr] = {}
+    for subs, t in zip(parsed[0], operands, strict=True):
+        for letter, e in zip(subs, p.d(t), strict=True):
+            if letter in letters:
+                p.s.equate(letters[letter], e, n.name)
+            else:
+                letters[letter] = e
+    return tuple(letters[letter] for letter in parsed[1])
+
+
 def _factory(p: _Propagator, n: fx.Node) -> Dims:
     return p.fresh(n)
 
@@ -729,6 +745,7 @@ _RULES: dict[Any, Rule] = _table([
     (ops("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
          "adaptive_avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d"), _pool),
     (ops("index.Tensor"), _index),
+    (ops("einsum"), _einsum),
     (ops("rms_norm"), _rms_norm),
     (ops("cross_entropy_loss", "nll_loss", "nll_loss_nd"), _cross_entropy),
     (

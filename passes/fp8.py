@@ -26,8 +26,8 @@ def mark_fp8(gm: fx.GraphModule) -> PassResult:
     """Mark FP8-eligible linears; see the module docstring."""
     roles = meta.graph_meta(gm)[meta.ROLES]
     for node in gm.graph.nodes:
-        if meta.get(node, meta.RULE) != rules.LINEAR:
-            continue
+        if meta.get(node, meta.RULE) != rules.LINEAR or meta.get(node, meta.EINSUM):
+            continue  # (an einsum weight stays in the model's precision)
         weight = meta.get(node, meta.WEIGHT)
         x = node.args[1] if node.target in _ADDMM else node.args[0]  # addmm(bias, x, W)
         from_norm = bool(meta.get(source(x), meta.NORM)) or bool(meta.get(x, meta.NORM))

@@ -36,6 +36,7 @@ from ._graph import (
     MULS,
     SOFTMAXES,
     TRANSPARENT,
+    einsum_letters,
     is_tensor,
     ops,
     param_dependent,
@@ -61,6 +62,7 @@ _AVG_POOLS = ops("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d"
                  "adaptive_avg_pool2d", "adaptive_avg_pool3d")
 _MEAN = ops("mean.dim")
 _SELECT = ops("select.int")
+_EINSUM = ops("einsum")
 _EXPAND = ops("expand")
 _CAT = ops("cat", "stack")
 # Data movement a parameter used as a value may go through: views, slices, row picks.
@@ -75,6 +77,24 @@ def _picks_for_head(node: fx.Node, solver: Any) -> bool:
     if dims[axis].is_number or solver.kind_of(dims[axis]) != "fixed":
         return False
     return any(meta.get(u, meta.RULE) == rules.LINEAR for u in _users(node))
+
+
+def _einsum_weight(node: fx.Node) -> tuple[list[str], str, int] | None:
+    """(subscripts, output, weight index) of ``einsum(eq, x, W)`` / ``(eq, W, x)`` where W
+    is a parameter whose letters are each contracted with x or kept in the output."""
+    parsed = einsum_letters(node.args[0])
+    operands = list(node.args[1])
+    if parsed is None or len(operands) != 2:
+        return None
+    subs, out = parsed
+    params = [i for i, t in enumerate(operands) if param_of(t)]
+    if len(params) != 1:
+        return None
+    i = params[0]
+    w, x = subs[i], subs[1 - i]
+    contracted = [c for c in w if c in x and c not in out]
+    kept = [c for c in w if c in out and c not in x]
+    return (subs, out, i) if contracted and kept else None
 
 
 def _row_lookup(node: fx.Node) -> bool:
@@ -292,6 +312,10 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[2]), meta.TRANSPOSED: True})
         elif t in MATMULS and param_of(node.args[1]) and not param_of(node.args[0]):
             _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[1]), meta.TRANSPOSED: True})
+        elif t in _EINSUM and _einsum_weight(node):
+            subs, out, i = _einsum_weight(node)
+            _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[1][i]),
+                                        meta.EINSUM: (subs, out, i)})
         elif param_of(node.args[0]) and (t in _EMBEDDING or t in _INDEX and _row_lookup(node)):
             _set(node, rules.EMBEDDING, **{meta.WEIGHT: param_of(node.args[0])})
         elif t in _CONV and param_of(node.args[1]):

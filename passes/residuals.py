@@ -29,12 +29,13 @@ from umup_fx.hparams import HParams
 
 from ._graph import (
     ADDS,
+    DROPOUTS,
     MULS,
     TRANSPARENT,
     inplace_safe,
     is_tensor,
     param_dependent,
-    param_name,
+    param_of,
 )
 
 _ATTENTION_RULES = {rules.SDPA, rules.ATTENTION, rules.SOFTMAX}
@@ -51,6 +52,16 @@ class Branch:
     params: list[str] = field(default_factory=list)
     region: str = ""  # the block it lies in ("" for the root), filled by plan.expand_blocks
     post_norm: bool = False  # the add feeds only a norm (post-LN: BERT, the original T)
+    stream: int = 0  # the residual stream (an encoder-decoder has two), numbered in order
+
+
+def _stream_source(node: fx.Node) -> fx.Node:
+    """What a skip carries, through views, dropout and norms (post-LN skips read norm(add))."""
+    while (isinstance(node, fx.Node) and node.op == "call_function" and node.args
+           and (node.target in TRANSPARENT or node.target in DROPOUTS
+                or meta.get(node, meta.RULE) == rules.NORM_OP)):
+        node = node.args[0]
+    return node
 
 
 def _feeds_only_norms(add: fx.Node) -> bool:
@@ -112,14 +123,25 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
         "attention" if any(meta.get(n, meta.RULE) in _ATTENTION_RULES for n in body) else "mlp"
         for _, _, body in found
     ]
-    taus = rules.residual_taus(kinds, hp)
+    # A branch continues the stream whose last add its skip carries; else a new stream.
+    streams: list[int] = []
+    last_add: dict[int, fx.Node] = {}
+    for _, skip, _ in found:
+        carried = _stream_source(skip)
+        stream = next((s for s, add in last_add.items() if add is carried), len(last_add))
+        streams.append(stream)
+        last_add[stream] = next(a for a, sk, _ in found if sk is skip)
+    taus, _ = rules.stream_taus(kinds, streams, hp)
     branches, depth_scaled = [], set()
     for i, ((add, skip, body), kind, tau) in enumerate(zip(found, kinds, taus, strict=False)):
-        params = sorted(
-            {param_name(p) for n in body for p in n.all_input_nodes if param_name(p)}
+        params = sorted(  # through views: x @ W.T reads W via a transpose
+            {param_of(p) for n in body for p in n.all_input_nodes if param_of(p)}
         )
-        branch = Branch(i, kind, add.name, skip.name, tau, params,
-                        post_norm=_feeds_only_norms(add))
+        # The last add of a pre-norm stack also feeds only the final norm; an earlier
+        # one that does is post-norm (its successor reads the normalised sum).
+        post_norm = i < len(found) - 1 and _feeds_only_norms(add)
+        branch = Branch(i, kind, add.name, skip.name, tau, params, post_norm=post_norm,
+                        stream=streams[i])
         m = meta.node_meta(add)
         m[meta.RULE] = rules.RESIDUAL_ADD
         m[meta.RESIDUAL] = branch

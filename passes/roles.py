@@ -60,7 +60,13 @@ def _weight_use(op: fx.Node, solver) -> ParamRole:
     """Fans from the weight *operand* as the op sees it (after any ``.T``, view or
     permute the model applies), so stored layout and einsum plumbing do not matter."""
     rule = meta.get(op, meta.RULE)
-    if rule == rules.EMBEDDING:
+    if meta.get(op, meta.EINSUM):  # letters W shares with x only: fan_in; with out: fan_out
+        subs, out, i = meta.get(op, meta.EINSUM)
+        w, x = subs[i], subs[1 - i]
+        dims = dict(zip(w, meta.get(op.args[1][i], meta.DIMS), strict=True))
+        fan_in = sp.Mul(*[dims[c] for c in w if c in x and c not in out])
+        fan_out = sp.Mul(*[dims[c] for c in w if c in out and c not in x])
+    elif rule == rules.EMBEDDING:
         dims = meta.get(op.args[0], meta.DIMS)
         fan_in, fan_out = dims[0], dims[1]
     elif meta.get(op, meta.TRANSPOSED):  # x @ W, addmm(b, x, W), bmm: W is [..., in, out]

@@ -50,6 +50,10 @@ def scale_linears(gm: fx.GraphModule) -> PassResult:
     plan, options = g[meta.PLAN], g[meta.OPTIONS]
     changed = False
     for node in nodes_with_rule(gm, rules.LINEAR):
+        if meta.get(node, meta.EINSUM):
+            _scale_einsum(plan, node)
+            changed = True
+            continue
         if node.target in _ADDMM:
             if arg(node, "beta", 1) != 1 or arg(node, "alpha", 1) != 1:
                 g[meta.UNCOVERED].append((node.name, "addmm with beta/alpha", "kept unscaled"))
@@ -78,6 +82,17 @@ def _scales(plan, node: fx.Node, fan_in: int, fan_out: int) -> dict[str, float]:
     else:
         out_scale, grad_scale = ops.hidden_linear_scales(fan_in)
     return {"out_scale": out_scale, "grad_input_scale": grad_scale}
+
+
+def _scale_einsum(plan, node: fx.Node) -> None:
+    """``einsum(eq, x, W)`` with W a weight: ``ops.einsum_linear``, fans from the letters."""
+    subs, out, i = meta.get(node, meta.EINSUM)
+    w_subs, x_subs = subs[i], subs[1 - i]
+    x, w = node.args[1][1 - i], node.args[1][i]
+    sizes = dict(zip(w_subs, shape_of(w), strict=True))
+    fan_in = math.prod(sizes[c] for c in w_subs if c in x_subs and c not in out)
+    fan_out = math.prod(sizes[c] for c in w_subs if c in out and c not in x_subs)
+    swap(node, ops.einsum_linear, (node.args[0], x, w, i == 0), _scales(plan, node, fan_in, fan_out))
 
 
 def scale_convs(gm: fx.GraphModule) -> PassResult:

@@ -23,8 +23,10 @@ key                written by         value
                                       output (the op, or the op times its gain)
 ``rule``           passes.match         the u-muP rule this op gets (see ``Rule``)
 ``weight``         passes.match        for weight-bearing ops: the parameter name
-``transposed``     passes.match       on weight ops: True when W is stored [in, out]
-                                      (``addmm`` / ``matmul`` right operand)
+``transposed``     passes.match       on weight ops: True when the weight *operand* is
+                                      [..., in, out] (``addmm`` / ``matmul`` / ``bmm``)
+``einsum``         passes.match       on einsum weight ops: (operand subscripts,
+                                      output subscripts, index of the weight operand)
 ``gate``           passes.match       on gated units: the activation node it absorbs
 ``activation``     passes.match       on "activation" / "gated" nodes: (kind, kwargs)
                                       for ``ops.activation`` / ``ops.glu``
@@ -72,6 +74,7 @@ RULE = "rule"
 WEIGHT = "weight"
 ATTENTION = "attention"
 TRANSPOSED = "transposed"
+EINSUM = "einsum"
 GATE = "gate"
 ACTIVATION = "activation"
 DIRECT = "direct"

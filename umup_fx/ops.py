@@ -48,6 +48,7 @@ __all__ = [
     "conv",
     "cross_entropy",
     "dropout",
+    "einsum_linear",
     "embedding",
     "gelu",
     "glu",
@@ -226,6 +227,26 @@ def linear(
         out = torch.matmul(x, weight)
         return out if bias is None else out + bias
     return F.linear(x, weight.t() if weight_transposed else weight, bias)
+
+
+def einsum_linear(
+    equation: str,
+    x: Tensor,
+    weight: Tensor,
+    weight_first: bool = False,
+    *,
+    out_scale: float,
+    grad_input_scale: float,
+) -> Tensor:
+    """Linear rule for a weight used through ``torch.einsum(equation, x, W)`` (or W, x):
+    the scale folded into W as in :func:`linear`; W's gradient * B^-1/2, where B is the
+    number of times each weight entry is used (the product of x's letters W lacks)."""
+    subs = equation.replace(" ", "").split("->")[0].split(",")
+    x_subs, w_subs = (subs[1], subs[0]) if weight_first else (subs[0], subs[1])
+    rows = math.prod(n for c, n in zip(x_subs, x.shape, strict=True) if c not in w_subs)
+    x = scale_bwd(x, grad_input_scale / out_scale)
+    weight = _scale(weight, out_scale, rows**-0.5 * _dp())
+    return torch.einsum(equation, weight, x) if weight_first else torch.einsum(equation, x, weight)
 
 
 def linear_grad_scales(

@@ -74,7 +74,8 @@ def build_plan(gm: fx.GraphModule, model_name: str = "model") -> Plan:
     g = meta.graph_meta(gm)
     solver, roles, infos = g[meta.SOLVER], g[meta.ROLES], g[meta.PARAMS]
     branches = g[meta.BRANCHES]
-    depth = rules.depth_of([b.kind for b in branches])
+    _, depth = rules.stream_taus([b.kind for b in branches], [b.stream for b in branches],
+                                 g.get(meta.HPARAMS) or HParams())
     fp8_ops = [
         (n.name, meta.get(n, meta.WEIGHT)) for n in gm.graph.nodes if meta.get(n, meta.FP8)
     ]
@@ -195,12 +196,11 @@ def expand_blocks(plan: Plan, gm: fx.GraphModule, block_lists: list) -> dict[str
                                       for a in p.aliases),
                     )
     plan.params = _in_model_order(plan.params, block_lists)
-    kinds = [b.kind for b in full]
-    taus = rules.residual_taus(kinds, plan.hparams)
+    taus, plan.depth = rules.stream_taus([b.kind for b in full], [b.stream for b in full],
+                                         plan.hparams)
     for i, (br, tau) in enumerate(zip(full, taus, strict=True)):
         br.index, br.tau = i, tau
     plan.branches = full
-    plan.depth = rules.depth_of(kinds)
     for p in plan.params.values():
         p.lr_factor = rules.lr_factor(
             p.role, p.fan_in_value, p.fan_out_value, p.depth_scaled, plan.depth

@@ -99,10 +99,25 @@ def residual_taus(kinds: list[str], hp: HParams) -> list[float]:
 
 
 def depth_of(kinds: list[str]) -> int:
-    """L, the number of residual blocks: attention+MLP pairs, or single branches."""
+    """L, the number of residual blocks of one stream: blocks end in an MLP when both
+    kinds occur (attention+MLP, or self- + cross-attention + MLP), else one branch each."""
     n_attn = sum(k == "attention" for k in kinds)
     n_mlp = len(kinds) - n_attn
-    return max(n_attn, n_mlp) if n_attn and n_mlp else len(kinds)
+    return min(n_attn, n_mlp) if n_attn and n_mlp else len(kinds)
+
+
+def stream_taus(kinds: list[str], streams: list[int], hp: HParams) -> tuple[list[float], int]:
+    """tau of every branch and the depth L, for branches on one or more residual streams
+    (an encoder-decoder has two): each stream gets §4's rule on its own branches, and L
+    is the deepest stream's."""
+    taus = [0.0] * len(kinds)
+    depth = 0
+    for stream in dict.fromkeys(streams):
+        idx = [i for i, s in enumerate(streams) if s == stream]
+        for i, tau in zip(idx, residual_taus([kinds[i] for i in idx], hp), strict=True):
+            taus[i] = tau
+        depth = max(depth, depth_of([kinds[i] for i in idx]))
+    return taus, depth
 
 
 # -- §5 optimizer -------------------------------------------------------------------
