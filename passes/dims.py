@@ -144,8 +144,8 @@ def _solve(diff: sp.Expr, sym: sp.Symbol) -> list[sp.Expr]:
     """``sp.solve(diff, sym)``, short-cut for the equations shapes give: linear in ``sym``
     (``k*sym + rest``, ``k`` free of ``sym``) solves to ``-rest/k`` without sympy's
     general solver, which dominated analysis time."""
-    if diff.atoms(sp.Function):
-        return []  # strided shapes (export's FloorDiv, floor): not a width equation
+    if any(sym in f.free_symbols for f in diff.atoms(sp.Function)):
+        return []  # inside a strided shape (export's FloorDiv): not solvable for it
     k = diff.diff(sym)
     if k != 0 and sym not in k.free_symbols:
         return [-diff.xreplace({sym: 0}) / k]
