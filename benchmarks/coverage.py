@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._doc import command, machine, write_section  # noqa: E402
-from tests.families import FAMILIES, PRE_NORM, Result, check  # noqa: E402
+from tests.families import FAMILIES, Result, check, is_qk  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "coverage.md"
 
@@ -37,8 +37,11 @@ def _row(r: Result, seconds: float) -> str:
         what = {"refused": "refused (UmupError)", "crashed": "**crashed**",
                 "unavailable": "not run"}[r.status]
         return f"| {r.family} | {what} | - | - | - | - | {r.message[:160]} |"
-    grads = list(r.grad_rms.values())
+    qk = {n for n in r.grad_rms if is_qk(n)}
+    grads = [v for n, v in r.grad_rms.items() if n not in qk]
     span = f"{min(grads):.2f} .. {max(grads):.2f}" if grads else "-"
+    if qk:
+        span += f" (q/k from {min(r.grad_rms[n] for n in qk):.2f})"
     logits = "-"
     if r.logits_rms is not None and r.readout_fan_in:
         logits = f"{r.logits_rms:.3f} (fan_in^-1/2 = {r.readout_fan_in ** -0.5:.3f})"
@@ -46,7 +49,7 @@ def _row(r: Result, seconds: float) -> str:
     unit = _cell(r.unit_scale) + (f" (outside: {outside})" if outside else "")
     notes = "; ".join(filter(None, [
         "uncovered: " + ", ".join(sorted(set(r.uncovered))) if r.uncovered else "",
-        "post-norm (warned)" if r.family not in PRE_NORM and "ConvNet" not in r.family else "",
+        "PostNormWarning" if "post-norm" in r.message else "",
     ]))
     return (f"| {r.family} | yes ({seconds:.1f} s) | {_cell(r.step_finite)} | {span} | {unit} "
             f"| {logits} | {notes or '-'} |")
@@ -77,7 +80,7 @@ def main() -> None:
         "gradient at init inside [1/5, 5] (q/k projections may be lower, as in the "
         "reference decoder).",
         "",
-        "| family | transform | AdamW step finite | weight grad RMS at init | unit scale | "
+        "| family | transform | AdamW step finite | weight grad RMS at init (q/k) | unit scale | "
         "logits RMS | notes |",
         "|---|---|---|---|---|---|---|",
         *rows,

@@ -39,8 +39,6 @@ _PASS_THROUGH = TRANSPARENT | ops(
     "neg", "pad", "constant_pad_nd",
     "_assert_tensor_metadata", "copy_", "zeros_like", "ones_like", "empty_like",
     "sym_size.int",
-    # Max pooling picks one of its inputs: values stay O(1) (docs/rules.md §3, pooling).
-    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
 )
 _SUB = ops("sub.Tensor")
 # The arithmetic inside a hand-written norm's statistic: x^2, mean, + eps, rsqrt.

@@ -630,7 +630,7 @@ def _pool(p: _Propagator, n: fx.Node) -> Dims:
 
 
 def _batch_norm(p: _Propagator, n: fx.Node) -> Dims:
-    """batch_norm: statistics and affine parameters are per channel (axis 1)."""
+    """batch_norm / group_norm: affine parameters (and statistics) per channel (axis 1)."""
     x = p.d(n.args[0])
     for t in n.args[1:5]:
         if _is_tensor(t):
@@ -739,7 +739,7 @@ _RULES: dict[Any, Rule] = _table([
     (ops("stack"), _stack),
     (ops("scaled_dot_product_attention"), _sdpa),
     (ops("layer_norm"), _layer_norm),
-    (ops("batch_norm"), _batch_norm),
+    (ops("batch_norm", "group_norm"), _batch_norm),
     (ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
          "convolution"), _conv),
     (ops("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",

@@ -60,6 +60,7 @@ _CONV = ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "c
 _INDEX = ops("index.Tensor")
 _AVG_POOLS = ops("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
                  "adaptive_avg_pool2d", "adaptive_avg_pool3d")
+_MAX_POOLS = ops("max_pool1d", "max_pool2d", "max_pool3d")
 _MEAN = ops("mean.dim")
 _SELECT = ops("select.int")
 _EINSUM = ops("einsum")
@@ -320,7 +321,7 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             _set(node, rules.EMBEDDING, **{meta.WEIGHT: param_of(node.args[0])})
         elif t in _CONV and param_of(node.args[1]):
             _set(node, rules.CONV, **{meta.WEIGHT: param_of(node.args[1])})
-        elif t in _AVG_POOLS and node in active:
+        elif t in (_AVG_POOLS | _MAX_POOLS) and node in active:
             _set(node, rules.POOL)
         elif t in _MEAN and node in active and not (len(node.args) > 2 and node.args[2]):
             _set(node, rules.POOL)  # keepdim=False: pooling (a norm's mean keeps dims)

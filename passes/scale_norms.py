@@ -25,6 +25,7 @@ from ._rewrite import arg, insert_call, nodes_with_rule, swap, training_flag
 _LAYER_NORM = aten_ops("layer_norm")
 _RMS_NORM = aten_ops("rms_norm")
 _BATCH_NORM = aten_ops("batch_norm")
+_GROUP_NORM = aten_ops("group_norm")
 
 
 def _split_gain(node: fx.Node) -> tuple[fx.Node, fx.Node]:
@@ -60,8 +61,8 @@ def scale_norms(gm: fx.GraphModule) -> PassResult:
                 _erase_unused(gm, gain)
         changed = True
     for node in nodes_with_rule(gm, rules.NORM_OP):
-        x, shape = node.args[:2]
-        weight = arg(node, "weight")  # (batch_norm's is args[1]: handled below)
+        x, shape = node.args[:2]  # (group_norm: num_groups; batch_norm: see below)
+        weight = arg(node, "weight")
         if node.target in _LAYER_NORM:
             bias, eps = arg(node, "bias"), arg(node, "eps", 1e-5)
             if trainable:
@@ -71,6 +72,9 @@ def scale_norms(gm: fx.GraphModule) -> PassResult:
         elif node.target in _RMS_NORM:
             eps = arg(node, "eps")
             swap(node, ops.rms_norm, (x, shape, weight if trainable else None, eps))
+        elif node.target in _GROUP_NORM:
+            weight, bias = (arg(node, "weight"), arg(node, "bias")) if trainable else (None, None)
+            swap(node, ops.group_norm, (x, shape, weight, bias, arg(node, "eps", 1e-5)))
         elif node.target in _BATCH_NORM:
             weight, bias = (node.args[1], node.args[2]) if trainable else (None, None)
             flag = training_flag(gm, node.args[5])  # running stats in eval, as the module

@@ -87,10 +87,15 @@ def scale_dropout(gm: fx.GraphModule) -> PassResult:
 
 
 def scale_pooling(gm: fx.GraphModule) -> PassResult:
-    """Average pooling and means over activation axes: x sqrt(n) forward, grad tied."""
+    """Pooling (rules §3): averages and means over activation axes keep the value, their
+    input grad x sqrt(n); max pooling keeps the value, its input grad x sqrt(stride)."""
     nodes = nodes_with_rule(gm, rules.POOL)
     for node in nodes:
         name = node.target._opname  # avg_pool2d, adaptive_avg_pool2d, mean
+        if name.startswith("max_pool"):
+            names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+            swap(node, ops.max_pool, (node.args[0], name, *(arg(node, k) for k in names)))
+            continue
         if name == "mean":
             args = (node.args[1], bool(arg(node, "keepdim", False)))
         elif name.startswith("adaptive"):

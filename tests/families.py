@@ -140,10 +140,10 @@ FAMILIES: dict[str, Callable[[], Case]] = {
     "ConvNet (hand-written)": lambda: Case(ConvNet(), (torch.randn(BATCH, 3, 32, 32),), {}, "backbone"),
 }
 
-# Pre-LN transformers: the u-muP residual rule (rules §4) is written for them.
-PRE_NORM = {"GPT-2", "Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3", "OLMo",
-            "OLMo2", "GPT-NeoX", "GPT-J", "Falcon", "StableLM", "ViT (HF)", "CLIP text",
-            "ViT (timm)", "T5"}
+
+def is_qk(name: str) -> bool:
+    """A query / key projection (their gradients sit lower at init, as in the reference)."""
+    return any(t in name for t in ("q_proj", "k_proj", "query", "key", ".q.", ".k."))
 
 
 @dataclass
@@ -161,8 +161,7 @@ class Result:
         """Weights whose gradient RMS is outside [lo, hi] (q/k projections allowed lower)."""
         out = []
         for name, v in self.grad_rms.items():
-            qk = any(t in name for t in ("q_proj", "k_proj", "query", "key", ".q.", ".k."))
-            if v > hi or (v < lo and not qk) or not math.isfinite(v):
+            if v > hi or (v < lo and not is_qk(name)) or not math.isfinite(v):
                 out.append(name)
         return out
 

@@ -155,9 +155,33 @@ def test_conv_net_transforms_with_strided_shapes() -> None:
     assert p["stem.weight"].role == "input" and p["conv1.weight"].role == "hidden"
     assert p["conv1.weight"].fan_in_value == 16 * 9 and p["head.weight"].role == "output"
     assert p["bn.weight"].role == "norm" and not model.umup_plan.uncovered
-    assert ops.batch_norm in _targets(model) and ops.mean_over in _targets(model)
+    assert {ops.batch_norm, ops.mean_over, ops.max_pool} <= set(_targets(model))
     model.eval()  # batch norm follows module.training: running statistics in eval
     assert torch.isfinite(model(x)).all()
+
+
+class _GroupNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gn = nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(4, 32)
+        self.c2, self.head = nn.Conv2d(32, 32, 3, padding=1), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.gn(self.c1(x))
+        x = x + self.c2(F.silu(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_group_norm_and_mean_pooling() -> None:
+    torch.manual_seed(0)
+    model = umup_fx.transform(_GroupNormNet(), (torch.randn(4, 3, 16, 16),))
+    p = model.umup_plan.params
+    assert [p[n].role for n in ("c1.weight", "gn.weight", "gn.bias", "c2.weight", "head.weight")] \
+        == ["input", "norm", "norm", "hidden", "output"]
+    assert p["gn.bias"].init == "zeros" and not p["gn.weight"].trainable  # non-parametric
+    gn = next(n for n in graph_nodes(model) if n.target is ops.group_norm)
+    assert gn.args[2:4] == (None, None)
+    assert ops.mean_over in _targets(model) and not model.umup_plan.uncovered
 
 
 class _Scaled(nn.Module):

@@ -6,6 +6,7 @@ compared here with a single-process run of the same model on the same global bat
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from pathlib import Path
@@ -72,7 +73,9 @@ def _run(worker, tmp: Path) -> None:
 
 def _init(rank: int, port: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A rank that fails must not leave the other waiting on a collective forever.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)
 
 

@@ -180,25 +180,47 @@ def test_conv(x_shape: tuple[int, ...], w_shape: tuple[int, ...], kwargs: dict[s
 
 
 # -- averages ----------------------------------------------------------------------------
-def test_mean_over_keeps_value_and_gives_each_input_the_output_grad() -> None:
-    """Forward 1 (a shared mean survives averaging), backward x n (each of the n inputs
-    gets the output's gradient): docs/rules.md §3, pooling."""
+def test_mean_over_keeps_value_and_scales_grad_by_sqrt_n() -> None:
+    """Forward 1 (a shared mean survives averaging), backward x sqrt(n): docs/rules.md §3."""
     x = _randn(16, 16, 64, 64, seed=10)  # 4x4 windows -> n = 16
     out, (gx,) = _grads(lambda t: ops.mean_over(t, "adaptive_avg_pool2d", (16, 16)), x)
     ref_out, (ref_gx,) = _grads(lambda t: F.adaptive_avg_pool2d(t, (16, 16)), x)
     torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(gx, ref_gx * 16)
-    assert gx.std().item() == pytest.approx(1.0, rel=0.02)  # unit grads at the input
+    torch.testing.assert_close(gx, ref_gx * 4)
     relu = F.relu(x) + 0.0  # a shared positive mean, as conv features after ReLU
-    assert ops.mean_over(relu, "adaptive_avg_pool2d", 1).pow(2).mean().sqrt() <= relu.pow(2).mean().sqrt()
+    pooled = ops.mean_over(relu, "adaptive_avg_pool2d", 1)
+    assert pooled.pow(2).mean().sqrt() <= relu.pow(2).mean().sqrt()
+
+
+@pytest.mark.parametrize(("shared_mean", "expected"), [(1.0, 1.0), (0.0, 49**-0.5)])
+def test_mean_over_weight_grads_below_a_pool(shared_mean: float, expected: float) -> None:
+    """A linear per position, then a mean over n = 49 positions. Positions sharing a mean
+    (as conv features do) give unit weight gradients; independent zero-mean ones give
+    n^-1/2: the two regimes docs/rules.md §3 (pooling) describes."""
+    w = _randn(32, 32, seed=13).requires_grad_()
+    x = _randn(64, 49, 32, seed=14) * 0.1 + shared_mean if shared_mean else _randn(64, 49, 32)
+    h = ops.linear(x, w, out_scale=32**-0.5, grad_input_scale=32**-0.5)
+    pooled = ops.mean_over(h, "mean", [1], False)
+    pooled.backward(_randn(*pooled.shape, seed=15))
+    assert w.grad.pow(2).mean().sqrt().item() == pytest.approx(expected, rel=0.1)
 
 
 def test_mean_over_mean_and_avg_pool() -> None:
     x = _randn(64, 8, 32, seed=11)
     _, (gx,) = _grads(lambda t: ops.mean_over(t, "mean", [1, 2], False), x)
-    assert gx.std().item() == pytest.approx(1.0, rel=0.05)
+    _, (ref,) = _grads(lambda t: t.mean((1, 2)), x)
+    torch.testing.assert_close(gx, ref * 256**0.5)
     torch.testing.assert_close(ops.mean_over(x, "mean", [1, 2], False), x.mean((1, 2)))
     y = _randn(8, 4, 30, seed=12)
     _, (gy,) = _grads(lambda t: ops.mean_over(t, "avg_pool1d", 3, 3, 0, False, True), y)
     _, (ref,) = _grads(lambda t: F.avg_pool1d(t, 3, stride=3), y)
-    torch.testing.assert_close(gy, ref * 3)
+    torch.testing.assert_close(gy, ref * 3**0.5)
+
+
+def test_max_pool_keeps_value_and_brings_grads_back_to_unit() -> None:
+    x = _randn(16, 8, 32, 32, seed=16)
+    out, (gx,) = _grads(lambda t: ops.max_pool(t, "max_pool2d", 2), x)
+    ref_out, (ref_gx,) = _grads(lambda t: F.max_pool2d(t, 2), x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gx, ref_gx * 2)  # sqrt(2 * 2): one input in four
+    assert gx.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=0.02)

@@ -43,6 +43,7 @@ __all__ = [
     "batch_norm",
     "broadcast_param",
     "expand_param",
+    "max_pool",
     "mean_over",
     "pick",
     "conv",
@@ -51,6 +52,7 @@ __all__ = [
     "einsum_linear",
     "embedding",
     "gelu",
+    "group_norm",
     "glu",
     "hidden_linear_scales",
     "layer_norm",
@@ -304,17 +306,31 @@ def pick(x: Tensor, dim: int, index: int) -> Tensor:
     return scale_bwd(x, x.shape[dim] ** 0.5).select(dim, index)
 
 
+def max_pool(x: Tensor, op: str, kernel_size: Any, stride: Any = None, *args: Any) -> Tensor:
+    """Max-pool rule: ``F.max_pool{1,2,3}d`` as is (forward 1: it picks an O(1) input);
+    x grad * sqrt(prod(stride)): as for :func:`pick`, the gradient reaches one input of
+    each window, about one in prod(stride) of them."""
+    k = int(op[-2])
+    step = stride if stride else kernel_size  # F's default: stride = kernel
+    n = math.prod(step if isinstance(step, (list, tuple)) else [step] * k)
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[k]
+    return pool(scale_bwd(x, n**0.5), kernel_size, stride or None, *args)
+
+
 def mean_over(x: Tensor, op: str, *args: Any) -> Tensor:
-    """Average rule: op(x, *args) as is (forward 1); x grad * n for a mean over n values.
+    """Average rule: op(x, *args) as is (forward 1); x grad * sqrt(n), n values averaged.
 
     ``op``: avg_pool{1,2,3}d, adaptive_avg_pool{1,2,3}d (F's, with their arguments) or
     mean (``torch.mean(x, dim, keepdim)``); n (read at call time, as sizes may vary) is
     the kernel, the input / output positions, or the reduced axes' sizes.
     """
-    # Not the independent-input sqrt(n): pooled features share a mean (conv features
-    # after ReLU, neighbouring tokens), and their average keeps it, so the forward is
-    # left at 1 (never above the input's RMS). The backward gives each of the n inputs
-    # the output's gradient (x n instead of / n): a cut edge, as pooling feeds a head.
+    # Appendix B's independent inputs would give x sqrt(n) forward and x n backward.
+    # Pooled features share a mean (conv features after ReLU, neighbouring tokens),
+    # which their average keeps: there x sqrt(n) would grow the output by sqrt(n), so
+    # the forward stays 1 (never above the input's RMS). Backward, the weights below
+    # sum the one gradient broadcast to n positions: coherently (x n) for features
+    # sharing a mean, incoherently (x sqrt(n)) for independent ones. x sqrt(n) makes
+    # the first unit and leaves the second at n^-1/2: low, never large (docs/rules.md).
     if op == "mean":
         dims = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
         n = math.prod(x.shape[d] for d in dims)
@@ -327,7 +343,7 @@ def mean_over(x: Tensor, op: str, *args: Any) -> Tensor:
         k = int(op[-2])
         kernel = args[0] if isinstance(args[0], (list, tuple)) else [args[0]] * k
         n = math.prod(kernel)
-    return _AVERAGES[op](scale_bwd(x, n), *args)
+    return _AVERAGES[op](scale_bwd(x, n**0.5), *args)
 
 
 def layer_norm(
@@ -362,6 +378,18 @@ def batch_norm(
     if bias is not None:
         bias = param_grad_scale(bias, x)
     return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Norm rule: plain group_norm; gain and bias grads * (C / numel)^1/2."""
+    if weight is not None:
+        weight = param_grad_scale(weight, x)
+    if bias is not None:
+        bias = param_grad_scale(bias, x)
+    return F.group_norm(x, num_groups, weight, bias, eps)
 
 
 def rms_norm(
