@@ -91,6 +91,19 @@ def param_of(node: Any) -> str | None:
     return param_name(source(node))
 
 
+def consumers(node: fx.Node) -> list[fx.Node]:
+    """The ops that read ``node``'s value, looking through transparent ops."""
+    out: list[fx.Node] = []
+    frontier = list(node.users)
+    while frontier:
+        u = frontier.pop()
+        if u.target in TRANSPARENT:
+            frontier.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
 def param_dependent(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose value depends on some parameter: the activations."""
     out: set[fx.Node] = set()

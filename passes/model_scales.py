@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta, rules
 
-from ._graph import DIVS, MULS, TRANSPARENT, ops, param_dependent, source, where
+from ._graph import DIVS, MULS, consumers, ops, param_dependent, source, where
 
 _ADDMM = ops("addmm")
 
@@ -46,14 +46,7 @@ def _constant_operand(node: fx.Node, active: set[fx.Node]) -> fx.Node | None:
 
 def _readout_uses(node: fx.Node, roles: dict) -> bool:
     """True when every consumer (through views) is a readout linear taking ``node`` as x."""
-    users: list[fx.Node] = []
-    frontier = list(node.users)
-    while frontier:
-        u = frontier.pop()
-        if u.target in TRANSPARENT:
-            frontier.extend(u.users)
-        else:
-            users.append(u)
+    users = consumers(node)
     if not users:
         return False
     for u in users:

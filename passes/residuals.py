@@ -32,6 +32,7 @@ from ._graph import (
     DROPOUTS,
     MULS,
     TRANSPARENT,
+    consumers,
     inplace_safe,
     is_tensor,
     param_dependent,
@@ -65,13 +66,7 @@ def _stream_source(node: fx.Node) -> fx.Node:
 
 
 def _feeds_only_norms(add: fx.Node) -> bool:
-    users, frontier = [], list(add.users)
-    while frontier:
-        u = frontier.pop()
-        if u.target in TRANSPARENT:
-            frontier.extend(u.users)
-        else:
-            users.append(u)
+    users = consumers(add)
     return bool(users) and all(meta.get(u, meta.RULE) == rules.NORM_OP for u in users)
 
 

@@ -279,6 +279,14 @@ def param_grad_scale(weight: Tensor, activation: Tensor) -> Tensor:
     return scale_bwd(weight, (weight.numel() / activation.numel()) ** 0.5 * _dp())
 
 
+def _norm_params(
+    weight: Tensor | None, bias: Tensor | None, x: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """A norm's gain and bias with their gradient scale (either may be None)."""
+    return (None if weight is None else param_grad_scale(weight, x),
+            None if bias is None else param_grad_scale(bias, x))
+
+
 def broadcast_param(param: Tensor, other: Tensor) -> Tensor:
     """A parameter added as is (a learned position table): grad * (numel / broadcast numel)^1/2.
 
@@ -354,10 +362,7 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Norm rule: plain layer_norm; gain and bias grads * (d / numel)^1/2."""
-    if weight is not None:
-        weight = param_grad_scale(weight, x)
-    if bias is not None:
-        bias = param_grad_scale(bias, x)
+    weight, bias = _norm_params(weight, bias, x)
     return F.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
 
 
@@ -373,10 +378,7 @@ def batch_norm(
 ) -> Tensor:
     """Norm rule: plain batch_norm (statistics per channel, dim 1); gain and bias grads
     * (C / numel)^1/2; ``training`` is the module's flag at call time."""
-    if weight is not None:
-        weight = param_grad_scale(weight, x)
-    if bias is not None:
-        bias = param_grad_scale(bias, x)
+    weight, bias = _norm_params(weight, bias, x)
     return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -385,10 +387,7 @@ def group_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Norm rule: plain group_norm; gain and bias grads * (C / numel)^1/2."""
-    if weight is not None:
-        weight = param_grad_scale(weight, x)
-    if bias is not None:
-        bias = param_grad_scale(bias, x)
+    weight, bias = _norm_params(weight, bias, x)
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
