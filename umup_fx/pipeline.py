@@ -18,6 +18,7 @@ from .capture import capture
 from .errors import AnalysisError, UmupError
 from .hparams import HParams
 from .options import Options
+from .passes._graph import op_name, where
 from .passes.coverage import find_uncovered
 from .passes.dims import infer_dims
 from .passes.fp8 import mark_fp8
@@ -96,12 +97,26 @@ def run_pass(run: Callable[[fx.GraphModule], Any], gm: fx.GraphModule, model_nam
     except Exception as exc:  # noqa: BLE001 - a raw crash is never what a user sees
         name = getattr(run, "__name__", None) or getattr(getattr(run, "func", None), "__name__", "a")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        node = _failing_node(exc)
+        at = f" on {op_name(node)} at {where(node)}" if node is not None else ""
         raise AnalysisError(
-            f"umup_fx could not process {model_name}: its {name} pass failed with "
+            f"umup_fx could not process {model_name}: its {name} pass failed{at} with "
             f"{type(exc).__name__}: {first[:300]}. This is an op or pattern umup_fx does not "
             "handle yet; roles={...} cannot fix it. Please report it with the model "
             "(UMUP_FX_DEBUG=1 shows where it failed)."
         ) from exc
+
+
+def _failing_node(exc: BaseException) -> fx.Node | None:
+    """The graph node the innermost pass frame was working on (a local ``node`` / ``n``)."""
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        candidate = local.get("node", local.get("n"))
+        if isinstance(candidate, fx.Node) and candidate.op == "call_function":
+            found = candidate
+        tb = tb.tb_next
+    return found
 
 
 def plan_graph(gm: fx.GraphModule, options: Options, model_name: str = "model") -> Plan:
