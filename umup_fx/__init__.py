@@ -10,6 +10,7 @@ from .optim import AdamW, param_groups
 from .options import Options
 from .pipeline import analyze, explain
 from .plan import ParamPlan, Plan
+from .sweep import sweep
 from .transform import (
     OneGraphWarning,
     PostNormWarning,
@@ -34,6 +35,7 @@ __all__ = [
     "UmupBlock",
     "UmupModule",
     "UncoveredOpWarning",
+    "sweep",
     "analyze",
     "cross_entropy",
     "explain",

@@ -8,10 +8,17 @@ defaults when there are none). An input SPEC is dtype:shape[:high]: long:2x64:25
 a [2, 64] tensor of random ints in [0, 256); float:8x32 a standard-normal [8, 32]
 tensor.
 
+python -m umup_fx sweep MODULE:FACTORY --width-arg NAME --widths W... --lrs ETA...
+--steps N [--parametrization P...] [--seeds S...] [--data FILE] --json OUT [--plot PNG]
+sweeps the learning rate across widths (umup_fx.sweep): FACTORY(NAME=width) builds each
+model; a rerun with the same --json skips finished runs.
+
 examples:
   python -m umup_fx inspect examples.llama:Llama --input long:2x64:256
   python -m umup_fx inspect examples.llama:Llama --arg d_model=256 --input long:2x64:256
   python -m umup_fx inspect examples.mlp:MLPClassifier --input float:8x32
+  python -m umup_fx sweep examples.llama:Llama --width-arg d_model --widths 64 128
+      --lrs 0.25 1 4 --steps 200 --parametrization umup sp --json sweep.json --plot sweep.png
 
 Every mistake is one line on stderr and exit status 2; UMUP_FX_DEBUG=1 shows the
 traceback instead.
@@ -131,7 +138,23 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--input", action="append", default=[], help="dtype:shape[:high], once per input")
     p.add_argument("--arg", action="append", default=[], help="NAME=VALUE passed to the factory")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("sweep", help="sweep the learning rate across widths")
+    p.add_argument("target", help="MODULE:FACTORY, called as FACTORY(NAME=width)")
+    p.add_argument("--width-arg", required=True, help="the factory's width argument NAME")
+    p.add_argument("--widths", type=int, nargs="+", required=True)
+    p.add_argument("--lrs", type=float, nargs="+", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--parametrization", nargs="+", default=["umup"],
+                   choices=["umup", "mup", "sp", "sp_emb_lr"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--data", help="a text file, read as bytes (default: the stdlib corpus)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--json", required=True, help="results file (resumed if it exists)")
+    p.add_argument("--plot", help="loss-vs-lr figure (needs matplotlib)")
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args)
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -155,6 +178,25 @@ def _main(argv: list[str] | None) -> int:
             )
         example_inputs = tuple(parse_input(s, generator) for s in args.input)
     print(analyze(model, example_inputs, example_kwargs))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep
+
+    factory = _load(args.target)
+
+    def build(**kwargs: Any) -> Any:
+        built = _build(factory, kwargs)
+        return built[0] if isinstance(built, tuple) else built
+
+    result = sweep(build, width_arg=args.width_arg, widths=args.widths, lrs=args.lrs,
+                   steps=args.steps, parametrizations=args.parametrization, seeds=args.seeds,
+                   data=args.data, json_path=args.json, plot=args.plot, batch=args.batch,
+                   seq=args.seq)
+    for par, widths in result["best"].items():
+        best = ", ".join(f"{w}: {e['lr']:g} ({e['val_loss']:.3f})" for w, e in widths.items())
+        print(f"{par}: best lr by width {best}; log2 drift {result['log2_lr_drift'][par]:.2f}")
     return 0
 
 

@@ -35,7 +35,7 @@ def unit_init(model: nn.Module, plan: Plan, generator: torch.Generator | None = 
         if p is None:
             continue
         if p.init == "normal":
-            tensor.normal_(0.0, 1.0, **extra)
+            tensor.normal_(0.0, p.init_std or 1.0, **extra)
         elif p.init == "zeros":
             tensor.zero_()
         elif p.init == "ones":

@@ -28,12 +28,14 @@ _PENDING = "_umup_pending_groups"  # parameter attribute: its pending group dict
 _hook_installed = False
 
 
-def _group(params: list, names: list, lr: float, weight_decay: float, factor: float) -> dict:
+def _group(params: list, names: list, lr: float, weight_decay: float, factor: float,
+           independent: bool = True) -> dict:
     return {
         "params": params,
         "names": names,
         "lr": lr * factor,
-        "weight_decay": weight_decay / (lr * factor),
+        # u-muP's independent decay (rules §5); baselines keep AdamW's lr-coupled decay.
+        "weight_decay": weight_decay / (lr * factor) if independent else weight_decay,
         "umup_lr_factor": factor,
         "umup_base": (lr, weight_decay),
     }
@@ -80,7 +82,8 @@ def param_groups(
                 "parameter its own optimizer group."
             )
         factor = plan.params[name].lr_factor
-        group = groups.setdefault(factor, _group([], [], lr, weight_decay, factor))
+        independent = plan.parametrization == "umup"
+        group = groups.setdefault(factor, _group([], [], lr, weight_decay, factor, independent))
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())

@@ -25,6 +25,11 @@ class Options:
         fp8: "off"; "auto" (real FP8 where the GPU has it, simulated elsewhere);
             "simulate" (cast round-trip, any device); "scaled_mm" (real FP8, error
             where the hardware cannot). ``True`` means "auto", ``False`` "off".
+        parametrization: "umup" (default), or a baseline from the same analysis:
+            "mup", "sp", "sp_emb_lr" (``umup_fx.parametrizations``).
+        base: the base model's shapes, for "mup" / "sp_emb_lr" (``transform`` takes
+            the base model itself and analyses it).
+        sigma_init: μP's init std (the base model's), for "mup".
     """
 
     hparams: HParams = field(default_factory=HParams)
@@ -32,11 +37,15 @@ class Options:
     trainable_norms: bool = False
     reinit: bool = True
     fp8: str = "off"
+    parametrization: str = "umup"
+    base: Any = None  # parametrizations.BaseShapes of the base model (mup, sp_emb_lr)
+    sigma_init: float = 0.02  # mup's init std (the base model's)
 
     @classmethod
     def build(cls, hparams: Any = None, **options: Any) -> Options:
         """Validate keyword options (``transform(..., **options)``) into ``Options``."""
-        names = {"roles", "trainable_norms", "reinit", "fp8"}
+        names = {"roles", "trainable_norms", "reinit", "fp8", "parametrization", "base",
+                 "sigma_init"}
         unknown = sorted(set(options) - names)
         if unknown:
             raise UmupError(
@@ -49,4 +58,10 @@ class Options:
             fp8 = "off"
         if fp8 not in FP8_MODES:
             raise UmupError(f"fp8={fp8!r}: use True / False or one of {FP8_MODES}.")
-        return cls(hparams=HParams.coerce(hparams), fp8=fp8, **options)
+        opts = cls(hparams=HParams.coerce(hparams), fp8=fp8, **options)
+        from .parametrizations import check
+
+        check(opts.parametrization, opts.base)
+        if opts.parametrization != "umup" and fp8 != "off":
+            raise UmupError("fp8 is u-muP's static-scale FP8; baselines run in the model's dtype.")
+        return opts

@@ -24,6 +24,7 @@ from .passes.dims import infer_dims
 from .passes.fp8 import mark_fp8
 from .passes.match import match_rules
 from .passes.model_scales import drop_model_scales, find_model_scales
+from .passes.mup import mup_attention, mup_readouts
 from .passes.norms import find_norms
 from .passes.residuals import find_residuals
 from .passes.roles import assign_roles
@@ -61,12 +62,17 @@ def analysis_passes(roles: dict[str, str] | None = None) -> list[Callable[[fx.Gr
     ]
 
 
-def rewrite_passes() -> list[Callable[[fx.GraphModule], Any]]:
+def rewrite_passes(parametrization: str = "umup") -> list[Callable[[fx.GraphModule], Any]]:
     """The rewrite passes; each swaps the ops of one concern for ``umup_fx.ops`` calls.
 
     They read the plan (``gm.meta["umup"]["plan"]``) and node metadata only, and rewrite
-    nodes in place, keeping node names and metadata for the passes after them.
+    nodes in place, keeping node names and metadata for the passes after them. The μP
+    baseline has its own two (``passes/mup.py``); SP rewrites nothing.
     """
+    if parametrization == "mup":
+        return [mup_readouts, mup_attention]
+    if parametrization != "umup":
+        return []
     return [
         drop_model_scales,  # before the weight ops: they read their inputs
         scale_residuals,  # residual split / add with tau, plain adds (§3, §4)
@@ -123,7 +129,7 @@ def plan_graph(gm: fx.GraphModule, options: Options, model_name: str = "model") 
     """Analyse ``gm`` and settle the plan under ``options`` (FP8 mode, frozen norms)."""
     plan = analyze_graph(gm, options.hparams, options.roles, model_name)
     plan.fp8_mode = options.fp8
-    if not options.trainable_norms:
+    if not options.trainable_norms and options.parametrization == "umup":
         for p in plan.params.values():
             if p.role == rules.NORM:
                 p.trainable, p.frozen_by_umup = False, True
@@ -134,7 +140,7 @@ def rewrite_graph(gm: fx.GraphModule, plan: Plan, options: Options) -> None:
     """Rewrite an analysed ``gm`` in place into its u-muP form, from ``plan``."""
     g = meta.graph_meta(gm)
     g[meta.PLAN], g[meta.OPTIONS] = plan, options
-    for rewrite in rewrite_passes():
+    for rewrite in rewrite_passes(plan.parametrization):
         run_pass(rewrite, gm, plan.model_name)
     gm.graph.lint()
     gm.recompile()

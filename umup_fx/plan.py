@@ -35,6 +35,7 @@ class ParamPlan:
     aliases: tuple[str, ...] = ()
     trainable: bool = True
     init: str = "keep"  # rules §2: "normal" | "zeros" | "ones" | "keep"
+    init_std: float | None = None  # "normal" with this std (muP's sigma); None: 1 (u-muP)
     frozen_by_umup: bool = False  # a norm parameter made non-parametric (§2)
 
     @property
@@ -59,6 +60,7 @@ class Plan:
     fp8_ops: list[tuple[str, str]] = field(default_factory=list)  # (node, weight)
     fp8_mode: str = "off"  # Options.fp8 of the transform ("off" for analyze)
     notes: list[str] = field(default_factory=list)  # decisions that change the model's numbers
+    parametrization: str = "umup"  # or a baseline: "mup" | "sp" | "sp_emb_lr"
 
     def lr_factor(self, name: str) -> float:
         return self.params[name].lr_factor

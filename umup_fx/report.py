@@ -145,7 +145,9 @@ def format_plan(plan: Plan) -> str:
 
     params = _param_rows(plan)
     grouped = _group(params)
-    head = (f"u-muP plan for {plan.model_name}: depth L={plan.depth}, "
+    name = {"umup": "u-muP", "mup": "muP (baseline)", "sp": "SP (baseline)",
+            "sp_emb_lr": "SP + embedding LR (baseline)"}[plan.parametrization]
+    head = (f"{name} plan for {plan.model_name}: depth L={plan.depth}, "
             f"{len(plan.branches)} residual branches, {len(plan.params)} parameters")
     if len(grouped) < len(params):
         head += f" ({len(grouped)} rows: blocks alike are one row; plan.params has each)"

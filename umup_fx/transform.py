@@ -15,7 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from . import regions
+from . import parametrizations, regions
 from .capture import Captured, capture
 from .errors import AlreadyTransformedError
 from .init import initialise
@@ -92,6 +92,7 @@ def _build(captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
     original = fx.GraphModule(gm, gm.graph.__deepcopy__())
     plan = plan_graph(gm, opts, captured.model_name)
     taus = expand_blocks(plan, gm, captured.blocks)
+    parametrizations.apply(plan, opts.parametrization, opts.base, opts.sigma_init)
     rewrite_graph(gm, plan, opts)
     kept = [b.block_path(i) for b in captured.blocks for i in range(b.kept)]
     split = split_regions(gm, captured.program, kept, leaves, captured.model_name)
@@ -125,6 +126,18 @@ def _install(model: nn.Module, captured: Captured, built: tuple) -> None:
     install_root(model, root, plan, original)
 
 
+def _as_written(model: nn.Module, args: Any, kwargs: dict | None, opts: Options) -> nn.Module:
+    """SP baselines: the model runs as written; the analysis only sets its LR groups."""
+    captured = capture(model, args, kwargs)
+    plan = plan_graph(captured.gm, opts, captured.model_name)
+    expand_blocks(plan, captured.gm, captured.blocks)
+    parametrizations.apply(plan, opts.parametrization, opts.base, opts.sigma_init)
+    model.umup_plan = plan
+    for p in model.parameters():
+        setattr(p, TRANSFORMED_ATTR, True)
+    return model
+
+
 def transform(
     model: nn.Module,
     example_inputs: Any,
@@ -148,7 +161,10 @@ def transform(
             may vary.
         example_kwargs: keyword arguments of that call.
         hparams: ``HParams`` or a dict of its fields (all default 1).
-        **options: ``roles``, ``trainable_norms``, ``reinit``, ``fp8`` (see ``Options``).
+        **options: ``roles``, ``trainable_norms``, ``reinit``, ``fp8``, and for a
+            baseline ``parametrization`` ("mup", "sp", "sp_emb_lr"; default "umup"),
+            ``base`` (the same model at the base width) and ``sigma_init`` (see
+            ``Options`` and ``umup_fx.parametrizations``).
 
     Returns:
         ``model`` itself; train it with ``umup_fx.AdamW(model, lr=...)``.
@@ -158,7 +174,12 @@ def transform(
         CaptureError / AnalysisError: the model cannot be captured or analysed.
     """
     check_fresh(model)
+    if isinstance(options.get("base"), nn.Module):  # baselines: analyse the base model too
+        options["base"] = parametrizations.base_shapes(
+            options["base"], example_inputs, example_kwargs)
     opts = Options.build(hparams, **options)
+    if opts.parametrization in ("sp", "sp_emb_lr"):
+        return _as_written(model, example_inputs, example_kwargs, opts)
     leaves = _example_leaves(example_inputs, example_kwargs)
     captured = capture(model, example_inputs, example_kwargs)
     try:
@@ -183,7 +204,7 @@ def transform(
             captured = capture(model, example_inputs, example_kwargs, blocks=False)
             built = _build(captured, opts, leaves)
     plan = built[0]
-    if plan.uncovered:
+    if plan.uncovered and opts.parametrization == "umup":
         listed = "; ".join(f"{op} at {src}" for _, op, src in plan.uncovered)
         warnings.warn(
             f"umup_fx: {len(plan.uncovered)} op(s) of {captured.model_name} have no u-muP rule "
@@ -192,7 +213,7 @@ def transform(
             stacklevel=2,
         )
     post = [b for b in plan.branches if b.post_norm]
-    if post:
+    if post and opts.parametrization == "umup":
         warnings.warn(
             f"umup_fx: {captured.model_name} is post-norm ({len(post)} residual adds feed a "
             "norm, e.g. at the branch ending in parameter "

@@ -1,0 +1,105 @@
+"""Baselines from the same analysis (μP, SP, SP + embedding LR) and the LR sweep tool."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import umup_fx
+from examples.llama import Llama, LlamaConfig
+from tests.tiny_models import graph_nodes, hf_llama
+from umup_fx.__main__ import main
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_sp_runs_the_model_as_written_with_plain_groups() -> None:
+    torch.manual_seed(0)
+    model = hf_llama(hidden=64)
+    before = model(_ids()).logits
+    umup_fx.transform(model, (_ids(),), parametrization="sp")
+    assert type(model).__name__ == "LlamaForCausalLM"  # not rewritten
+    torch.testing.assert_close(model(_ids()).logits, before)
+    opt = umup_fx.AdamW(model, lr=1e-3, weight_decay=0.1)
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(1e-3, 0.1)]
+    assert str(model.umup_plan).startswith("SP (baseline) plan")
+
+
+def test_sp_emb_lr_scales_the_embedding_lr_with_width() -> None:
+    torch.manual_seed(0)
+    model = umup_fx.transform(hf_llama(hidden=128), (_ids(),), parametrization="sp_emb_lr",
+                              base=hf_llama(hidden=32))
+    p = model.umup_plan.params
+    assert p["model.embed_tokens.weight"].lr_factor == 4.0
+    assert {q.lr_factor for n, q in p.items() if "embed" not in n} == {1.0}
+
+
+def test_mup_groups_init_and_forward() -> None:
+    torch.manual_seed(0)
+    model = umup_fx.transform(hf_llama(hidden=128), (_ids(),), parametrization="mup",
+                              base=hf_llama(hidden=64), sigma_init=0.02)
+    p = model.umup_plan.params
+    q = p["model.layers.0.self_attn.q_proj.weight"]
+    assert q.lr_factor == 0.5 and q.init_std == pytest.approx(0.02 * 0.5**0.5)
+    assert model.model.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(0.0141, rel=0.1)
+    assert p["lm_head.weight"].lr_factor == 1.0 and p["model.embed_tokens.weight"].lr_factor == 1.0
+    assert p["model.norm.weight"].trainable  # norms stay parametric outside u-muP
+    nodes = graph_nodes(model)
+    assert any(n.target is torch.mul and n.args[1] == 0.5 for n in nodes)  # readout 64/128
+    sdpa = [n for n in nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert sdpa and all(n.kwargs["scale"] == pytest.approx(16**0.5 / 32) for n in sdpa)
+
+
+def test_mup_at_the_base_width_is_the_model_as_written() -> None:
+    torch.manual_seed(0)
+    model = hf_llama(hidden=64)
+    before = model(_ids()).logits
+    umup_fx.transform(model, (_ids(),), parametrization="mup", base=hf_llama(hidden=64),
+                      reinit=False)
+    torch.testing.assert_close(model(_ids()).logits, before)
+
+
+def test_baselines_need_a_base_and_a_known_name() -> None:
+    with pytest.raises(umup_fx.UmupError, match="base="):
+        umup_fx.transform(hf_llama(hidden=64), (_ids(),), parametrization="mup")
+    with pytest.raises(umup_fx.UmupError, match="one of"):
+        umup_fx.transform(hf_llama(hidden=64), (_ids(),), parametrization="ntk")
+
+
+def test_sweep_cli_writes_json_resumes_and_plots(tmp_path, capsys) -> None:
+    out = tmp_path / "sweep.json"
+    argv = ["sweep", "examples.llama:Llama", "--width-arg", "d_model", "--widths", "32", "64",
+            "--lrs", "0.5", "--steps", "3", "--parametrization", "umup", "sp",
+            "--batch", "2", "--seq", "16", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 4
+    assert {r["parametrization"] for r in result["runs"]} == {"umup", "sp"}
+    assert all(r["val_loss"] > 0 for r in result["runs"])
+    assert set(result["best"]["umup"]) == {"32", "64"} and result["log2_lr_drift"]["umup"] == 0
+    assert "umup: best lr by width" in capsys.readouterr().out
+    first = out.read_text()
+    assert main(argv) == 0  # every run is there: nothing reruns, nothing changes
+    assert json.loads(out.read_text())["runs"] == json.loads(first)["runs"]
+
+
+def test_sweep_function_on_a_logits_model(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+
+    def factory(hidden: int) -> torch.nn.Module:
+        return hf_llama(hidden=hidden)  # forward(idx) -> .logits: the sweep applies the loss
+
+    result = umup_fx.sweep(factory, width_arg="hidden", widths=[32], lrs=[0.1, 1.0],
+                                 steps=2, batch=2, seq=16, plot=tmp_path / "s.png",
+                                 progress=False)
+    assert len(result["runs"]) == 2 and (tmp_path / "s.png").stat().st_size > 0
+    assert result["best"]["umup"]["32"]["lr"] in (0.1, 1.0)
+
+
+def test_llama_factory_with_config_dataclass_builds_at_width() -> None:
+    model = Llama(LlamaConfig(d_model=32, n_layers=2, n_heads=4))
+    assert model.embed.weight.shape[1] == 32

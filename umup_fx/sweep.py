@@ -1,0 +1,237 @@
+"""Learning-rate sweeps across widths, for any model and parametrization (μTransfer's test).
+
+``sweep(factory, width_arg="d_model", widths=[64, 128], lrs=[...], steps=200)`` builds
+``factory(d_model=w)`` for every width, transforms it with each parametrization
+(``"umup"``, ``"mup"``, ``"sp"``, ``"sp_emb_lr"``; the baselines are relative to the
+smallest width), trains it on byte-level text with AdamW (linear warmup, cosine decay)
+for every η and seed, and records the final train loss (mean of the last 10 steps) and a
+validation loss on fixed batches. ``python -m umup_fx sweep`` is the same from the shell.
+
+The model's forward takes ``(idx, targets)`` and returns a loss, or ``(idx)`` and returns
+logits ``[B, S, V]`` (or an object with ``.logits``), to which the sweep applies the
+cross-entropy (u-μP's unit-scaled one under ``"umup"``).
+
+The JSON file holds every run and is rewritten after each, so a rerun with the same
+file skips the runs already there. ``summary`` gives the best η per (parametrization,
+width) by validation loss averaged over seeds, and the drift of log2 η* across widths.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .data import get_batch, load_corpus, load_file, train_val_split
+from .errors import UmupError
+from .optim import AdamW
+from .transform import transform
+
+_KEY = ("parametrization", "width", "lr", "seed")
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class _LossModel(nn.Module):
+    """Gives every model the (idx, targets) -> loss forward the sweep trains."""
+
+    def __init__(self, model: nn.Module, takes_targets: bool, unit_loss: bool) -> None:
+        super().__init__()
+        self.model, self.takes_targets, self.unit_loss = model, takes_targets, unit_loss
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.takes_targets:
+            return self.model(idx, targets)
+        logits = _logits(self.model(idx))
+        loss = ops.cross_entropy if self.unit_loss else F.cross_entropy
+        return loss(logits.flatten(0, -2), targets.flatten())
+
+
+def _takes_targets(model: nn.Module) -> bool:
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(params) >= 2 and params[1].name in ("targets", "target", "y", "labels")
+
+
+def _schedule(steps: int) -> Callable[[int], float]:
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def run_one(
+    factory: Callable[..., nn.Module],
+    width_arg: str,
+    width: int,
+    base_width: int,
+    lr: float,
+    seed: int,
+    parametrization: str,
+    steps: int,
+    data: tuple[torch.Tensor, torch.Tensor],
+    batch: int = 8,
+    seq: int = 64,
+    val_batches: int = 8,
+) -> dict[str, Any]:
+    """One training run; returns its record (losses are NaN if it diverged)."""
+    train_data, val_data = data
+    gen = torch.Generator().manual_seed(seed)
+    x, y = get_batch(train_data, batch, seq, gen)
+    torch.manual_seed(seed)
+    model = factory(**{width_arg: width})
+    takes_targets = _takes_targets(model)
+    base = None
+    if parametrization in ("mup", "sp_emb_lr"):
+        torch.manual_seed(seed)
+        base = factory(**{width_arg: base_width})
+    example = (x, y) if takes_targets else (x,)
+    options: dict[str, Any] = {"parametrization": parametrization}
+    if base is not None:
+        options["base"] = base
+    transform(model, example, **options)
+    model = _LossModel(model, takes_targets, parametrization == "umup")
+    optimizer = AdamW(model.model, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+    losses: list[float] = []
+    for _ in range(steps):
+        xb, yb = get_batch(train_data, batch, seq, gen)
+        loss = model(xb, yb)
+        if not torch.isfinite(loss):
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sched.step()
+        losses.append(loss.item())
+    diverged = len(losses) < steps
+    record = {"parametrization": parametrization, "width": width, "lr": lr, "seed": seed,
+              "train_loss": float("nan"), "val_loss": float("nan"), "diverged": diverged}
+    if not diverged:
+        record["train_loss"] = sum(losses[-10:]) / len(losses[-10:])
+        vgen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            model.eval()
+            vals = [float(model(*get_batch(val_data, batch, seq, vgen))) for _ in range(val_batches)]
+        record["val_loss"] = sum(vals) / len(vals)
+    return record
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best η per (parametrization, width) by mean validation loss over seeds, and the
+    drift of log2 η* across widths (max - min) per parametrization."""
+    table: dict[tuple[str, int, float], list[float]] = {}
+    for r in runs:
+        table.setdefault((r["parametrization"], r["width"], r["lr"]), []).append(r["val_loss"])
+    best: dict[str, dict[str, Any]] = {}
+    for (par, width, lr), vals in table.items():
+        mean = sum(vals) / len(vals)
+        if not math.isfinite(mean):
+            continue
+        entry = best.setdefault(par, {}).get(str(width))
+        if entry is None or mean < entry["val_loss"]:
+            best[par][str(width)] = {"lr": lr, "val_loss": mean, "seeds": len(vals)}
+    drift = {par: max(math.log2(e["lr"]) for e in ws.values())
+             - min(math.log2(e["lr"]) for e in ws.values()) for par, ws in best.items()}
+    return {"best": best, "log2_lr_drift": drift}
+
+
+def sweep(
+    factory: Callable[..., nn.Module],
+    *,
+    width_arg: str,
+    widths: Sequence[int],
+    lrs: Sequence[float],
+    steps: int,
+    parametrizations: Sequence[str] = ("umup",),
+    seeds: Sequence[int] = (0,),
+    data: str | None = None,
+    json_path: str | Path | None = None,
+    plot: str | Path | None = None,
+    batch: int = 8,
+    seq: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns ``{"runs": [...], **summary(runs)}``."""
+    if not widths or not lrs or steps < 1:
+        raise UmupError("sweep needs at least one width, one lr and steps >= 1.")
+    corpus = load_file(data) if data else load_corpus()
+    split = train_val_split(corpus)
+    path = Path(json_path) if json_path else None
+    runs: list[dict[str, Any]] = []
+    if path is not None and path.exists():
+        runs = json.loads(path.read_text())["runs"]
+    done = {tuple(r[k] for k in _KEY) for r in runs}
+    todo = [(p, w, lr, s) for p in parametrizations for w in widths for lr in lrs for s in seeds
+            if (p, w, lr, s) not in done]
+    bar = _progress(len(todo)) if progress else None
+    for par, width, lr, seed in todo:
+        runs.append(run_one(factory, width_arg, width, min(widths), lr, seed, par, steps, split,
+                            batch, seq))
+        if path is not None:
+            path.write_text(json.dumps({"runs": runs, **summary(runs)}, indent=1))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(par=par, width=width, lr=lr, val=f"{runs[-1]['val_loss']:.3f}")
+    if bar is not None:
+        bar.close()
+    result = {"runs": runs, **summary(runs)}
+    if plot:
+        plot_sweep(result, plot)
+    return result
+
+
+def _progress(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional (the demo extra)
+        return None
+    return tqdm(total=total, desc="sweep", unit="run")
+
+
+def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
+    """Validation loss against η, one line per width, one panel per parametrization."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise UmupError("--plot needs matplotlib: pip install 'umup_fx[plot]'.") from exc
+    pars = list(dict.fromkeys(r["parametrization"] for r in result["runs"]))
+    fig, axes = plt.subplots(1, len(pars), figsize=(4 * len(pars), 3.2), squeeze=False)
+    for ax, par in zip(axes[0], pars, strict=True):
+        rows = [r for r in result["runs"] if r["parametrization"] == par]
+        for width in sorted({r["width"] for r in rows}):
+            by_lr: dict[float, list[float]] = {}
+            for r in rows:
+                if r["width"] == width:
+                    by_lr.setdefault(r["lr"], []).append(r["val_loss"])
+            lrs = sorted(by_lr)
+            ax.plot(lrs, [sum(by_lr[lr]) / len(by_lr[lr]) for lr in lrs], marker="o",
+                    label=f"width {width}")
+        ax.set_xscale("log", base=2)
+        ax.set_title(par)
+        ax.set_xlabel("learning rate η")
+    axes[0][0].set_ylabel("validation loss")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
