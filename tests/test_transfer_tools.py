@@ -11,6 +11,7 @@ import umup_fx
 from examples.llama import Llama, LlamaConfig
 from tests.tiny_models import graph_nodes, hf_llama
 from umup_fx.__main__ import main
+from umup_fx.sweep import summary
 
 
 def _ids() -> torch.Tensor:
@@ -98,6 +99,19 @@ def test_sweep_function_on_a_logits_model(tmp_path) -> None:
                                  progress=False)
     assert len(result["runs"]) == 2 and (tmp_path / "s.png").stat().st_size > 0
     assert result["best"]["umup"]["32"]["lr"] in (0.1, 1.0)
+
+
+def test_summary_transfer_quality() -> None:
+    """Drift of log2 eta*, the loss lost at the widest width with the proxy's eta*, and
+    the seeds' spread, on hand-made runs with known answers."""
+    runs = [{"parametrization": "p", "width": w, "lr": lr, "seed": s, "val_loss": loss + s * 0.1}
+            for w, lr, loss in [(64, 0.5, 2.0), (64, 1.0, 2.2), (256, 0.5, 1.9), (256, 1.0, 1.7)]
+            for s in (0, 1)]
+    out = summary(runs)
+    assert out["best"]["p"]["64"]["lr"] == 0.5 and out["best"]["p"]["256"]["lr"] == 1.0
+    assert out["log2_lr_drift"]["p"] == 1.0
+    assert out["transfer_loss"]["p"] == pytest.approx(0.2)  # 1.95 at 0.5 vs 1.75 at 1.0
+    assert out["best"]["p"]["256"]["seed_spread"] == pytest.approx(0.1)
 
 
 def test_llama_factory_with_config_dataclass_builds_at_width() -> None:

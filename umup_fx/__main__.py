@@ -196,7 +196,9 @@ def _sweep(args: argparse.Namespace) -> int:
                    seq=args.seq)
     for par, widths in result["best"].items():
         best = ", ".join(f"{w}: {e['lr']:g} ({e['val_loss']:.3f})" for w, e in widths.items())
-        print(f"{par}: best lr by width {best}; log2 drift {result['log2_lr_drift'][par]:.2f}")
+        print(f"{par}: best lr by width {best}; log2 drift {result['log2_lr_drift'][par]:.2f}; "
+              f"loss lost at the widest width with the smallest's lr "
+              f"{result['transfer_loss'][par]:.3f}")
     return 0
 
 

@@ -133,22 +133,34 @@ def run_one(
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best η per (parametrization, width) by mean validation loss over seeds, and the
-    drift of log2 η* across widths (max - min) per parametrization."""
+    """Transfer quality per parametrization, from validation losses averaged over seeds:
+
+    - ``best``: η* per width, its loss, and the seeds' spread (max - min) there;
+    - ``log2_lr_drift``: max - min of log2 η* across widths;
+    - ``transfer_loss``: the loss lost at the widest width by training it at the
+      smallest width's η* instead of its own (0 when η* transfers exactly).
+    """
     table: dict[tuple[str, int, float], list[float]] = {}
     for r in runs:
         table.setdefault((r["parametrization"], r["width"], r["lr"]), []).append(r["val_loss"])
+    mean = {k: sum(v) / len(v) for k, v in table.items()}
     best: dict[str, dict[str, Any]] = {}
-    for (par, width, lr), vals in table.items():
-        mean = sum(vals) / len(vals)
-        if not math.isfinite(mean):
+    for (par, width, lr), loss in sorted(mean.items()):
+        if not math.isfinite(loss):
             continue
         entry = best.setdefault(par, {}).get(str(width))
-        if entry is None or mean < entry["val_loss"]:
-            best[par][str(width)] = {"lr": lr, "val_loss": mean, "seeds": len(vals)}
-    drift = {par: max(math.log2(e["lr"]) for e in ws.values())
-             - min(math.log2(e["lr"]) for e in ws.values()) for par, ws in best.items()}
-    return {"best": best, "log2_lr_drift": drift}
+        if entry is None or loss < entry["val_loss"]:
+            vals = table[(par, width, lr)]
+            best[par][str(width)] = {"lr": lr, "val_loss": loss, "seeds": len(vals),
+                                     "seed_spread": max(vals) - min(vals)}
+    drift, lost = {}, {}
+    for par, ws in best.items():
+        drift[par] = (max(math.log2(e["lr"]) for e in ws.values())
+                      - min(math.log2(e["lr"]) for e in ws.values()))
+        small, wide = min(ws, key=int), max(ws, key=int)
+        at_proxy = mean.get((par, int(wide), ws[small]["lr"]), float("nan"))
+        lost[par] = at_proxy - ws[wide]["val_loss"]
+    return {"best": best, "log2_lr_drift": drift, "transfer_loss": lost}
 
 
 def sweep(
