@@ -117,3 +117,22 @@ def test_summary_transfer_quality() -> None:
 def test_llama_factory_with_config_dataclass_builds_at_width() -> None:
     model = Llama(LlamaConfig(d_model=32, n_layers=2, n_heads=4))
     assert model.embed.weight.shape[1] == 32
+
+
+def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:
+    """μP's coordinate check through the CLI: after a few steps at the same eta per
+    parametrization, u-muP's output RMS does not trend with width; SP's grows."""
+    out = tmp_path / "cc.json"
+    argv = ["coord-check", "examples.llama:Llama", "--width-arg", "d_model", "--widths", "32",
+            "128", "--steps", "3", "--parametrization", "umup", "sp", "--batch", "4",
+            "--seq", "32", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    record = result["records"][0]
+    assert set(record) == {"parametrization", "width", "step", "layer", "rms"}
+    assert {r["step"] for r in result["records"]} == {0, 1, 2, 3}
+    umup = result["slopes"]["umup"]
+    sp = result["slopes"]["sp"]
+    assert max(abs(v) for v in umup.values()) < 0.3
+    assert sp["layers.*.mlp.down_proj.weight"] > 0.8 > umup["layers.*.mlp.down_proj.weight"]
+    assert "umup: log-log slope" in capsys.readouterr().out

@@ -8,6 +8,10 @@ defaults when there are none). An input SPEC is dtype:shape[:high]: long:2x64:25
 a [2, 64] tensor of random ints in [0, 256); float:8x32 a standard-normal [8, 32]
 tensor.
 
+python -m umup_fx coord-check MODULE:FACTORY --width-arg NAME --widths W... [--steps N]
+[--parametrization P...] [--lr ETA] [--data FILE] --json OUT [--plot PNG] runs muP's
+coordinate check (umup_fx.coord_check): each weight op's output RMS against width.
+
 python -m umup_fx sweep MODULE:FACTORY --width-arg NAME --widths W... --lrs ETA...
 --steps N [--parametrization P...] [--seeds S...] [--data FILE] --json OUT [--plot PNG]
 sweeps the learning rate across widths (umup_fx.sweep): FACTORY(NAME=width) builds each
@@ -152,9 +156,24 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--json", required=True, help="results file (resumed if it exists)")
     p.add_argument("--plot", help="loss-vs-lr figure (needs matplotlib)")
+    p = sub.add_parser("coord-check", help="muP's coordinate check across widths")
+    p.add_argument("target", help="MODULE:FACTORY, called as FACTORY(NAME=width)")
+    p.add_argument("--width-arg", required=True, help="the factory's width argument NAME")
+    p.add_argument("--widths", type=int, nargs="+", required=True)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--parametrization", nargs="+", default=["umup"],
+                   choices=["umup", "mup", "sp", "sp_emb_lr"])
+    p.add_argument("--lr", type=float, help="one eta for all (default: 1 for umup, 2^-9 else)")
+    p.add_argument("--data", help="a text file, read as bytes (default: the stdlib corpus)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--json", required=True, help="records file")
+    p.add_argument("--plot", help="RMS-vs-width figure (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "sweep":
         return _sweep(args)
+    if args.command == "coord-check":
+        return _coord_check(args)
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -181,14 +200,34 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import sweep
-
-    factory = _load(args.target)
+def _width_factory(target: str) -> Any:
+    factory = _load(target)
 
     def build(**kwargs: Any) -> Any:
         built = _build(factory, kwargs)
         return built[0] if isinstance(built, tuple) else built
+
+    return build
+
+
+def _coord_check(args: argparse.Namespace) -> int:
+    from .coord_check import coord_check
+
+    result = coord_check(_width_factory(args.target), width_arg=args.width_arg,
+                         widths=args.widths, steps=args.steps,
+                         parametrizations=args.parametrization, lr=args.lr, data=args.data,
+                         json_path=args.json, plot=args.plot, batch=args.batch, seq=args.seq)
+    for par, kinds in result["slopes"].items():
+        worst = max(kinds.items(), key=lambda kv: abs(kv[1]))
+        print(f"{par}: log-log slope of output RMS against width, largest {worst[1]:+.2f} "
+              f"({worst[0]}); all: " + ", ".join(f"{k} {v:+.2f}" for k, v in sorted(kinds.items())))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep
+
+    build = _width_factory(args.target)
 
     result = sweep(build, width_arg=args.width_arg, widths=args.widths, lrs=args.lrs,
                    steps=args.steps, parametrizations=args.parametrization, seeds=args.seeds,
