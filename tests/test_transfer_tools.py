@@ -11,6 +11,7 @@ import umup_fx
 from examples.llama import Llama, LlamaConfig
 from tests.tiny_models import graph_nodes, hf_llama
 from umup_fx.__main__ import main
+from umup_fx.search import search
 from umup_fx.sweep import summary
 
 
@@ -136,3 +137,27 @@ def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:
     assert max(abs(v) for v in umup.values()) < 0.3
     assert sp["layers.*.mlp.down_proj.weight"] > 0.8 > umup["layers.*.mlp.down_proj.weight"]
     assert "umup: log-log slope" in capsys.readouterr().out
+
+
+def test_search_cli_tunes_eta_then_one_multiplier_and_checks_the_target(tmp_path, capsys) -> None:
+    out = tmp_path / "search.json"
+    argv = ["search", "examples.llama:Llama", "--width-arg", "d_model", "--proxy-width", "32",
+            "--target-width", "64", "--lrs", "0.25", "1", "--steps", "2", "--mults", "2",
+            "--fields", "output_mult", "--batch", "2", "--seq", "16", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    stages = [r["stage"] for r in result["runs"]]
+    assert stages.count("lr") == 2 and stages.count("output_mult") == 1
+    assert stages.count("target") == (2 if result["best"] else 1)
+    assert result["lr"] in (0.25, 1.0) and set(result["best"]) <= {"output_mult"}
+    assert result["target"]["gain"] == pytest.approx(
+        result["target"]["default"] - result["target"]["combined"])
+    assert "eta*" in capsys.readouterr().out
+    n = len(result["runs"])
+    assert main(argv) == 0 and len(json.loads(out.read_text())["runs"]) == n  # resumed
+
+
+def test_search_rejects_unknown_multipliers() -> None:
+    with pytest.raises(umup_fx.UmupError, match="unknown u-muP multipliers"):
+        search(lambda d_model: None, width_arg="d_model", proxy_width=32,
+                              target_width=64, lrs=[1.0], steps=1, fields=["warmup"])

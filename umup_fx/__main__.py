@@ -12,6 +12,10 @@ python -m umup_fx coord-check MODULE:FACTORY --width-arg NAME --widths W... [--s
 [--parametrization P...] [--lr ETA] [--data FILE] --json OUT [--plot PNG] runs muP's
 coordinate check (umup_fx.coord_check): each weight op's output RMS against width.
 
+python -m umup_fx search MODULE:FACTORY --width-arg NAME --proxy-width W --target-width W
+--lrs ETA... --steps N [--mults M...] [--fields F...] --json OUT tunes eta, then each
+u-muP multiplier alone, on the proxy, and checks the combination at the target width.
+
 python -m umup_fx sweep MODULE:FACTORY --width-arg NAME --widths W... --lrs ETA...
 --steps N [--parametrization P...] [--seeds S...] [--data FILE] --json OUT [--plot PNG]
 sweeps the learning rate across widths (umup_fx.sweep): FACTORY(NAME=width) builds each
@@ -169,7 +173,23 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--json", required=True, help="records file")
     p.add_argument("--plot", help="RMS-vs-width figure (needs matplotlib)")
+    p = sub.add_parser("search", help="independent search of eta and the u-muP multipliers")
+    p.add_argument("target", help="MODULE:FACTORY, called as FACTORY(NAME=width)")
+    p.add_argument("--width-arg", required=True, help="the factory's width argument NAME")
+    p.add_argument("--proxy-width", type=int, required=True)
+    p.add_argument("--target-width", type=int, required=True)
+    p.add_argument("--lrs", type=float, nargs="+", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--mults", type=float, nargs="+", default=[0.25, 0.5, 2.0, 4.0])
+    p.add_argument("--fields", nargs="+", help="multipliers to tune (default: all six)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--data", help="a text file, read as bytes (default: the stdlib corpus)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--json", required=True, help="results file (resumed if it exists)")
     args = parser.parse_args(argv)
+    if args.command == "search":
+        return _search(args)
     if args.command == "sweep":
         return _sweep(args)
     if args.command == "coord-check":
@@ -221,6 +241,21 @@ def _coord_check(args: argparse.Namespace) -> int:
         worst = max(kinds.items(), key=lambda kv: abs(kv[1]))
         print(f"{par}: log-log slope of output RMS against width, largest {worst[1]:+.2f} "
               f"({worst[0]}); all: " + ", ".join(f"{k} {v:+.2f}" for k, v in sorted(kinds.items())))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .search import FIELDS, search
+
+    result = search(_width_factory(args.target), width_arg=args.width_arg,
+                    proxy_width=args.proxy_width, target_width=args.target_width,
+                    lrs=args.lrs, steps=args.steps, multipliers=args.mults,
+                    fields=args.fields or FIELDS, seeds=args.seeds, data=args.data,
+                    json_path=args.json, batch=args.batch, seq=args.seq)
+    target = result["target"]
+    print(f"eta* {result['lr']:g}; multipliers {result['best'] or 'all 1'}; at width "
+          f"{target['width']}: {target['default']:.3f} with defaults, {target['combined']:.3f} "
+          f"combined (gain {target['gain']:+.3f})")
     return 0
 
 

@@ -88,8 +88,10 @@ def run_one(
     batch: int = 8,
     seq: int = 64,
     val_batches: int = 8,
+    hparams: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """One training run; returns its record (losses are NaN if it diverged)."""
+    """One training run; returns its record (losses are NaN if it diverged).
+    ``hparams``: u-muP multipliers (rules §6) for a ``"umup"`` run."""
     train_data, val_data = data
     gen = torch.Generator().manual_seed(seed)
     x, y = get_batch(train_data, batch, seq, gen)
@@ -102,6 +104,8 @@ def run_one(
         base = factory(**{width_arg: base_width})
     example = (x, y) if takes_targets else (x,)
     options: dict[str, Any] = {"parametrization": parametrization}
+    if hparams:
+        options["hparams"] = hparams
     if base is not None:
         options["base"] = base
     transform(model, example, **options)
@@ -122,6 +126,8 @@ def run_one(
     diverged = len(losses) < steps
     record = {"parametrization": parametrization, "width": width, "lr": lr, "seed": seed,
               "train_loss": float("nan"), "val_loss": float("nan"), "diverged": diverged}
+    if hparams:
+        record["hparams"] = dict(hparams)
     if not diverged:
         record["train_loss"] = sum(losses[-10:]) / len(losses[-10:])
         vgen = torch.Generator().manual_seed(seed + 1)
