@@ -49,8 +49,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--parametrization", nargs="+", default=list(GRIDS))
     parser.add_argument("--json", default="transfer_sweep.json")
+    parser.add_argument("--depths", type=int, nargs="+",
+                        help="instead: u-muP's depth transfer over these layer counts")
+    parser.add_argument("--depth-width", type=int, default=64)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.depths:
+        return depth_transfer(args)
     start = time.perf_counter()
     result: dict = {}
     for par in args.parametrization:
@@ -85,6 +90,34 @@ def main() -> None:
     if not args.no_write:
         plot_sweep(result, DOCS / "transfer_sweep.png")
         write_section("transfer_sweep", body, DOCS / "transfer.md")
+
+
+def depth_transfer(args: argparse.Namespace) -> None:
+    """u-muP's eta sweep over depth at one width: section ``transfer_depth``."""
+    start = time.perf_counter()
+    result = umup_fx.sweep(
+        lambda layers: factory(args.depth_width, layers, args.seq), width_arg="layers",
+        widths=args.depths, lrs=GRIDS["umup"], steps=args.steps, parametrizations=["umup"],
+        seeds=args.seeds, json_path=args.json, batch=args.batch, seq=args.seq,
+    )
+    minutes = (time.perf_counter() - start) / 60
+    best = result["best"]["umup"]
+    rows = ["| layers | η* | val loss at η* (± half the seeds' spread) |", "|---|---|---|"]
+    rows += [f"| {d} | 2^{_log2(e['lr'])} | {e['val_loss']:.3f} ± {e['seed_spread'] / 2:.3f} |"
+             for d, e in sorted(best.items(), key=lambda kv: int(kv[0]))]
+    body = "\n".join([
+        f"Machine: {machine()}. Command: `{command()}` ({minutes:.0f} min).",
+        "",
+        f"u-μP, example Llama at width {args.depth_width}, {args.steps} steps of batch "
+        f"{args.batch} × {args.seq}, seeds {args.seeds}. log2 η* drift over depth: "
+        f"{result['log2_lr_drift']['umup']:.1f}; loss lost at the deepest with the "
+        f"shallowest's η*: {result['transfer_loss']['umup']:.3f}.",
+        "",
+        *rows,
+    ])
+    print(body)
+    if not args.no_write:
+        write_section("transfer_depth", body, DOCS / "transfer.md")
 
 
 def _log2(lr: float) -> str:
