@@ -147,35 +147,26 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--arg", action="append", default=[], help="NAME=VALUE passed to the factory")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("sweep", help="sweep the learning rate across widths")
-    p.add_argument("target", help="MODULE:FACTORY, called as FACTORY(NAME=width)")
-    p.add_argument("--width-arg", required=True, help="the factory's width argument NAME")
+    _width_tool_args(p)
     p.add_argument("--widths", type=int, nargs="+", required=True)
     p.add_argument("--lrs", type=float, nargs="+", required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--parametrization", nargs="+", default=["umup"],
                    choices=["umup", "mup", "sp", "sp_emb_lr"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--data", help="a text file, read as bytes (default: the stdlib corpus)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
     p.add_argument("--json", required=True, help="results file (resumed if it exists)")
     p.add_argument("--plot", help="loss-vs-lr figure (needs matplotlib)")
     p = sub.add_parser("coord-check", help="muP's coordinate check across widths")
-    p.add_argument("target", help="MODULE:FACTORY, called as FACTORY(NAME=width)")
-    p.add_argument("--width-arg", required=True, help="the factory's width argument NAME")
+    _width_tool_args(p)
     p.add_argument("--widths", type=int, nargs="+", required=True)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--parametrization", nargs="+", default=["umup"],
                    choices=["umup", "mup", "sp", "sp_emb_lr"])
     p.add_argument("--lr", type=float, help="one eta for all (default: 1 for umup, 2^-9 else)")
-    p.add_argument("--data", help="a text file, read as bytes (default: the stdlib corpus)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
     p.add_argument("--json", required=True, help="records file")
     p.add_argument("--plot", help="RMS-vs-width figure (needs matplotlib)")
     p = sub.add_parser("search", help="independent search of eta and the u-muP multipliers")
-    p.add_argument("target", help="MODULE:FACTORY, called as FACTORY(NAME=width)")
-    p.add_argument("--width-arg", required=True, help="the factory's width argument NAME")
+    _width_tool_args(p)
     p.add_argument("--proxy-width", type=int, required=True)
     p.add_argument("--target-width", type=int, required=True)
     p.add_argument("--lrs", type=float, nargs="+", required=True)
@@ -183,9 +174,6 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--mults", type=float, nargs="+", default=[0.25, 0.5, 2.0, 4.0])
     p.add_argument("--fields", nargs="+", help="multipliers to tune (default: all six)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--data", help="a text file, read as bytes (default: the stdlib corpus)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
     p.add_argument("--json", required=True, help="results file (resumed if it exists)")
     args = parser.parse_args(argv)
     if args.command == "search":
@@ -218,6 +206,15 @@ def _main(argv: list[str] | None) -> int:
         example_inputs = tuple(parse_input(s, generator) for s in args.input)
     print(analyze(model, example_inputs, example_kwargs))
     return 0
+
+
+def _width_tool_args(p: argparse.ArgumentParser) -> None:
+    """The arguments sweep, coord-check and search share."""
+    p.add_argument("target", help="MODULE:FACTORY, called as FACTORY(NAME=width)")
+    p.add_argument("--width-arg", required=True, help="the factory's width argument NAME")
+    p.add_argument("--data", help="a text file, read as bytes (default: the stdlib corpus)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
 
 
 def _width_factory(target: str) -> Any:

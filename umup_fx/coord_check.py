@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._plot import panels, save
 from .data import get_batch, load_corpus, load_file, train_val_split
 from .errors import UmupError
 from .module import UmupModule
@@ -138,18 +139,11 @@ def coord_check(
 def plot_coord_check(result: dict[str, Any], path: str | Path) -> Path:
     """RMS against width at the last step, one line per layer kind, one panel per
     parametrization (the ``mup`` package's coordinate-check figure)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise UmupError("--plot needs matplotlib: pip install 'umup_fx[plot]'.") from exc
     records = result["records"]
     last = max(r["step"] for r in records)
     pars = list(dict.fromkeys(r["parametrization"] for r in records))
-    fig, axes = plt.subplots(1, len(pars), figsize=(4 * len(pars), 3.2), squeeze=False)
-    for ax, par in zip(axes[0], pars, strict=True):
+    fig, axes = panels(len(pars))
+    for ax, par in zip(axes, pars, strict=True):
         by_kind: dict[str, dict[int, list[float]]] = {}
         for r in records:
             if r["parametrization"] == par and r["step"] == last:
@@ -158,10 +152,4 @@ def plot_coord_check(result: dict[str, Any], path: str | Path) -> Path:
             widths = sorted(ws)
             ax.plot(widths, [sum(ws[w]) / len(ws[w]) for w in widths], marker="o", label=kind)
         ax.set(xscale="log", yscale="log", title=f"{par}, step {last}", xlabel="width")
-    axes[0][0].set_ylabel("output RMS")
-    axes[0][-1].legend(fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, "output RMS", 6)

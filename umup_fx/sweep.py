@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ._plot import panels, save
 from .data import get_batch, load_corpus, load_file, train_val_split
 from .errors import UmupError
 from .optim import AdamW
@@ -224,16 +225,9 @@ def _progress(total: int) -> Any:
 
 def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
     """Validation loss against η, one line per width, one panel per parametrization."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise UmupError("--plot needs matplotlib: pip install 'umup_fx[plot]'.") from exc
     pars = list(dict.fromkeys(r["parametrization"] for r in result["runs"]))
-    fig, axes = plt.subplots(1, len(pars), figsize=(4 * len(pars), 3.2), squeeze=False)
-    for ax, par in zip(axes[0], pars, strict=True):
+    fig, axes = panels(len(pars))
+    for ax, par in zip(axes, pars, strict=True):
         rows = [r for r in result["runs"] if r["parametrization"] == par]
         for width in sorted({r["width"] for r in rows}):
             by_lr: dict[float, list[float]] = {}
@@ -246,10 +240,4 @@ def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_title(par)
         ax.set_xlabel("learning rate η")
-    axes[0][0].set_ylabel("validation loss")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, "validation loss", 8)
