@@ -66,6 +66,8 @@ def test_mup_at_the_base_width_is_the_model_as_written() -> None:
 
 
 def test_baselines_need_a_base_and_a_known_name() -> None:
+    with pytest.raises(umup_fx.UmupError, match="baseline for comparisons"):
+        umup_fx.prepare(hf_llama(hidden=64), (_ids(),), parametrization="sp")
     with pytest.raises(umup_fx.UmupError, match="base="):
         umup_fx.transform(hf_llama(hidden=64), (_ids(),), parametrization="mup")
     with pytest.raises(umup_fx.UmupError, match="one of"):

@@ -54,7 +54,7 @@ def prepare(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
     ``param_groups`` work before the first compiled call. Returns ``model``.
     """
     check_fresh(model)
-    opts = Options.build(hparams, **options)
+    opts = _u_mup_only(Options.build(hparams, **options))
     captured = capture(model, example_inputs, example_kwargs)
     plan = plan_graph(captured.gm, opts, captured.model_name)
     expand_blocks(plan, captured.gm, captured.blocks)
@@ -70,6 +70,16 @@ def prepare(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
 _GRAPH_ONLY = ("hparams", "fp8")
 
 
+def _u_mup_only(opts: Options) -> Options:
+    if opts.parametrization != "umup":
+        raise UmupError(
+            f"parametrization={opts.parametrization!r} is a baseline for comparisons: build it "
+            "with umup_fx.transform(model, inputs, parametrization=..., base=...), then "
+            "torch.compile(model) with the default backend."
+        )
+    return opts
+
+
 def _options(example_inputs: list[Any], given: dict[str, Any]) -> tuple[Options, bool]:
     """The options in force, and whether this is the model's first compile (init due)."""
     if any(getattr(x, TRANSFORMED_ATTR, False) for x in example_inputs):
@@ -81,7 +91,7 @@ def _options(example_inputs: list[Any], given: dict[str, Any]) -> tuple[Options,
     marked = [getattr(x, _OPTIONS_ATTR) for x in example_inputs
               if isinstance(x, nn.Parameter) and hasattr(x, _OPTIONS_ATTR)]
     if not marked:
-        return Options.build(given.pop("hparams", None), **given), True
+        return _u_mup_only(Options.build(given.pop("hparams", None), **given)), True
     prepared = marked[0]
     if not given:
         return prepared, False
