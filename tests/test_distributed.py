@@ -9,6 +9,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -66,9 +69,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(worker, tmp: Path) -> None:
+def _exit_when_done(rank: int, worker, tmp: str, port: int) -> None:
+    """Run a rank, then leave without destroying the process group or Python's teardown:
+    both join gloo's worker thread while holding the GIL, which that thread may need to
+    free its last work item (a deadlock seen in about one DDP run in four). Results are
+    in files already; a failure exits 1."""
+    try:
+        worker(rank, tmp, port)
+    except BaseException:  # noqa: BLE001 - reported, then the rank exits non-zero
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _run(worker, tmp: Path, timeout_s: float = 300.0) -> None:
+    """Spawn the ranks; a rank that fails, or ranks still running after ``timeout_s``,
+    fail the test instead of hanging the suite."""
     port = _free_port()
-    mp.spawn(worker, args=(str(tmp), port), nprocs=WORLD, join=True)
+    context = mp.spawn(_exit_when_done, args=(worker, str(tmp), port), nprocs=WORLD,
+                       join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{worker.__name__}: ranks still running after {timeout_s:.0f} s")
 
 
 def _init(rank: int, port: int) -> None:
@@ -101,92 +128,86 @@ def _fsdp_worker(rank: int, tmp: str, port: int) -> None:
 
     _init(rank, port)
     tmp_path = Path(tmp)
-    try:
-        # Sharding before transform is refused with the fix in the message.
-        early = Llama(_config())
-        fully_shard(early)
-        with pytest.raises(umup_fx.CaptureError, match="Transform the unsharded model"):
-            umup_fx.transform(early, _example())
+    # Sharding before transform is refused with the fix in the message.
+    early = Llama(_config())
+    fully_shard(early)
+    with pytest.raises(umup_fx.CaptureError, match="Transform the unsharded model"):
+        umup_fx.transform(early, _example())
 
-        # The torchtitan recipe: meta -> transform -> fully_shard per block -> to_empty
-        # -> init_ (here: the reference's weights) -> AdamW.
-        with torch.device("meta"):
-            model = Llama(_config())
-        x0, y0 = _example()
-        umup_fx.transform(model, (x0.to("meta"), y0.to("meta")))
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        model.to_empty(device="cpu")
-        umup_fx.init_(model)
-        for name, buffer in Llama(_config()).named_buffers():  # RoPE tables
-            model.get_buffer(name).copy_(buffer)
-        full = torch.load(tmp_path / "init.pt")
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
-        opt = umup_fx.AdamW(model, lr=LR)
-        losses, grads = [], {}
-        batches = _batches()
-        for step, (x, y) in enumerate(batches[:STEPS]):
-            opt.zero_grad()
-            loss = model(_local(x, rank), _local(y, rank))
-            loss.backward()
-            if step == 0:
-                grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()
-                         if p.grad is not None}
-            opt.step()
-            losses.append(_global_loss(loss))
-
-        # DCP round trip: save, step, load, step again: the same loss.
-        x, y = batches[STEPS]
-        model_sd, opt_sd = get_state_dict(model, opt)
-        dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=str(tmp_path / "ckpt"))
+    # The torchtitan recipe: meta -> transform -> fully_shard per block -> to_empty
+    # -> init_ (here: the reference's weights) -> AdamW.
+    with torch.device("meta"):
+        model = Llama(_config())
+    x0, y0 = _example()
+    umup_fx.transform(model, (x0.to("meta"), y0.to("meta")))
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    umup_fx.init_(model)
+    for name, buffer in Llama(_config()).named_buffers():  # RoPE tables
+        model.get_buffer(name).copy_(buffer)
+    full = torch.load(tmp_path / "init.pt")
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+    opt = umup_fx.AdamW(model, lr=LR)
+    losses, grads = [], {}
+    batches = _batches()
+    for step, (x, y) in enumerate(batches[:STEPS]):
         opt.zero_grad()
-        model(_local(x, rank), _local(y, rank)).backward()
+        loss = model(_local(x, rank), _local(y, rank))
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()
+                     if p.grad is not None}
         opt.step()
-        after = _global_loss(model(_local(x, rank), _local(y, rank)))
-        model_sd, opt_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optim": opt_sd}
-        dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        opt.zero_grad()
-        model(_local(x, rank), _local(y, rank)).backward()
-        opt.step()
-        resumed = _global_loss(model(_local(x, rank), _local(y, rank)))
+        losses.append(_global_loss(loss))
 
-        # bf16 parameters through MixedPrecisionPolicy: runs, finite.
-        torch.manual_seed(0)
-        mixed = umup_fx.transform(Llama(_config()), _example())
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in mixed.layers:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(mixed, mp_policy=policy)
-        bf16_loss = mixed(_local(x, rank), _local(y, rank))
-        bf16_loss.backward()
-        if rank == 0:
-            torch.save(
-                {"losses": losses, "grads": grads, "after": after, "resumed": resumed,
-                 "bf16": (bf16_loss.dtype, bf16_loss.item())},
-                tmp_path / "fsdp.pt",
-            )
-    finally:
-        dist.destroy_process_group()
+    # DCP round trip: save, step, load, step again: the same loss.
+    x, y = batches[STEPS]
+    model_sd, opt_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=str(tmp_path / "ckpt"))
+    opt.zero_grad()
+    model(_local(x, rank), _local(y, rank)).backward()
+    opt.step()
+    after = _global_loss(model(_local(x, rank), _local(y, rank)))
+    model_sd, opt_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": opt_sd}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    opt.zero_grad()
+    model(_local(x, rank), _local(y, rank)).backward()
+    opt.step()
+    resumed = _global_loss(model(_local(x, rank), _local(y, rank)))
+
+    # bf16 parameters through MixedPrecisionPolicy: runs, finite.
+    torch.manual_seed(0)
+    mixed = umup_fx.transform(Llama(_config()), _example())
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in mixed.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(mixed, mp_policy=policy)
+    bf16_loss = mixed(_local(x, rank), _local(y, rank))
+    bf16_loss.backward()
+    if rank == 0:
+        torch.save(
+            {"losses": losses, "grads": grads, "after": after, "resumed": resumed,
+             "bf16": (bf16_loss.dtype, bf16_loss.item())},
+            tmp_path / "fsdp.pt",
+        )
 
 
 def _ddp_worker(rank: int, tmp: str, port: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     _init(rank, port)
-    try:
-        model = umup_fx.transform(Llama(_config()), _example())
-        model.load_state_dict(torch.load(Path(tmp) / "init.pt"))
-        ddp = DistributedDataParallel(model)
-        x, y = _batches()[0]
-        ddp(_local(x, rank), _local(y, rank)).backward()
-        if rank == 0:
-            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-            torch.save(grads, Path(tmp) / "ddp.pt")
-    finally:
-        dist.destroy_process_group()
+    model = umup_fx.transform(Llama(_config()), _example())
+    model.load_state_dict(torch.load(Path(tmp) / "init.pt"))
+    ddp = DistributedDataParallel(model)
+    x, y = _batches()[0]
+    ddp(_local(x, rank), _local(y, rank)).backward()
+    if rank == 0:
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        torch.save(grads, Path(tmp) / "ddp.pt")
 
 
 def test_fsdp2_per_block_meta_init_matches_one_process(tmp_path: Path) -> None:
