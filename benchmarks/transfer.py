@@ -74,8 +74,7 @@ def main() -> None:
         rows.append(f"| {par} | {cells} | {result['log2_lr_drift'].get(par, float('nan')):.1f} | "
                     f"{result['transfer_loss'].get(par, float('nan')):.3f} |")
     body = "\n".join([
-        f"Machine: {machine()}. Command: `{command()}` ({minutes:.0f} min; "
-        f"{len(result['runs'])} runs in `{args.json}`).",
+        f"Machine: {machine()}. Command: `{command()}` ({_timing(args.json, result, minutes)}).",
         "",
         f"Example Llama, {args.layers} layers, d_head 32, {args.steps} steps of batch "
         f"{args.batch} × {args.seq} bytes, seeds {args.seeds}; μP and SP + embedding LR "
@@ -106,7 +105,7 @@ def depth_transfer(args: argparse.Namespace) -> None:
     rows += [f"| {d} | 2^{_log2(e['lr'])} | {e['val_loss']:.3f} ± {e['seed_spread'] / 2:.3f} |"
              for d, e in sorted(best.items(), key=lambda kv: int(kv[0]))]
     body = "\n".join([
-        f"Machine: {machine()}. Command: `{command()}` ({minutes:.0f} min).",
+        f"Machine: {machine()}. Command: `{command()}` ({_timing(args.json, result, minutes)}).",
         "",
         f"u-μP, example Llama at width {args.depth_width}, {args.steps} steps of batch "
         f"{args.batch} × {args.seq}, seeds {args.seeds}. log2 η* drift over depth: "
@@ -118,6 +117,17 @@ def depth_transfer(args: argparse.Namespace) -> None:
     print(body)
     if not args.no_write:
         write_section("transfer_depth", body, DOCS / "transfer.md")
+
+
+def _timing(path: str, result: dict, minutes: float) -> str:
+    """Runs and time; a resumed JSON's earlier runs were taken by the same command."""
+    runs = result["runs"]
+    timed = [r["seconds"] for r in runs if "seconds" in r]
+    text = f"{len(runs)} runs in `{path}`; this invocation {minutes:.0f} min"
+    if len(timed) < len(runs):
+        text += (f"; {len(runs) - len(timed)} runs resumed from the JSON, taken earlier by "
+                 "this command before runs recorded their time")
+    return text + (f"; {sum(timed) / 60:.0f} min of recorded training" if timed else "")
 
 
 def _log2(lr: float) -> str:

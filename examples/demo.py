@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import umup_fx  # noqa: E402
 from examples.data import get_batch, load_corpus, train_val_split  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
+from umup_fx.sweep import lr_schedule  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -53,19 +54,6 @@ def batch(
 ) -> tuple[Tensor, Tensor]:
     """One training batch ``(x, y)`` (``examples.data.get_batch``)."""
     return get_batch(data, batch_size, seq_len, gen)
-
-
-def lr_schedule(steps: int, warmup: int | None = None, floor: float = 0.1):
-    """Multiplier on the peak LR: linear warmup, then cosine decay to ``floor``."""
-    warmup = max(1, steps // 10) if warmup is None else max(1, warmup)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 @torch.no_grad()

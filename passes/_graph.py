@@ -30,6 +30,7 @@ TRANSPARENT = ops(
     "squeeze.dim", "squeeze.dims", "expand", "type_as", "lift_fresh_copy",
 )
 MATMULS = ops("mm", "bmm", "matmul")
+_ASSERTS = ops("_assert_tensor_metadata")
 DROPOUTS = ops("dropout", "native_dropout", "feature_dropout")
 SOFTMAXES = ops("softmax.int", "_softmax", "_safe_softmax")
 ADDS = ops("add.Tensor", "add_.Tensor")  # in-place: see inplace_safe
@@ -92,14 +93,13 @@ def param_of(node: Any) -> str | None:
 
 
 def consumers(node: fx.Node) -> list[fx.Node]:
-    """The ops that read ``node``'s value, looking through transparent ops."""
+    """The ops that read ``node``'s value, in graph order, looking through transparent
+    ops (export's ``_assert_tensor_metadata`` checks read nothing)."""
     out: list[fx.Node] = []
-    frontier = list(node.users)
-    while frontier:
-        u = frontier.pop()
+    for u in node.users:
         if u.target in TRANSPARENT:
-            frontier.extend(u.users)
-        else:
+            out.extend(consumers(u))
+        elif u.target not in _ASSERTS:
             out.append(u)
     return out
 

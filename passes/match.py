@@ -27,6 +27,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta, rules
+from umup_fx import ops as ops_
 
 from ._graph import (
     ADDS,
@@ -36,6 +37,7 @@ from ._graph import (
     MULS,
     SOFTMAXES,
     TRANSPARENT,
+    consumers,
     einsum_letters,
     is_tensor,
     ops,
@@ -43,6 +45,7 @@ from ._graph import (
     param_of,
     source,
 )
+from ._rewrite import arg
 
 _LINEAR = ops("linear")
 _ADDMM = ops("addmm")
@@ -77,7 +80,7 @@ def _picks_for_head(node: fx.Node, solver: Any) -> bool:
     axis = node.args[1] % len(dims)
     if dims[axis].is_number or solver.kind_of(dims[axis]) != "fixed":
         return False
-    return any(meta.get(u, meta.RULE) == rules.LINEAR for u in _users(node))
+    return any(meta.get(u, meta.RULE) == rules.LINEAR for u in consumers(node))
 
 
 def _einsum_weight(node: fx.Node) -> tuple[list[str], str, int] | None:
@@ -127,25 +130,12 @@ def _direct_use(param: fx.Node, active: set[fx.Node]) -> dict[str, str] | None:
 
 
 def _activation_kind(node: fx.Node) -> tuple[str, dict[str, Any]] | None:
-    """(kind, kwargs) of ``ops.activation`` for an ATen pointwise nonlinearity."""
+    """(kind, kwargs) of ``ops.activation`` for an ATen nonlinearity it knows (SiLU and
+    GELU have their own rules); keyword values read by schema name."""
     name = getattr(node.target, "_opname", None)
-    if not isinstance(node.target, torch._ops.OpOverload) or name not in _ACTIVATION_ARGS:
+    if not isinstance(node.target, torch._ops.OpOverload) or name not in ops_.ACTIVATION_ARGS:
         return None
-    kwargs = {k: _arg(node, i + 1, k, d) for i, (k, d) in enumerate(_ACTIVATION_ARGS[name])}
-    return name, kwargs
-
-
-# ATen activation -> its scalar arguments (name, default), in order after the input.
-_ACTIVATION_ARGS: dict[str, tuple[tuple[str, Any], ...]] = {
-    "relu": (), "tanh": (), "sigmoid": (), "mish": (), "hardswish": (),
-    "leaky_relu": (("negative_slope", 0.01),),
-    "softplus": (("beta", 1.0), ("threshold", 20.0)),
-    "elu": (("alpha", 1.0),),
-}
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+    return name, {k: arg(node, k) for k in sorted(ops_.ACTIVATION_ARGS[name])}
 
 
 def _softcap_input(node: fx.Node) -> fx.Node | None:
@@ -182,17 +172,6 @@ def _set(node: fx.Node, rule: str, **extra: Any) -> None:
     m.update(extra)
 
 
-def _users(node: fx.Node) -> list[fx.Node]:
-    """Consumers, looking through transparent ops and dropout."""
-    out = []
-    for u in node.users:
-        if u.target in TRANSPARENT:
-            out.extend(_users(u))
-        else:
-            out.append(u)
-    return out
-
-
 def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] | None:
     """softmax(mask(c * (q @ k^T))) @ v, with c a Python number; None if not that."""
     node = source(softmax.args[0])
@@ -221,17 +200,17 @@ def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] |
     qk = node
     if not all(isinstance(a, fx.Node) and a in active for a in qk.args[:2]):
         return None
-    consumers = _users(softmax)
-    if consumers and consumers[0].target in DROPOUTS:
-        dropout = consumers[0]
-        consumers = _users(dropout)
-        if consumers and consumers[0].target.__name__ == "getitem":
-            consumers = _users(consumers[0])
+    readers = consumers(softmax)
+    if readers and readers[0].target in DROPOUTS:
+        dropout = readers[0]
+        readers = consumers(dropout)
+        if readers and readers[0].target.__name__ == "getitem":
+            readers = consumers(readers[0])
     else:
         dropout = None
-    if len(consumers) != 1 or consumers[0].target not in MATMULS:
+    if len(readers) != 1 or readers[0].target not in MATMULS:
         return None
-    av = consumers[0]
+    av = readers[0]
     if source(av.args[0]) not in (softmax, dropout) and av.args[0] is not softmax:
         return None
     return {"qk": qk.name, "av": av.name, "scale": scale.name if scale else None,

@@ -23,12 +23,11 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, rules
 from umup_fx.errors import AnalysisError
 
-from ._graph import ADDS, TRANSPARENT, op_name, ops, param_name, where
+from ._graph import ADDS, consumers, op_name, ops, param_name, where
 from .dims import WIDTH
 
 _ADDMM = ops("addmm")
 _BATCH_NORM = ops("batch_norm")
-_ASSERT_METADATA = next(iter(ops("_assert_tensor_metadata")), None)
 
 
 @dataclass
@@ -45,15 +44,6 @@ class ParamRole:
     fan_out: sp.Expr | None = None
     uses: list[Use] = field(default_factory=list)
     shift: bool = False  # a norm parameter that is added (LayerNorm's bias), not multiplied
-
-
-def _consumers(node: fx.Node) -> list[fx.Node]:
-    out = []
-    for u in node.users:
-        if u.target is _ASSERT_METADATA:
-            continue  # export's dtype check of a `.float()` (Gemma's norm): no use
-        out.extend(_consumers(u) if u.target in TRANSPARENT else [u])
-    return out
 
 
 def _weight_use(op: fx.Node, solver) -> ParamRole:
@@ -108,7 +98,7 @@ def _use_of(node: fx.Node, op: fx.Node, name: str, solver) -> ParamRole | None:
     if rule == rules.NORM_GAIN:
         return ParamRole(rules.NORM, shift=op.target in ADDS)
     if op.target in ADDS and len(dims) == 1 and any(isinstance(a, (int, float)) for a in op.args):
-        users = _consumers(op)
+        users = consumers(op)
         if users and all(meta.get(u, meta.RULE) == rules.NORM_GAIN for u in users):
             return ParamRole(rules.NORM, shift=True)  # a gain of 1 + w: w starts at 0
     if op.target in ADDS and len(dims) == 1:
@@ -132,7 +122,7 @@ def assign_roles(gm: fx.GraphModule, overrides: dict[str, str] | None = None) ->
         if meta.get(node, meta.DIRECT):
             found = _direct_role(node, solver)
             found.uses.append(Use(meta.get(node, meta.DIRECT)["op"], "direct", found.role))
-        for op in [] if found else _consumers(node):
+        for op in [] if found else consumers(node):
             use = _use_of(node, op, name, solver)
             if use is None:
                 if name in overrides:

@@ -190,10 +190,7 @@ def check(family: str, build: Callable[[], Case] | None = None) -> Result:
     torch.manual_seed(0)
     try:
         case = (build or FAMILIES[family])()
-    except ImportError as e:
-        result.status, result.message = "unavailable", f"not importable here ({e})"
-        return result
-    except RuntimeError as e:  # torchvision built for another torch
+    except (ImportError, RuntimeError) as e:  # RuntimeError: torchvision built for another torch
         result.status, result.message = "unavailable", f"not importable here ({e})"
         return result
     try:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import umup_fx
-from examples.llama import Llama, LlamaConfig
 from tests.tiny_models import graph_nodes, hf_llama
 from umup_fx.__main__ import main
 from umup_fx.search import search
@@ -115,11 +114,6 @@ def test_summary_transfer_quality() -> None:
     assert out["log2_lr_drift"]["p"] == 1.0
     assert out["transfer_loss"]["p"] == pytest.approx(0.2)  # 1.95 at 0.5 vs 1.75 at 1.0
     assert out["best"]["p"]["256"]["seed_spread"] == pytest.approx(0.1)
-
-
-def test_llama_factory_with_config_dataclass_builds_at_width() -> None:
-    model = Llama(LlamaConfig(d_model=32, n_layers=2, n_heads=4))
-    assert model.embed.weight.shape[1] == 32
 
 
 def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:

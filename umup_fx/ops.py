@@ -645,6 +645,10 @@ _ACTIVATIONS: dict[str, tuple[Callable[..., Tensor], frozenset[str]]] = {
 }
 
 
+# kind -> the keyword arguments it takes (``passes.match`` reads them off ATen nodes).
+ACTIVATION_ARGS = {kind: names for kind, (_, names) in _ACTIVATIONS.items()}
+
+
 def _activation_fn(kind: str, fn_kwargs: dict[str, Any]) -> Callable[..., Tensor]:
     if kind not in _ACTIVATIONS:
         raise ValueError(

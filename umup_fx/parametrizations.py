@@ -48,11 +48,10 @@ def base_shapes(base: nn.Module, example_inputs: Any, example_kwargs: dict | Non
     """Analyse ``base`` (the same architecture at the base width) on the same inputs."""
     from .capture import capture
     from .pipeline import analyze_graph
+    from .plan import expand_blocks
 
     captured = capture(base, example_inputs, example_kwargs)
     plan = analyze_graph(captured.gm, model_name=type(base).__name__)
-    from .plan import expand_blocks
-
     expand_blocks(plan, captured.gm, captured.blocks)
     return BaseShapes(
         fans={n: (p.fan_in_value, p.fan_out_value) for n, p in plan.params.items()},
@@ -65,18 +64,12 @@ def attention_head_sizes(gm: fx.GraphModule) -> list[int]:
     out = []
     for node in gm.graph.nodes:
         rule = meta.get(node, meta.RULE)
-        if rule == rules.SDPA or node.target is _aten_sdpa():
+        if rule == rules.SDPA:
             out.append(int(node.args[2].meta["val"].shape[-1]))
         elif rule == rules.ATTENTION:
             av = next(n for n in gm.graph.nodes if n.name == meta.get(node, meta.ATTENTION)["av"])
             out.append(int(av.args[1].meta["val"].shape[-1]))
     return out
-
-
-def _aten_sdpa() -> Any:
-    import torch
-
-    return torch.ops.aten.scaled_dot_product_attention.default
 
 
 def check(parametrization: str, base: BaseShapes | None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,14 +65,16 @@ def _takes_targets(model: nn.Module) -> bool:
     return len(params) >= 2 and params[1].name in ("targets", "target", "y", "labels")
 
 
-def _schedule(steps: int) -> Callable[[int], float]:
-    warmup = max(1, steps // 10)
+def lr_schedule(steps: int, warmup: int | None = None, floor: float = 0.1):
+    """Multiplier on the peak LR: linear warmup (default steps/10), then cosine decay to
+    ``floor`` (the demo and the transfer tools train with it)."""
+    warmup = max(1, steps // 10) if warmup is None else max(1, warmup)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 
@@ -112,8 +115,9 @@ def run_one(
     transform(model, example, **options)
     model = _LossModel(model, takes_targets, parametrization == "umup")
     optimizer = AdamW(model.model, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(steps))
     losses: list[float] = []
+    start = time.perf_counter()
     for _ in range(steps):
         xb, yb = get_batch(train_data, batch, seq, gen)
         loss = model(xb, yb)
@@ -126,7 +130,8 @@ def run_one(
         losses.append(loss.item())
     diverged = len(losses) < steps
     record = {"parametrization": parametrization, "width": width, "lr": lr, "seed": seed,
-              "train_loss": float("nan"), "val_loss": float("nan"), "diverged": diverged}
+              "train_loss": float("nan"), "val_loss": float("nan"), "diverged": diverged,
+              "seconds": time.perf_counter() - start}
     if hparams:
         record["hparams"] = dict(hparams)
     if not diverged:
