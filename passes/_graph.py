@@ -37,6 +37,14 @@ ADDS = ops("add.Tensor", "add_.Tensor")  # in-place: see inplace_safe
 INPLACE = ops("add_.Tensor", "mul_.Tensor")
 MULS = ops("mul.Tensor")
 DIVS = ops("div.Tensor")
+# Grouped matmuls of MoE experts, x[S, in] @ W[E, in, out] per expert slice of x (offs):
+# ATen's own and transformers' fallback custom op (registered when transformers loads
+# its MoE integration, so matched by qualified name).
+GROUPED_MMS = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
+
+
+def is_grouped_mm(target: Any) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target._schema.name in GROUPED_MMS
 
 
 def inplace_safe(node: fx.Node) -> bool:

@@ -28,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta
 
-from ._graph import einsum_letters, ops, source
+from ._graph import einsum_letters, is_grouped_mm, ops, source
 
 aten = torch.ops.aten
 
@@ -297,6 +297,8 @@ class _Propagator:
 
     def tensor_op(self, node: fx.Node) -> Dims:
         rule = _RULES.get(node.target) if node.op == "call_function" else None
+        if is_grouped_mm(node.target):
+            rule = _grouped_mm
         if rule is not None:
             return rule(self, node)
         inputs = [a for a in _flat_args(node) if _is_tensor(a)]
@@ -403,6 +405,18 @@ def _addmm(p: _Propagator, n: fx.Node) -> Dims:
             if bd[-k] != 1:
                 p.s.equate(bd[-k], out[-k], n.name)
     return out
+
+
+def _grouped_mm(p: _Propagator, n: fx.Node) -> Dims:
+    """x[S, in] @ W[E, in, out] by expert slices of x: [S, out]. E counts experts (fixed);
+    a 3-D x[E, S, in] (no offsets) is one batch of S rows per expert."""
+    xd, wd = p.d(n.args[0]), p.d(n.args[1])
+    p.s.equate(xd[-1], wd[-2], n.name)
+    p.s.mark_fixed(wd[0], "experts")
+    _contract_weight(p, n.args[1])
+    if len(xd) == 3:
+        p.s.equate(xd[0], wd[0], n.name)
+    return xd[:-1] + (wd[-1],)
 
 
 def _baddbmm(p: _Propagator, n: fx.Node) -> Dims:
@@ -667,6 +681,22 @@ def _einsum(p: _Propagator, n: fx.Node) -> Dims:
     return tuple(letters[letter] for letter in parsed[1])
 
 
+def _index_add(p: _Propagator, n: fx.Node) -> Dims:
+    """self.index_add(dim, index, source): self's dims; source's other axes match them."""
+    d, src = p.d(n.args[0]), p.d(n.args[3])
+    axis = _norm_axis(n.args[1], len(d))
+    for i, (a, b) in enumerate(zip(d, src, strict=True)):
+        if i != axis:
+            p.s.equate(a, b, n.name)
+    return d
+
+
+def _one_hot(p: _Propagator, n: fx.Node) -> Dims:
+    """One-hot codes of integers: the classes axis is a fixed count (a router's experts)."""
+    classes = p.s.new(FIXED, size_hint(_val(n).shape[-1]), f"{n.name}.classes")
+    return p.d(n.args[0]) + (classes,)
+
+
 def _factory(p: _Propagator, n: fx.Node) -> Dims:
     return p.fresh(n)
 
@@ -687,6 +717,16 @@ def _unbind(p: _Propagator, n: fx.Node) -> list[Dims]:
     d = list(p.d(n.args[0]))
     del d[_norm_axis(_arg(n, 1, "dim", 0), len(d))]
     return [tuple(d) for _ in _val(n)]
+
+
+def _topk(p: _Propagator, n: fx.Node) -> list[Dims]:
+    """values and indices of the k largest along an axis: that axis is a set of choices
+    (a router's experts), a fixed count, never a width; k is a new fixed dim."""
+    d = list(p.d(n.args[0]))
+    axis = _norm_axis(_arg(n, 2, "dim", -1), len(d))
+    p.s.mark_fixed(d[axis], "experts")
+    d[axis] = p.s.new(FIXED, size_hint(_val(n)[0].shape[axis]), f"{n.name}.k")
+    return [tuple(d), tuple(d)]
 
 
 def _native_layer_norm(p: _Propagator, n: fx.Node) -> list[Dims]:
@@ -746,6 +786,8 @@ _RULES: dict[Any, Rule] = _table([
          "adaptive_avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d"), _pool),
     (ops("index.Tensor"), _index),
     (ops("einsum"), _einsum),
+    (ops("index_add", "index_add_"), _index_add),
+    (ops("one_hot"), _one_hot),
     (ops("rms_norm"), _rms_norm),
     (ops("cross_entropy_loss", "nll_loss", "nll_loss_nd"), _cross_entropy),
     (
@@ -765,6 +807,7 @@ _MULTI_RULES: dict[Any, Callable[[_Propagator, fx.Node], list[Dims]]] = _table([
     (ops("unbind.int"), _unbind),
     (ops("native_layer_norm"), _native_layer_norm),
     (ops("native_dropout"), _native_dropout),
+    (ops("topk"), _topk),
 ])
 
 

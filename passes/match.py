@@ -39,6 +39,7 @@ from ._graph import (
     TRANSPARENT,
     consumers,
     einsum_letters,
+    is_grouped_mm,
     is_tensor,
     ops,
     param_dependent,
@@ -290,6 +291,9 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[1]), meta.TRANSPOSED: False})
         elif t in _ADDMM and param_of(node.args[2]):
             _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[2]), meta.TRANSPOSED: True})
+        elif is_grouped_mm(t) and param_of(node.args[1]):  # MoE experts: W[E, in, out]
+            _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[1]), meta.TRANSPOSED: True,
+                                        meta.GROUPED: t._schema.name})
         elif t in MATMULS and param_of(node.args[1]) and not param_of(node.args[0]):
             _set(node, rules.LINEAR, **{meta.WEIGHT: param_of(node.args[1]), meta.TRANSPOSED: True})
         elif t in _EINSUM and _einsum_weight(node):

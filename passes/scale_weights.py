@@ -54,6 +54,10 @@ def scale_linears(gm: fx.GraphModule) -> PassResult:
             _scale_einsum(plan, node)
             changed = True
             continue
+        if meta.get(node, meta.GROUPED):
+            _scale_grouped(plan, options, node)
+            changed = True
+            continue
         if node.target in _ADDMM:
             if arg(node, "beta", 1) != 1 or arg(node, "alpha", 1) != 1:
                 g[meta.UNCOVERED].append((node.name, "addmm with beta/alpha", "kept unscaled"))
@@ -78,10 +82,25 @@ def scale_linears(gm: fx.GraphModule) -> PassResult:
 
 def _scales(plan, node: fx.Node, fan_in: int, fan_out: int) -> dict[str, float]:
     if _use_role(plan, meta.get(node, meta.WEIGHT), node) == rules.OUTPUT:
-        out_scale, grad_scale = ops.readout_linear_scales(fan_in, fan_out, plan.hparams.output_mult)
+        # alpha_out is the LM head's; an MoE router is a readout with multiplier 1 (§8)
+        mult = 1.0 if meta.get(node, meta.MOE) else plan.hparams.output_mult
+        out_scale, grad_scale = ops.readout_linear_scales(fan_in, fan_out, mult)
     else:
         out_scale, grad_scale = ops.hidden_linear_scales(fan_in)
     return {"out_scale": out_scale, "grad_input_scale": grad_scale}
+
+
+def _scale_grouped(plan, options, node: fx.Node) -> None:
+    """MoE experts ``op(x, W[E, in, out], offs)``: ``ops.grouped_linear`` (or its FP8
+    twin), with per-expert fans; the op's other arguments pass through."""
+    x, w, *rest = node.args
+    shape = shape_of(w)
+    kwargs = {**_scales(plan, node, shape[-2], shape[-1]), **node.kwargs}
+    fn = ops.grouped_linear
+    if options.fp8 != "off" and meta.get(node, meta.FP8):
+        fn = fp8.grouped_linear
+        kwargs.update(mode=options.fp8, name=meta.get(node, meta.WEIGHT))
+    swap(node, fn, (meta.get(node, meta.GROUPED), x, w, *rest), kwargs)
 
 
 def _scale_einsum(plan, node: fx.Node) -> None:

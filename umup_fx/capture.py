@@ -129,6 +129,21 @@ def _explain_failure(model: nn.Module, args: tuple, kwargs: dict, exc: Exception
             "Make the branch static (compute it from shapes or config), or express it "
             "with torch.where / torch.cond."
         )
+        if where and "expert" in where.lower() and "BF16" not in text:
+            hint = (
+                "This looks like a loop over mixture-of-experts experts, run on the tokens "
+                "routed to each: its trip count depends on the routing. Stack the experts' "
+                "weights [E, out, in] and call torch._grouped_mm (or compute every expert "
+                "with einsum and weight by the gates); a transformers model does this when "
+                "built with experts_implementation=\"grouped_mm\" (its default)."
+            )
+    elif "Expected inputs of BF16" in text:
+        hint = (
+            "torch._grouped_mm traces in bfloat16 only (torch's own rule), and a model on "
+            "'meta' is captured on float64 stand-ins. Transform the model with real bf16 "
+            "weights (model.to_empty(device=...) first), or route the experts through "
+            "einsum."
+        )
     else:
         hint = (
             "umup_fx captures models with torch.export.export(strict=False); make the "
@@ -188,7 +203,7 @@ def _quiet_export() -> Any:
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield
@@ -275,7 +290,8 @@ def capture(
         on_meta = any(p.is_meta for p in model.parameters())
         if on_meta:
             raise _explain_failure(model, args, kwargs, exc) from exc
-        # Models that make tensors on the CPU without device= fail next to meta weights;
+        # Models that make tensors on the CPU without device= fail next to meta weights,
+        # and torch._grouped_mm's fake kernel takes bf16 only (not the float64 stand-ins):
         # they capture on their real weights (device and dtype then baked in).
         try:
             program = _export(model, args, kwargs, block_lists, preserve, shadow=False)
@@ -283,6 +299,7 @@ def capture(
             raise _explain_failure(model, args, kwargs, exc2) from exc2
 
     gm = program.graph_module
+    _portable_histc(gm)
     params: dict[str, ParamInfo] = {}
     with regions.truncated(model, block_lists):  # the parameters the graph sees
         names = _canonical_names(model)
@@ -310,6 +327,22 @@ def capture(
     meta.graph_meta(gm)[meta.PARAMS] = params
     return Captured(gm=gm, params=params, program=program, model_name=type(model).__name__,
                     blocks=block_lists)
+
+
+def _portable_histc(gm: fx.GraphModule) -> None:
+    """The shadow capture runs on ``meta``, so a branch on the device type takes its
+    non-CPU side: transformers' MoE counts tokens per expert with ``histc`` on integers,
+    which only CUDA has. Counting the same small integers as float32 is exact on every
+    device, so the captured graph casts them."""
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten.histc.default:
+            x = node.args[0]
+            if isinstance(x, fx.Node) and not x.meta["val"].is_floating_point():
+                with gm.graph.inserting_before(node):
+                    cast = gm.graph.call_function(torch.ops.aten.to.dtype, (x, torch.float32))
+                cast.meta["val"] = x.meta["val"].to(torch.float32)
+                node.replace_input_with(x, cast)
+    gm.recompile()
 
 
 def _source_name(placeholder: fx.Node) -> str | None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ops import linear_grad_scales, scale_fwd
+from .ops import _dp, grouped_op, linear_grad_scales, scale_bwd, scale_fwd
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -137,5 +137,49 @@ def linear(
     return scale_fwd(out, out_scale)
 
 
-__all__ = ["E4M3", "E5M2", "has_fp8_matmul", "linear", "round_trip", "to_fp8"]
+class _Fp8Grouped(torch.autograd.Function):
+    """MoE experts' grouped matmul with x, W rounded to E4M3 and the gradient to E5M2
+    (simulated: the model's own grouped op runs on the rounded values)."""
+
+    @staticmethod
+    def forward(ctx: Any, op: str, kwargs: dict, x: Tensor, w: Tensor, *args: Any) -> Tensor:  # type: ignore[override]
+        x8, w8 = round_trip(x, E4M3), round_trip(w, E4M3)
+        ctx.save_for_backward(x8, w8)
+        ctx.op, ctx.args, ctx.kwargs = op, args, kwargs
+        return grouped_op(op)(x8, w8, *args, **kwargs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x8, w8 = ctx.saved_tensors
+        with torch.enable_grad():
+            xs, ws = x8.detach().requires_grad_(), w8.detach().requires_grad_()
+            y = grouped_op(ctx.op)(xs, ws, *ctx.args, **ctx.kwargs)
+            grad_x, grad_w = torch.autograd.grad(y, (xs, ws), round_trip(grad, E5M2))
+        return (None, None, grad_x, grad_w) + (None,) * len(ctx.args)
+
+
+def grouped_linear(
+    op: str,
+    x: Tensor,
+    weight: Tensor,
+    *args: Any,
+    out_scale: float,
+    grad_input_scale: float,
+    mode: str = "auto",
+    name: str = "experts",
+    **kwargs: Any,
+) -> Tensor:
+    """``ops.grouped_linear`` with the experts' matmul in FP8 at static scale 1. It runs
+    the simulation on every device for now (warned once on a GPU): a ``_scaled_grouped_mm``
+    path needs its GPU check first (docs/fp8.md)."""
+    if mode == "scaled_mm" or (mode == "auto" and has_fp8_matmul(x.device)):
+        _warn_once(name, "is a grouped (MoE) matmul: it runs the FP8 simulation, not FP8 "
+                         "tensor cores, so it is slower than bf16 there.")
+    rows_per_expert = x.numel() // x.shape[-1] / weight.shape[0]
+    x = scale_bwd(x, grad_input_scale)
+    weight = scale_bwd(weight, rows_per_expert**-0.5 * _dp())
+    return scale_fwd(_Fp8Grouped.apply(op, kwargs, x, weight, *args), out_scale)
+
+
+__all__ = ["E4M3", "E5M2", "grouped_linear", "has_fp8_matmul", "linear", "round_trip", "to_fp8"]
 

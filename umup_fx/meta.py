@@ -27,6 +27,12 @@ key                written by         value
                                       [..., in, out] (``addmm`` / ``matmul`` / ``bmm``)
 ``einsum``         passes.match       on einsum weight ops: (operand subscripts,
                                       output subscripts, index of the weight operand)
+``grouped``        passes.match       on MoE expert matmuls (``_grouped_mm`` or
+                                      transformers' fallback): the op's schema name
+``moe``            passes.moe         on the top-k combine of routed experts: dict
+                                      {"scale", "k", "experts", "gate_at_init",
+                                      "normalized", "router", "sum"}; "router" on the
+                                      router's linear and its softmax / sigmoid
 ``gate``           passes.match       on gated units: the activation node it absorbs
 ``activation``     passes.match       on "activation" / "gated" nodes: (kind, kwargs)
                                       for ``ops.activation`` / ``ops.glu``
@@ -75,6 +81,8 @@ WEIGHT = "weight"
 ATTENTION = "attention"
 TRANSPOSED = "transposed"
 EINSUM = "einsum"
+GROUPED = "grouped"
+MOE = "moe"
 GATE = "gate"
 ACTIVATION = "activation"
 DIRECT = "direct"

@@ -251,6 +251,50 @@ def einsum_linear(
     return torch.einsum(equation, weight, x) if weight_first else torch.einsum(equation, x, weight)
 
 
+def grouped_op(name: str) -> Callable[..., Tensor]:
+    """The grouped matmul a model called, by schema name (``aten::_grouped_mm`` or
+    transformers' ``grouped_mm_fallback``), resolved when it runs."""
+    namespace, op = name.split("::")
+    return getattr(getattr(torch.ops, namespace), op)
+
+
+def grouped_linear(
+    op: str,
+    x: Tensor,
+    weight: Tensor,
+    *args: Any,
+    out_scale: float,
+    grad_input_scale: float,
+    **kwargs: Any,
+) -> Tensor:
+    """Linear rule for MoE experts, ``op(x[S, in], W[E, in, out], offs)``: each expert is
+    a linear with its own fans, so the scales are :func:`linear`'s, folded into W; W's
+    gradient * (rows per expert)^-1/2, the S rows shared evenly by E experts (as routed
+    at init), since each expert's gradient sums over its own rows only."""
+    rows_per_expert = _rows(x) / weight.shape[0]
+    x = scale_bwd(x, grad_input_scale / out_scale)
+    weight = _scale(weight, out_scale, rows_per_expert**-0.5 * _dp())
+    return grouped_op(op)(x, weight, *args, **kwargs)
+
+
+def combine_experts(
+    expert_out: Tensor, gates: Tensor, *, scale: float, equation: str | None = None,
+    gates_first: bool = False,
+) -> Tensor:
+    """Routed experts' outputs times their gates (``*``, or ``einsum(equation)``), then
+    * ``scale`` forward and backward: tied, so the experts and the stream below see one
+    gradient; the scale makes the top-k sum unit-scale at init, 1 / (g0 sqrt(k)) for k
+    gates of g0 each. A gate's gradient sums over the d features it multiplies (a dot
+    product, RMS sqrt(d)), so it is * (gates.numel() / expert_out.numel())^1/2: the
+    router is a readout, whose input gradient u-muP scales apart (a cut edge)."""
+    gates = scale_bwd(gates, (gates.numel() / expert_out.numel()) ** 0.5)
+    if equation is None:
+        weighted = expert_out * gates
+    else:
+        weighted = torch.einsum(equation, *((gates, expert_out) if gates_first else (expert_out, gates)))
+    return _scale(weighted, scale, scale)
+
+
 def linear_grad_scales(
     x: Tensor, weight: Tensor, bias: Tensor | None, grad_input_scale: float, transposed: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:

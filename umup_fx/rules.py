@@ -71,6 +71,8 @@ MODEL_SCALE = "model_scale"  # a model's own constant on an embedding / before a
 GATE_ACT = "gate_act"  # the SiLU inside a gated unit (scaled by GATED)
 PATTERN_PART = "pattern_part"  # inside a recognised pattern (tanh-GELU, attention dropout)
 DROPOUT = "dropout"
+ROUTER = "router"  # an MoE router's softmax / sigmoid: gate weights, kept as the model's
+MOE_COMBINE = "moe_combine"  # experts' outputs x gates: x 1 / (g0 sqrt(k)), tied (§8)
 MATMUL = "matmul"
 CROSS_ENTROPY = "cross_entropy"
 
