@@ -1,4 +1,4 @@
-"""Mixture-of-experts routing (rules §8): routers, their gates, and the gated combine.
+"""Mixture-of-experts routing (rules §10): routers, their gates, and the gated combine.
 
 A *router* is a linear whose logits go through softmax or sigmoid into ``topk`` (a
 routed MoE: Mixtral, OLMoE, Qwen2-MoE, hand-written) or, with a single output, through
@@ -174,7 +174,7 @@ def find_routing(gm: fx.GraphModule) -> PassResult:
                          f"product ({where(probs)}); that combine keeps the model's scale")
             continue
         g0 = (1 / k if found["normalized"] else p0) * found["factor"]
-        summed = _topk_sum(combine, k) if k > 1 else None
+        summed = _topk_sum(combine, k)
         for part in found["parts"] + ([summed] if summed is not None else []):
             _mark(part, rules.PATTERN_PART)
         _mark(combine, rules.MOE_COMBINE, **{meta.MOE: {

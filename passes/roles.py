@@ -28,6 +28,7 @@ from .dims import WIDTH
 
 _ADDMM = ops("addmm")
 _BATCH_NORM = ops("batch_norm")
+_INDEX = ops("index.Tensor")
 
 
 @dataclass
@@ -127,6 +128,15 @@ def assign_roles(gm: fx.GraphModule, overrides: dict[str, str] | None = None) ->
             if use is None:
                 if name in overrides:
                     continue
+                if op.target in _INDEX and len(params[name].shape) == 3:
+                    raise AnalysisError(
+                        f"{name!r} (shape {params[name].shape}) is indexed per token at "
+                        f"{where(op)}: stacked expert weights gathered for a batched matmul "
+                        "(transformers' experts_implementation='batched_mm'). umup_fx scales "
+                        "experts run through grouped matmuls (torch._grouped_mm, or "
+                        "transformers' default experts_implementation='grouped_mm') or einsum; "
+                        "build the model with one of those."
+                    )
                 raise AnalysisError(
                     f"Cannot classify parameter {name!r} (shape {params[name].shape}): it is "
                     f"used by {op_name(op)} at {where(op)}, which no u-muP rule covers as a "

@@ -82,7 +82,7 @@ def scale_linears(gm: fx.GraphModule) -> PassResult:
 
 def _scales(plan, node: fx.Node, fan_in: int, fan_out: int) -> dict[str, float]:
     if _use_role(plan, meta.get(node, meta.WEIGHT), node) == rules.OUTPUT:
-        # alpha_out is the LM head's; an MoE router is a readout with multiplier 1 (§8)
+        # alpha_out is the LM head's; an MoE router is a readout with multiplier 1 (§10)
         mult = 1.0 if meta.get(node, meta.MOE) else plan.hparams.output_mult
         out_scale, grad_scale = ops.readout_linear_scales(fan_in, fan_out, mult)
     else:

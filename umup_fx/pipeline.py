@@ -56,7 +56,7 @@ def analysis_passes(roles: dict[str, str] | None = None) -> list[Callable[[fx.Gr
         find_norms,  # umup.norm: normalisation outputs and gains
         match_rules,  # umup.rule: which §3 rule each op gets
         functools.partial(assign_roles, overrides=roles),  # roles and fans (§1)
-        find_routing,  # MoE routers, gates and the gated combine (§8)
+        find_routing,  # MoE routers, gates and the gated combine (§10)
         find_model_scales,  # a model's own sqrt(d) / d^-1/2 where u-muP sets the scale
         find_residuals,  # residual branches, depth, tau (§4)
         mark_fp8,  # umup.fp8: non-critical matmuls (§7)
@@ -86,7 +86,7 @@ def rewrite_passes(parametrization: str = "umup") -> list[Callable[[fx.GraphModu
         scale_sdpa,  # SDPA with alpha/d_head logits (§3)
         scale_manual_attention,  # hand-written attention gets SDPA's rule
         scale_softmax,
-        scale_moe_combines,  # experts x gates: 1 / (g0 sqrt(k)) (§8)
+        scale_moe_combines,  # experts x gates: 1 / (g0 sqrt(k)) (§10)
         scale_activations,  # SiLU, GELU, gated units
         scale_dropout,
         scale_pooling,

@@ -72,7 +72,7 @@ GATE_ACT = "gate_act"  # the SiLU inside a gated unit (scaled by GATED)
 PATTERN_PART = "pattern_part"  # inside a recognised pattern (tanh-GELU, attention dropout)
 DROPOUT = "dropout"
 ROUTER = "router"  # an MoE router's softmax / sigmoid: gate weights, kept as the model's
-MOE_COMBINE = "moe_combine"  # experts' outputs x gates: x 1 / (g0 sqrt(k)), tied (§8)
+MOE_COMBINE = "moe_combine"  # experts' outputs x gates: x 1 / (g0 sqrt(k)), tied (§10)
 MATMUL = "matmul"
 CROSS_ENTROPY = "cross_entropy"
 
