@@ -17,6 +17,7 @@ Fails when: never.
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -39,7 +40,8 @@ def _constant_operand(node: fx.Node, active: set[fx.Node]) -> fx.Node | None:
     if isinstance(c, (int, float)):
         return x
     val = c.meta.get("val") if isinstance(c, fx.Node) else None
-    if isinstance(c, fx.Node) and c not in active and val is not None and val.numel() == 1:
+    if (isinstance(c, fx.Node) and c not in active and isinstance(val, torch.Tensor)
+            and val.numel() == 1):
         return x
     return None
 

@@ -27,6 +27,7 @@ the report and left as the model wrote it.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 from torch import fx
@@ -137,6 +138,29 @@ def _topk_sum(combine: fx.Node, k: int) -> fx.Node | None:
     return None
 
 
+_KEEP_RULES = {None, rules.SOFTMAX, rules.ACTIVATION, rules.POOL, rules.MATMUL, rules.ROUTER}
+
+
+def _mark_routing_statistics(routers: list[fx.Node], active: set[fx.Node]) -> None:
+    """Everything computed from router logits alone (expert loads, a load-balancing
+    loss, logits returned for one) keeps the model's numbers: rule "router". The walk
+    stops at ops that also read other activations (combines, gathers of tokens, the
+    experts' matmuls), which have rules of their own."""
+    derived: set[fx.Node] = set(routers)
+    frontier = [u for r in routers for u in r.users]
+    while frontier:
+        node = frontier.pop()
+        if node in derived or node.op != "call_function":
+            continue
+        inputs = [a for a in node.all_input_nodes if a in active]
+        if not inputs or any(a not in derived for a in inputs):
+            continue
+        derived.add(node)
+        if meta.get(node, meta.RULE) in _KEEP_RULES and node.target is not operator.getitem:
+            meta.node_meta(node)[meta.RULE] = rules.ROUTER
+        frontier.extend(node.users)
+
+
 def _mark(node: fx.Node, rule: str, **extra: Any) -> None:
     m = meta.node_meta(node)
     m[meta.RULE] = rule
@@ -147,7 +171,8 @@ def find_routing(gm: fx.GraphModule) -> PassResult:
     """Mark routers, their probabilities and the gated combines; see the module docstring."""
     active = param_dependent(gm)
     notes = meta.graph_meta(gm).setdefault(meta.NOTES, [])
-    for probs in gm.graph.nodes:
+    routers: list[fx.Node] = []
+    for probs in list(gm.graph.nodes):
         if probs.target not in SOFTMAXES | _SIGMOID or probs not in active:
             continue
         router = _router_linear(probs)
@@ -167,6 +192,7 @@ def find_routing(gm: fx.GraphModule) -> PassResult:
         weight = meta.get(router, meta.WEIGHT)
         link = {"router": weight}
         meta.node_meta(router)[meta.MOE] = link
+        routers.append(router)
         _mark(probs, rules.ROUTER, **{meta.MOE: link})
         combine, found = _follow_gates(values, active) if values is not None else (None, {})
         if combine is None:
@@ -183,6 +209,7 @@ def find_routing(gm: fx.GraphModule) -> PassResult:
             "sum": summed.name if summed is not None else None,
             "gate_index": found["gate_index"],
         }})
+    _mark_routing_statistics(routers, active)
     return PassResult(gm, False)
 
 

@@ -203,3 +203,22 @@ def test_unsupported_expert_implementations_fail_with_the_fix(implementation, er
     case = build()
     with pytest.raises(error, match="experts_implementation=.grouped_mm"):
         umup_fx.transform(case.model, case.args, case.kwargs)
+
+
+def test_load_balancing_loss_keeps_its_value() -> None:
+    """Routing statistics are kept as written: the transformed Mixtral's aux loss equals
+    transformers' own function applied to the router logits it returns."""
+    pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    build = families._hf("MixtralForCausalLM", "MixtralConfig", num_key_value_heads=2,
+                         intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                         output_router_logits=True)
+    case = build()
+    with pytest.warns(umup_fx.OneGraphWarning):  # the root reads the blocks' router logits
+        model = umup_fx.transform(case.model, case.args, case.kwargs)
+    assert not model.umup_plan.uncovered
+    out = model(*case.args, **case.kwargs)
+    expected = load_balancing_loss_func(out.router_logits, 4, 2)
+    assert float(out.aux_loss) == pytest.approx(float(expected), rel=1e-5)
