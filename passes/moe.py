@@ -1,8 +1,9 @@
 """Mixture-of-experts routing (rules §10): routers, their gates, and the gated combine.
 
 A *router* is a linear whose logits go through softmax or sigmoid into ``topk`` (a
-routed MoE: Mixtral, OLMoE, Qwen2-MoE, hand-written) or, with a single output, through
-sigmoid straight into a product (Qwen2-MoE's shared-expert gate). Its probabilities are
+routed MoE: Mixtral, OLMoE, Qwen2-MoE, hand-written), into a ``gather`` by indices
+chosen elsewhere (DeepSeek-V3 picks on biased scores), or, with a single output,
+straight into a product (Qwen2-MoE's shared-expert gate). Its probabilities are
 weights of a sum, not activations: they keep the model's own values (no softmax or
 activation scale), and the router linear is a readout (its experts axis is fixed, so
 ``passes.roles`` already calls it "output") with multiplier 1, not alpha_out.
@@ -55,6 +56,7 @@ _SUM = ops("sum.dim_IntList")
 _DIV = ops("div.Tensor", "div_.Tensor")
 _GATHER = ops("index.Tensor", "index_select", "gather")
 _EINSUM = ops("einsum")
+_GATHER_DIM = ops("gather")
 _SCATTER = ops("scatter.src", "scatter.value", "scatter_")  # gates placed in a zero [.., E]
 _ACCUMULATE = ops("index_add", "index_add_", "scatter_add", "scatter_add_", "index_put", "index_put_")
 _MUL = MULS | ops("mul_.Tensor")
@@ -181,9 +183,12 @@ def find_routing(gm: fx.GraphModule) -> PassResult:
         users = consumers(probs)
         topk = next((u for u in users if u.target in _TOPK), None)
         n_choices = int(probs.meta["val"].shape[-1])
+        gathered = next((u for u in users if u.target in _GATHER_DIM and u.args[0] is probs), None)
         if topk is not None:
             k = int(topk.args[1])
             values = next((u for u in topk.users if u.args[1] == 0), None)
+        elif gathered is not None:  # DeepSeek: top-k chosen on biased scores, then gathered
+            k, values = int(gathered.meta["val"].shape[-1]), gathered
         elif probs.target in _SIGMOID and n_choices == 1:
             k, values = 1, probs  # a scalar gate per token (a shared expert's)
         else:

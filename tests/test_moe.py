@@ -222,3 +222,22 @@ def test_load_balancing_loss_keeps_its_value() -> None:
     out = model(*case.args, **case.kwargs)
     expected = load_balancing_loss_func(out.router_logits, 4, 2)
     assert float(out.aux_loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_deepseek_gathered_sigmoid_gates() -> None:
+    """DeepSeek-V3 picks experts on biased sigmoid scores and gathers the unbiased ones,
+    renormalises and multiplies by routed_scaling_factor: g0 = factor / k."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+        first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5, use_cache=False)
+    ids = families._ids()
+    gm, plan = _planned(transformers.DeepseekV3ForCausalLM(cfg), ids)
+    (combine,) = _rule_nodes(gm, rules.MOE_COMBINE)
+    info = meta.get(combine, meta.MOE)
+    assert info["normalized"] and info["gate_at_init"] == pytest.approx(2.5 / 2)
+    assert info["scale"] == pytest.approx(1 / (1.25 * math.sqrt(2)))
+    assert plan.params["model.layers.0.mlp.gate.weight"].role == rules.OUTPUT
