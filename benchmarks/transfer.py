@@ -41,7 +41,7 @@ def factory(width: int, layers: int, seq: int) -> Llama:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--layers", type=int, default=4)
@@ -83,6 +83,8 @@ def main() -> None:
         "",
         *rows,
         "",
+        *_verdicts(result, args.parametrization),
+        "",
         "![validation loss against η](transfer_sweep.png)",
     ])
     print(body)
@@ -117,6 +119,26 @@ def depth_transfer(args: argparse.Namespace) -> None:
     print(body)
     if not args.no_write:
         write_section("transfer_depth", body, DOCS / "transfer.md")
+
+
+def _verdicts(result: dict, parametrizations: list[str]) -> list[str]:
+    """One computed line per parametrization: does its eta* transfer, beyond seed noise?"""
+    lines = []
+    for par in parametrizations:
+        best = result["best"].get(par)
+        if not best:
+            continue
+        widths = sorted(best, key=int)
+        lost, drift = result["transfer_loss"][par], result["log2_lr_drift"][par]
+        noise = best[widths[-1]]["seed_spread"] / 2
+        verdict = ("above" if lost > noise else "within")
+        lines.append(
+            f"- {par}: η* moves {drift:.1f} log2 over {widths[0]} → {widths[-1]} "
+            f"({int(widths[-1]) // int(widths[0])}× width); width {widths[-1]} trained at width "
+            f"{widths[0]}'s η* loses {lost:.3f} nats, {verdict} the seeds' half-spread there "
+            f"({noise:.3f}); best loss {best[widths[0]]['val_loss']:.3f} → "
+            f"{best[widths[-1]]['val_loss']:.3f}.")
+    return lines
 
 
 def _timing(path: str, result: dict, minutes: float) -> str:
