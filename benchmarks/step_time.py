@@ -1,15 +1,7 @@
 """Training-step time and memory: original vs u-muP, eager and compiled; into docs/.
 
     python benchmarks/step_time.py --kernels               # CPU defaults (the run in docs/)
-    python benchmarks/step_time.py --device cuda --dtype bfloat16 --compiled-only \\
-        --d-model 1024 --layers 12 --seq 1024 --batch 8 \\
-        --section step_time_gpu_bf16                        # GPU, realistic size
-    python benchmarks/step_time.py --device cuda --dtype bfloat16 --compiled-only \\
-        --d-model 2048 --layers 16 --d-ff 5632 --seq 2048 --batch 4 --vocab 32000 \\
-        --fp8 --torchao --section step_time_gpu_1b_fp8      # ~1B Llama, FP8 (issue 5)
-    python benchmarks/step_time.py --device cuda --dtype bfloat16 --compiled-only --mlp \\
-        --d-model 2048 --d-ff 5632 --seq 2048 --batch 4 --fp8 --torchao \\
-        --section step_time_gpu_mlp_fp8                     # SwiGLU block microbenchmark
+    bash benchmarks/gpu_suite.sh 1b mlp                    # the GPU runs (~1B Llama, SwiGLU)
 
 One process, variants interleaved round by round (so drift and thermal effects hit all
 of them alike); each figure is the median over rounds of the mean step time in that
@@ -116,8 +108,13 @@ def bench_steps(args: argparse.Namespace) -> str:
     kinds = ["original", "u-muP"] + (["u-muP fp8"] if args.fp8 else [])
     variants = {}
     modes = (True,) if args.compiled_only else (False, True)
+    notes = []
     if args.torchao:
-        kinds.append("torchao float8")
+        try:
+            import torchao.float8  # noqa: F401 - optional, GPU benchmark only
+            kinds.append("torchao float8")
+        except ImportError as error:  # the GPU image may lack it: measure the rest
+            notes.append(f"torchao float8 not run: {error}.")
     for compiled in modes:
         for kind in kinds:
             name = f"{kind} ({'compiled' if compiled else 'eager'})"
@@ -131,6 +128,7 @@ def bench_steps(args: argparse.Namespace) -> str:
         for name, step in variants.items():
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
             _sync(args.device)
             start = time.perf_counter()
             for _ in range(args.steps):
@@ -138,7 +136,10 @@ def bench_steps(args: argparse.Namespace) -> str:
             _sync(args.device)
             times[name].append((time.perf_counter() - start) / args.steps)
             if args.device == "cuda":
-                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                # Every variant's model stays resident, so the step's own peak is the
+                # part above what was allocated before it (activations, grads, temporaries).
+                step_peak = (torch.cuda.max_memory_allocated() - resident) / 2**30
+                peak[name] = max(peak.get(name, 0.0), step_peak)
     med = {n: statistics.median(t) for n, t in times.items()}
     what = "SwiGLU MLP block" if args.mlp else f"example Llama, {args.layers} layers"
     lines = [
@@ -146,17 +147,23 @@ def bench_steps(args: argparse.Namespace) -> str:
         f"{args.d_ff or 'default'}, seq {args.seq}, batch {args.batch}, vocab {args.vocab}; "
         f"median over {args.rounds} rounds of the mean of {args.steps} steps, after "
         f"{args.warmup} warm-up steps (which include compilation)",
-        f"(1-minute load average at the end: {os.getloadavg()[0]:.1f})",
+        f"(1-minute load average at the end: {os.getloadavg()[0]:.1f}). Peak memory is the "
+        "step's own: the peak during the step above what was allocated before it.",
+        *notes,
         "",
-        "| variant | median step (ms) | vs original, same mode | vs u-muP, same mode "
-        "| peak memory (GiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | median step (ms) | spread (min–max, ms) | vs original, same mode "
+        "| vs u-muP, same mode | step peak memory (GiB) | vs original |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, t in med.items():
         mode = name.split(" (")[1]
         base, umup = med[f"original ({mode}"], med[f"u-muP ({mode}"]
-        mem = f"{peak[name]:.2f}" if name in peak else "n/a (CPU)"
-        lines.append(f"| {name} | {t * 1e3:.1f} | {t / base:.3f} | {t / umup:.3f} | {mem} |")
+        mem, mem_ratio = "n/a (CPU)", "-"
+        if name in peak:
+            mem, mem_ratio = f"{peak[name]:.2f}", f"{peak[name] / peak[f'original ({mode}']:.3f}"
+        spread = f"{min(times[name]) * 1e3:.1f}–{max(times[name]) * 1e3:.1f}"
+        lines.append(f"| {name} | {t * 1e3:.1f} | {spread} | {t / base:.3f} | {t / umup:.3f} "
+                     f"| {mem} | {mem_ratio} |")
     return "\n".join(lines)
 
 
