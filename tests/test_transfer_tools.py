@@ -118,10 +118,11 @@ def test_summary_transfer_quality() -> None:
 
 def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:
     """μP's coordinate check through the CLI: after a few steps at the same eta per
-    parametrization, u-muP's output RMS does not trend with width; SP's grows."""
+    parametrization, u-muP's and μP's output RMS do not trend with width; SP's grows.
+    μP runs ATen's own linears, and its readout's multiplier is part of the output."""
     out = tmp_path / "cc.json"
     argv = ["coord-check", "examples.llama:Llama", "--width-arg", "d_model", "--widths", "32",
-            "128", "--steps", "3", "--parametrization", "umup", "sp", "--batch", "4",
+            "128", "--steps", "3", "--parametrization", "umup", "mup", "sp", "--batch", "4",
             "--seq", "32", "--json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
@@ -131,6 +132,8 @@ def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:
     umup = result["slopes"]["umup"]
     sp = result["slopes"]["sp"]
     assert max(abs(v) for v in umup.values()) < 0.3
+    mup = result["slopes"]["mup"]
+    assert set(mup) == set(umup) and max(abs(v) for v in mup.values()) < 0.3
     assert sp["layers.*.mlp.down_proj.weight"] > 0.8 > umup["layers.*.mlp.down_proj.weight"]
     assert "umup: log-log slope" in capsys.readouterr().out
 

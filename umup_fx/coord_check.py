@@ -119,7 +119,13 @@ def coord_check(
             optimizer = AdamW(model, lr=DEFAULT_LR[par] if lr is None else lr)
             probe = held_out if takes_targets else held_out[:1]
             for step in range(steps + 1):
-                for layer, value in _output_rms(model, probe).items():
+                outputs = _output_rms(model, probe)
+                if not outputs:  # a check that records nothing must not pass as flat
+                    raise UmupError(
+                        f"coord_check found no weight op to measure in {type(model).__name__} "
+                        f"under parametrization={par!r} (no Linear / Embedding / Conv module "
+                        "and no rewritten weight op): it cannot check this model.")
+                for layer, value in outputs.items():
                     records.append({"parametrization": par, "width": width, "step": step,
                                     "layer": layer, "rms": value})
                 if step == steps:

@@ -9,6 +9,7 @@ forward + backward of a transformed model without changing it.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,22 @@ from . import meta, regions
 from . import module as module_mod
 from . import ops as umup_ops
 from .module import UmupModule
+from .passes._graph import MATMULS, is_grouped_mm, ops
 
 _RUNTIME = {fn for m in (umup_ops, fp8_ops) for fn in vars(m).values() if callable(fn)}
+# The weight ops of a graph that runs as written (the μP baseline keeps ATen's linears):
+# recorded too, so a coordinate check sees every parametrization (rules §8, §9).
+_ATEN_WEIGHT_OPS = ops("linear", "embedding", "convolution", "addmm", "einsum") | MATMULS
+_EMBEDDING = ops("embedding")
+
+
+def _recorded(n: fx.Node) -> bool:
+    if n.op != "call_function":
+        return False
+    if n.target in _RUNTIME:
+        return True
+    return bool(meta.get(n, meta.WEIGHT)) and (
+        n.target in _ATEN_WEIGHT_OPS or is_grouped_mm(n.target))
 
 
 @dataclass
@@ -42,6 +57,20 @@ def rms(x: Tensor) -> float:
     return float(x.detach().float().pow(2).mean().sqrt())
 
 
+def _constant_multipliers(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """``{mul: op}`` where an ATen weight op's only use is a product with a constant: the
+    μP readout's ``× base_fan_in / fan_in``, whose product is the layer's real output."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.target in _RUNTIME or not _recorded(n) or len(n.users) != 1:
+            continue
+        (user,) = n.users
+        if user.target in (torch.mul, operator.mul, torch.ops.aten.mul.Tensor) and any(
+                isinstance(a, (int, float)) for a in user.args):
+            out[user] = n
+    return out
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, records: dict[str, OpScale], prefix: str,
                  rename: tuple[str, str]) -> None:
@@ -49,10 +78,16 @@ class _Recorder(fx.Interpreter):
         self.records = records
         self.prefix = prefix
         self.rename = rename  # (the graph's own block path, this module's path)
+        self.multiplied = _constant_multipliers(gm)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if n.op != "call_function" or n.target not in _RUNTIME or not isinstance(out, Tensor):
+        op = self.multiplied.get(n)
+        if op is not None and self.prefix + op.name in self.records:
+            # The op's output times its multiplier: the product is what the layer outputs.
+            self.records[self.prefix + op.name].out_rms = rms(out)
+            return out
+        if not _recorded(n) or not isinstance(out, Tensor):
             return out
         if not out.is_floating_point() or out.numel() < 2:
             return out
@@ -66,10 +101,13 @@ class _Recorder(fx.Interpreter):
             rule=str(meta.get(n, meta.RULE, "")),
             op=getattr(n.target, "__name__", str(n.target)),
             out_rms=rms(out),
-            in_rms=rms(tensors[0]) if tensors and tensors[0].is_floating_point() else None,
+            in_rms=rms(tensors[0]) if tensors and tensors[0].is_floating_point()
+            and n.target not in _EMBEDDING else None,
             weight=weight,
         )
-        if weight is not None and len(tensors) > 1:  # (x, W, ...) and (indices, W)
+        if n.target in _EMBEDDING:  # ATen's embedding is (W, indices)
+            rec.weight_rms = rms(tensors[0])
+        elif weight is not None and len(tensors) > 1:  # (x, W, ...) and (indices, W)
             rec.weight_rms = rms(tensors[1])
         self.records[rec.node] = rec
         if out.requires_grad:
