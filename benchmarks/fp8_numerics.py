@@ -21,6 +21,7 @@ lent rarely, so one failure must not lose the rest of the figures.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -33,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
 from benchmarks._doc import command, machine, write_section  # noqa: E402
+from examples.demo import train  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
 from umup_fx import fp8  # noqa: E402
 from umup_fx.data import get_batch, load_corpus, train_val_split  # noqa: E402
-from umup_fx.sweep import lr_schedule  # noqa: E402
 
 MATMUL_SHAPES = [(8192, 2048, 2048), (8192, 2048, 5632), (8192, 5632, 2048)]  # M, K, N
 SMOKE_SHAPES = [(64, 32, 48)]
@@ -82,29 +83,27 @@ def _train(args: argparse.Namespace, use_fp8: bool, data: tuple) -> dict:
     x, y = get_batch(train_data, args.batch, args.seq, gen)
     model = umup_fx.transform(Llama(config), (x, y), fp8=use_fp8).to(args.device)
     optimizer = umup_fx.AdamW(model, lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.steps))
     step_model = torch.compile(model) if args.device == "cuda" else model
     autocast = torch.autocast(args.device, dtype=torch.bfloat16)
-    losses, curve = [], {}
-    start = time.perf_counter()
-    for step in range(args.steps):
-        xb, yb = (t.to(args.device) for t in get_batch(train_data, args.batch, args.seq, gen))
+
+    def forward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with autocast:
-            loss = step_model(xb, yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sched.step()
-        losses.append(loss.detach())
-        if (step + 1) % max(1, args.steps // 5) == 0:
-            curve[step + 1] = float(torch.stack(losses[-10:]).mean())
+            return step_model(xb.to(args.device), yb.to(args.device))
+
+    start = time.perf_counter()
+    # The demo's loop (warmup + cosine); it stops early, so a diverged run shows as short.
+    losses = train(model, optimizer, train_data, args.steps, args.batch, args.seq, gen,
+                   step_fn=forward, progress=False)
+    every = max(1, args.steps // 5)
+    curve = {s: statistics.mean(losses[max(0, s - 10):s])
+             for s in range(every, len(losses) + 1, every)}
     seconds = time.perf_counter() - start
     vgen = torch.Generator().manual_seed(1)
     with torch.no_grad(), autocast:
         val = [float(step_model(*(t.to(args.device) for t in
                                   get_batch(val_data, args.batch, args.seq, vgen))))
                for _ in range(8)]
-    return {"train": float(torch.stack(losses[-20:]).mean()), "val": statistics.mean(val),
+    return {"train": statistics.mean(losses[-20:]), "val": statistics.mean(val),
             "curve": curve, "seconds": seconds}
 
 
@@ -117,7 +116,7 @@ def training_rows(args: argparse.Namespace) -> list[str]:
             + " | final train (last 20) | val | time incl. compile (s) |",
             "|---|" + "---:|" * (len(steps) + 3)]
     for name, r in runs.items():
-        rows.append(f"| u-μP {name} | " + " | ".join(f"{r['curve'][s]:.4f}" for s in steps)
+        rows.append(f"| u-μP {name} | " + " | ".join(f"{r['curve'].get(s, math.nan):.4f}" for s in steps)
                     + f" | {r['train']:.4f} | {r['val']:.4f} | {r['seconds']:.0f} |")
     for key in ("train", "val"):
         rel = abs(runs["FP8"][key] - runs["bf16"][key]) / runs["bf16"][key]

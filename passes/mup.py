@@ -7,7 +7,7 @@ model's ops; its width dependence is in the init and the LR (``umup_fx.parametri
 
 Reads: ``umup.rule``, ``umup.weight``, ``umup.attention``; graph keys ``plan``, ``options``
 (``options.base``: the base model's fans and head sizes, in graph order).
-Writes: a multiply after each readout; SDPA's ``scale``; a hand-written attention's
+Writes: a multiply after each readout (``umup.multiplier``); SDPA's ``scale``; a hand-written attention's
 logit constant.
 Fails when: the base model's graph has a different number of attention ops
 (``AnalysisError``: the base is not the same architecture).
@@ -42,7 +42,8 @@ def mup_readouts(gm: fx.GraphModule) -> PassResult:
         fan = weight.fan_out_value if tied else weight.fan_in_value
         base_fan = base.fans.get(weight.name, (None, None))[1 if tied else 0]
         if fan and base_fan and base_fan != fan:
-            wrap_output(gm, node, torch.mul, base_fan / fan)
+            product = wrap_output(gm, node, torch.mul, base_fan / fan)
+            meta.node_meta(product)[meta.MULTIPLIER] = node.name  # the readout's output now
             changed = True
     return PassResult(gm, changed)
 

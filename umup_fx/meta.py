@@ -41,6 +41,8 @@ key                written by         value
                                       the pattern's nodes and whether it is causal
 ``residual``       passes.residuals   on residual adds: ``Branch`` (index, kind, tau)
 ``fp8``            passes.fp8         on linears: True when FP8-eligible (rules §7)
+``multiplier``     passes.mup         on the multiply μP puts after a readout: the
+                                      readout op's node name (its output is the product)
 =================  =================  ==================================================
 
 Per-graph keys (``gm.meta["umup"][KEY]``):
@@ -89,6 +91,7 @@ DIRECT = "direct"
 GELU_INPUT = "gelu_input"
 RESIDUAL = "residual"
 FP8 = "fp8"
+MULTIPLIER = "multiplier"
 
 # Graph keys.
 SOLVER = "solver"

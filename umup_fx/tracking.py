@@ -9,7 +9,6 @@ forward + backward of a transformed model without changing it.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,20 +56,6 @@ def rms(x: Tensor) -> float:
     return float(x.detach().float().pow(2).mean().sqrt())
 
 
-def _constant_multipliers(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
-    """``{mul: op}`` where an ATen weight op's only use is a product with a constant: the
-    μP readout's ``× base_fan_in / fan_in``, whose product is the layer's real output."""
-    out = {}
-    for n in gm.graph.nodes:
-        if n.target in _RUNTIME or not _recorded(n) or len(n.users) != 1:
-            continue
-        (user,) = n.users
-        if user.target in (torch.mul, operator.mul, torch.ops.aten.mul.Tensor) and any(
-                isinstance(a, (int, float)) for a in user.args):
-            out[user] = n
-    return out
-
-
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, records: dict[str, OpScale], prefix: str,
                  rename: tuple[str, str]) -> None:
@@ -78,14 +63,13 @@ class _Recorder(fx.Interpreter):
         self.records = records
         self.prefix = prefix
         self.rename = rename  # (the graph's own block path, this module's path)
-        self.multiplied = _constant_multipliers(gm)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        op = self.multiplied.get(n)
-        if op is not None and self.prefix + op.name in self.records:
-            # The op's output times its multiplier: the product is what the layer outputs.
-            self.records[self.prefix + op.name].out_rms = rms(out)
+        op = meta.get(n, meta.MULTIPLIER)
+        if op is not None and self.prefix + op in self.records:
+            # A μP readout times its multiplier: the product is what the layer outputs.
+            self.records[self.prefix + op].out_rms = rms(out)
             return out
         if not _recorded(n) or not isinstance(out, Tensor):
             return out
