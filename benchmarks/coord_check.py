@@ -3,7 +3,7 @@
     python benchmarks/coord_check.py              # widths 64 128 256 512, 5 steps; updates docs/
     python benchmarks/coord_check.py --no-write   # print only
 
-Runs ``umup_fx.coord_check.coord_check`` (what ``python -m umup_fx coord-check`` runs) on
+Runs ``umup_fx.transfer.coord_check.coord_check`` (what ``python -m umup_fx coord-check`` runs) on
 the example Llama: a few AdamW steps per width and parametrization, each at its own η
 (``coord_check.DEFAULT_LR``: u-μP 2^0, the others 2^-9, their best in docs/transfer.md's
 sweep), then the RMS of every weight op's output on a held-out batch. Under a
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._doc import command, machine, write_section  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
-from umup_fx.coord_check import DEFAULT_LR, coord_check, plot_coord_check  # noqa: E402
+from umup_fx.transfer.coord_check import DEFAULT_LR, coord_check, plot_coord_check  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 KINDS = ("embed", "q_proj", "o_proj", "up_proj", "down_proj", "lm_head")

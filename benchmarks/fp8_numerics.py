@@ -4,7 +4,7 @@ bf16; into docs/benchmarks.md.
     python benchmarks/fp8_numerics.py                            # GPU: the run in docs/
     python benchmarks/fp8_numerics.py --device cpu --smoke --no-write   # the code path only
 
-1. **Matmul**: ``umup_fx.fp8.linear`` through ``torch._scaled_mm`` (real FP8 tensor cores)
+1. **Matmul**: ``umup_fx.runtime.fp8.linear`` through ``torch._scaled_mm`` (real FP8 tensor cores)
    and through the simulation (E4M3 / E5M2 rounding, then the ordinary bf16 matmul) on the
    same unit-scale inputs: output, input gradient and weight gradient, as the relative
    error ``||a - b|| / ||b||``. Both paths multiply the same FP8 values, so they differ only
@@ -37,7 +37,7 @@ from benchmarks._doc import command, machine, write_section  # noqa: E402
 from examples.demo import train  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
 from umup_fx import fp8  # noqa: E402
-from umup_fx.data import get_batch, load_corpus, train_val_split  # noqa: E402
+from umup_fx.transfer.corpus import get_batch, load_corpus, train_val_split  # noqa: E402
 
 MATMUL_SHAPES = [(8192, 2048, 2048), (8192, 2048, 5632), (8192, 5632, 2048)]  # M, K, N
 SMOKE_SHAPES = [(64, 32, 48)]
@@ -152,7 +152,7 @@ def main() -> None:
     body = "\n".join([
         f"{machine()}. Command: `{command()}`.",
         "",
-        "**`torch._scaled_mm` against the CPU-exact simulation** (`umup_fx.fp8.linear`, bf16 "
+        "**`torch._scaled_mm` against the CPU-exact simulation** (`umup_fx.runtime.fp8.linear`, bf16 "
         "inputs of unit scale, relative error `||real - simulated|| / ||simulated||`):",
         "",
         *_guarded("The matmul check", lambda: matmul_rows(args.device, shapes)),

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import umup_fx  # noqa: E402
 from benchmarks._doc import command, machine, write_section  # noqa: E402
 from examples.moe import EinsumMoE, GeluMLP, MoELM  # noqa: E402
-from umup_fx._plot import panels, save  # noqa: E402
+from umup_fx.transfer.plots import panels, save  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 # (name, experts, top-k); experts 0: the dense MLP itself.

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import umup_fx  # noqa: E402
 from benchmarks._doc import machine, write_section  # noqa: E402
-from umup_fx import regions  # noqa: E402
+from umup_fx.capture import blocks as discovery  # noqa: E402
 
 VOCAB = 128
 
@@ -54,16 +54,16 @@ def _run(make, one_graph: bool) -> tuple[float, dict, float, int]:
     torch.manual_seed(0)
     model = make()
     ids = torch.randint(0, VOCAB, (2, 16))
-    find = regions.find_blocks
+    find = discovery.find_blocks
     if one_graph:
-        regions.find_blocks = lambda m: []
+        discovery.find_blocks = lambda m: []
     try:
         torch.manual_seed(1)
         start = time.perf_counter()
         umup_fx.transform(model, (ids,), {"labels": ids})
         seconds = time.perf_counter() - start
     finally:
-        regions.find_blocks = find
+        discovery.find_blocks = find
     out = model(ids, labels=ids)
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

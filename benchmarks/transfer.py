@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import umup_fx  # noqa: E402
 from benchmarks._doc import command, machine, write_section  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
-from umup_fx.sweep import plot_sweep  # noqa: E402
+from umup_fx.transfer.sweep import plot_sweep  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 GRIDS = {

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import umup_fx  # noqa: E402
 from examples.data import get_batch, load_corpus, train_val_split  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
-from umup_fx.sweep import lr_schedule  # noqa: E402
+from umup_fx.transfer.sweep import lr_schedule  # noqa: E402
 
 try:
     from tqdm import tqdm

@@ -27,7 +27,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta, rules
-from umup_fx import ops as ops_
+from umup_fx.runtime import ops as ops_
 
 from ._graph import (
     ADDS,

@@ -50,7 +50,6 @@ def mup_readouts(gm: fx.GraphModule) -> PassResult:
 
 def mup_attention(gm: fx.GraphModule) -> PassResult:
     """Attention logits √d_base / d_head (μP's 1/d, the model's own at the base width)."""
-    from umup_fx.parametrizations import attention_head_sizes
 
     base = meta.graph_meta(gm)[meta.OPTIONS].base
     sizes = attention_head_sizes(gm)
@@ -79,3 +78,16 @@ def mup_attention(gm: fx.GraphModule) -> PassResult:
             new = value * factor if c.target is torch.ops.aten.mul.Tensor else value / factor
             c.args = tuple(new if a is value else a for a in c.args)
     return PassResult(gm, bool(attention))
+
+
+def attention_head_sizes(gm: fx.GraphModule) -> list[int]:
+    """v's head size of every SDPA / hand-written attention, in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        rule = meta.get(node, meta.RULE)
+        if rule == rules.SDPA:
+            out.append(int(node.args[2].meta["val"].shape[-1]))
+        elif rule == rules.ATTENTION:
+            av = next(n for n in gm.graph.nodes if n.name == meta.get(node, meta.ATTENTION)["av"])
+            out.append(int(av.args[1].meta["val"].shape[-1]))
+    return out

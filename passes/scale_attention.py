@@ -31,8 +31,9 @@ import torch.utils._pytree as pytree
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from umup_fx import meta, ops, rules
+from umup_fx import meta, rules
 from umup_fx.errors import AnalysisError
+from umup_fx.runtime import ops
 
 from ._graph import MULS, TRANSPARENT, where
 from ._graph import ops as aten_ops

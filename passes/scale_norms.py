@@ -7,7 +7,7 @@ freezes those parameters, so state_dicts keep their keys. With
 
 Reads: ``umup.rule`` ("norm", "norm_gain"), ``umup.weight``; graph key ``options``.
 Writes: removes "norm_gain" nodes (or scales their parameter's gradient); swaps
-``layer_norm`` / ``rms_norm`` for the ``umup_fx.ops`` versions.
+``layer_norm`` / ``rms_norm`` for the ``umup_fx.runtime.ops`` versions.
 Fails when: never.
 """
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from umup_fx import meta, ops, rules
+from umup_fx import meta, rules
+from umup_fx.runtime import ops
 
 from ._graph import ops as aten_ops
 from ._graph import source

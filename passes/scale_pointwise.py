@@ -1,6 +1,6 @@
 """Rewrite the parameter-free ops (§3): SiLU, GELU, gated units, dropout, matmul, loss.
 
-Each becomes its ``umup_fx.ops`` counterpart with the multipliers of the plan's
+Each becomes its ``umup_fx.runtime.ops`` counterpart with the multipliers of the plan's
 ``HParams``: SiLU / GELU (also a hand-written tanh-GELU) take ``alpha_ffn_act``, a gated unit ``up * silu(gate)`` becomes
 one ``ops.silu_glu`` (the SiLU node is absorbed), dropout reads the graph's training
 flag, a matmul of two activations gets ``K^-1/2``, and ``cross_entropy`` takes
@@ -16,7 +16,8 @@ from __future__ import annotations
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from umup_fx import meta, ops, rules
+from umup_fx import meta, rules
+from umup_fx.runtime import ops
 
 from ._graph import ops as aten_ops
 from ._rewrite import arg, nodes_with_rule, swap, training_flag

@@ -18,7 +18,8 @@ from __future__ import annotations
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from umup_fx import meta, ops, rules
+from umup_fx import meta, rules
+from umup_fx.runtime import ops
 
 from ._rewrite import ancestors, getitem, insert_call, nodes_with_rule, swap
 

@@ -5,12 +5,12 @@ the scales of the weight's role in *this* use (a tied embedding used as the LM h
 an "output" use there): hidden, input and fixed uses get ``fan_in^-1/2`` forward and
 backward (tied); output uses ``alpha_out / fan_in`` forward and ``fan_out^-1/2`` for the
 input gradient (cut edge). Fans are read from the weight operand's shape, so they are
-right whatever layout the model stores. FP8-eligible linears call ``umup_fx.fp8.linear``
+right whatever layout the model stores. FP8-eligible linears call ``umup_fx.runtime.fp8.linear``
 when ``Options.fp8`` is on.
 
 Reads: ``umup.rule``, ``umup.weight``, ``umup.transposed``, ``umup.fp8``; graph keys
 ``plan``, ``options``.
-Writes: swaps those nodes' targets to ``umup_fx.ops.linear`` / ``umup_fx.fp8.linear`` /
+Writes: swaps those nodes' targets to ``umup_fx.runtime.ops.linear`` / ``umup_fx.runtime.fp8.linear`` /
 ``embedding``.
 Fails when: never (an ``addmm`` with beta/alpha != 1 is left as is and listed).
 """
@@ -22,7 +22,8 @@ import math
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from umup_fx import fp8, meta, ops, rules
+from umup_fx import meta, rules
+from umup_fx.runtime import fp8, ops
 
 from ._graph import ops as aten_ops
 from ._graph import where

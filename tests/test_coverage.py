@@ -15,7 +15,7 @@ from torch import nn
 import umup_fx
 from tests.families import ConvNet, check
 from tests.tiny_models import graph_nodes
-from umup_fx import ops
+from umup_fx.runtime import ops
 
 
 def _targets(model: nn.Module) -> list:

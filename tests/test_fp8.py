@@ -10,7 +10,7 @@ import torch
 import umup_fx
 from examples.llama import Llama, LlamaConfig
 from tests.tiny_models import graph_nodes, hf_llama
-from umup_fx import fp8
+from umup_fx.runtime import fp8
 
 
 def _llama(seed: int = 0) -> Llama:

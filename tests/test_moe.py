@@ -14,10 +14,11 @@ from umup_fx.passes.moe import scale_moe_combines
 import umup_fx
 from examples.moe import EinsumMoE, GroupedMoE, MoELM
 from tests import families
-from umup_fx import fp8, meta, ops, rules
-from umup_fx.capture import capture
+from umup_fx import meta, rules
+from umup_fx.capture.trace import capture
 from umup_fx.options import Options
 from umup_fx.pipeline import plan_graph
+from umup_fx.runtime import fp8, ops
 
 
 def _planned(model: nn.Module, *inputs: torch.Tensor, **options):

@@ -1,4 +1,4 @@
-"""umup_fx.ops against the reference library (unit-scaling 0.3.5) and the rules (§3)."""
+"""umup_fx.runtime.ops against the reference library (unit-scaling 0.3.5) and the rules (§3)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from unit_scaling.core.functional import logarithmic_interpolation
 from unit_scaling.scale import scale_bwd as ref_scale_bwd
 from unit_scaling.scale import scale_fwd as ref_scale_fwd
 
-from umup_fx import ops
+from umup_fx.runtime import ops
 
 MULTS = (0.5, 1.0, 2.0)
 

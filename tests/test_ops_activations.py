@@ -1,4 +1,4 @@
-"""umup_fx.ops: exact-moment activations / gated units, conv and averages (unit scaling, App. B)."""
+"""umup_fx.runtime.ops: exact-moment activations / gated units, conv and averages (unit scaling, App. B)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from umup_fx import ops
+from umup_fx.runtime import ops
+from umup_fx.runtime.ops import activations, linears
 
-KINDS = sorted(ops._ACTIVATIONS)
+KINDS = sorted(activations._ACTIVATIONS)
 N = 1_000_000
 
 
@@ -23,8 +24,8 @@ def _randn(*shape: int, seed: int = 0) -> Tensor:
 
 
 def _plain(kind: str, mult: float, kw: dict[str, Any]) -> Callable[[Tensor], Tensor]:
-    """f(mult x)/mult, written out independently of ops._apply."""
-    fn = ops._ACTIVATIONS[kind][0]
+    """f(mult x)/mult, written out independently of activations._apply."""
+    fn = activations._ACTIVATIONS[kind][0]
     return lambda x: fn(x * mult, **kw) / mult
 
 
@@ -48,7 +49,7 @@ def test_known_constants() -> None:
     # sigmoid: centred (its mean 1/2 is not counted), so far from the RMS scale.
     assert ops.activation_scale("sigmoid") > 4 > ops.activation_scale("sigmoid", gated=True)
     # The exact silu scale is near, but not equal to, the reference's empirical interp model.
-    interp = ops._act_scales(1.0, 0.5, True)[0]
+    interp = activations._act_scales(1.0, 0.5, True)[0]
     exact = ops.activation_scale("silu")
     assert exact == pytest.approx(interp, rel=0.02) and exact != pytest.approx(interp, rel=1e-3)
     assert isinstance(exact, float)
@@ -118,7 +119,7 @@ def test_glu_unit_rms_and_tied_grads(kind: str, mult: float) -> None:
 
 def test_compile_with_cache_miss_while_tracing() -> None:
     # Clear the cache so the integration runs while Dynamo traces (fresh kinds and mults too).
-    ops._gaussian_scale_cached.cache_clear()
+    activations._gaussian_scale_cached.cache_clear()
     x, y = _randn(64, seed=5), _randn(64, seed=6)
 
     def fn(a: Tensor, b: Tensor) -> Tensor:
@@ -126,10 +127,10 @@ def test_compile_with_cache_miss_while_tracing() -> None:
 
     compiled = torch.compile(fn, backend="eager", fullgraph=True)
     out = compiled(x, y)
-    assert ops._gaussian_scale_cached.cache_info().currsize == 2
+    assert activations._gaussian_scale_cached.cache_info().currsize == 2
     torch.testing.assert_close(out, fn(x, y))
     # Gradients through AOTAutograd (fake + functional modes active), another fresh key.
-    ops._gaussian_scale_cached.cache_clear()
+    activations._gaussian_scale_cached.cache_clear()
 
     def fn2(a: Tensor) -> Tensor:
         return ops.activation(a, "softplus", mult=0.83, beta=2.0)
@@ -138,7 +139,7 @@ def test_compile_with_cache_miss_while_tracing() -> None:
     _, (g_eager,) = _grads(fn2, x)
     torch.testing.assert_close(g_compiled, g_eager)
     # make_fx (proxy mode): the integration must not be recorded into the graph.
-    ops._gaussian_scale_cached.cache_clear()
+    activations._gaussian_scale_cached.cache_clear()
     gm = make_fx(lambda t: ops.activation(t, "quick_gelu", mult=1.9))(x)
     assert not any("linspace" in str(n.target) for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), ops.activation(x, "quick_gelu", mult=1.9))
@@ -173,7 +174,7 @@ def test_conv(x_shape: tuple[int, ...], w_shape: tuple[int, ...], kwargs: dict[s
     # rows: every output position of every batch element (out.numel() / C_out).
     rows = out.numel() // w_shape[0]
     geometry = (kwargs.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
-    assert ops._conv_rows(x, w, *geometry) == rows
+    assert linears._conv_rows(x, w, *geometry) == rows
     torch.testing.assert_close(gw, ref_gw * rows**-0.5)
     torch.testing.assert_close(gb, ref_gb * rows**-0.5)
     torch.testing.assert_close(gx, ref_gx * grad_input_scale)

@@ -106,7 +106,7 @@ def test_fp8_path_is_named(plan: umup_fx.Plan, fp8_model: Llama) -> None:
     assert "path simulate: cast to FP8 and back" in text
     assert "off (transform with fp8=True to use)" in str(plan)
     auto = report._fp8_path("auto")
-    if torch.cuda.is_available() and umup_fx.fp8.has_fp8_matmul(torch.device("cuda")):
+    if torch.cuda.is_available() and umup_fx.runtime.fp8.has_fp8_matmul(torch.device("cuda")):
         assert "real torch._scaled_mm on this machine" in auto
     else:
         assert auto.startswith("path auto -> simulated on this machine")

@@ -11,10 +11,11 @@ from umup_fx.passes.scale_weights import scale_linears
 
 from examples.gpt import GPT, GPTConfig
 from tests.tiny_models import ResidualMLPStack
-from umup_fx import fp8, meta, ops
-from umup_fx.capture import capture
+from umup_fx import meta
+from umup_fx.capture.trace import capture
 from umup_fx.options import Options
 from umup_fx.pipeline import plan_graph
+from umup_fx.runtime import fp8, ops
 
 
 def _planned(model: nn.Module, *inputs: torch.Tensor, **options):

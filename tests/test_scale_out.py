@@ -67,7 +67,7 @@ def test_hooks_on_blocks_fire_and_see_u_mup_activations() -> None:
 
 def test_long_model_matches_full_capture() -> None:
     """Capturing two blocks and reusing them equals capturing all eight."""
-    import umup_fx.regions as regions
+    import umup_fx.capture.blocks as regions
 
     def run(full: bool) -> tuple[float, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
@@ -285,7 +285,7 @@ def test_blocks_that_differ_or_do_not_chain_are_captured_whole(indexed: bool) ->
 def test_hf_gpt2_regional_equals_one_graph() -> None:
     """GPT-2's blocks (Conv1D layout, tuple outputs): prefix capture == whole graph."""
     transformers = pytest.importorskip("transformers")
-    import umup_fx.regions as regions
+    import umup_fx.capture.blocks as regions
 
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 

@@ -10,8 +10,8 @@ import torch
 import umup_fx
 from tests.tiny_models import graph_nodes, hf_llama
 from umup_fx.__main__ import main
-from umup_fx.search import search
-from umup_fx.sweep import summary
+from umup_fx.transfer.search import search
+from umup_fx.transfer.sweep import summary
 
 
 def _ids() -> torch.Tensor:

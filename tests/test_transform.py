@@ -12,7 +12,7 @@ import umup_fx
 from examples.gpt import GPT, GPTConfig
 from examples.llama import Llama, LlamaConfig
 from tests.tiny_models import ResidualMLPStack, SinMLP, graph_nodes, hf_llama
-from umup_fx.tracking import op_scales
+from umup_fx.transfer.tracking import op_scales
 
 # §8's exceptions, and one of ours (documented in docs/rewrite.md):
 # - readout output ~ fan_in^-1/2; q/k projection grads ~ S^-1/2 (rules §8);
@@ -72,7 +72,7 @@ def test_unit_scale_at_init_grouped_query_attention() -> None:
     model = umup_fx.transform(Llama(config), _batch())
     sdpa = [
         n for n in graph_nodes(model)
-        if n.target is umup_fx.ops.scaled_dot_product_attention
+        if n.target is umup_fx.runtime.ops.scaled_dot_product_attention
     ]
     assert [n.kwargs["kv_group"] for n in sdpa] == [4, 4]
     records = op_scales(model, *_batch(seed=2))
@@ -261,7 +261,7 @@ def test_autocast_mixed_precision() -> None:
 
 
 def test_out_of_range_lists_what_is_off_unit_scale() -> None:
-    from umup_fx.tracking import OpScale, out_of_range
+    from umup_fx.transfer.tracking import OpScale, out_of_range
 
     records = [
         OpScale("a", "linear", "linear", out_rms=1.0, grad_rms=1.1),

@@ -1,17 +1,23 @@
 """umup_fx: u-muP and static-scale FP8 as a compiler pass on unmodified PyTorch models."""
 
-from .backend import prepare, register
-from .errors import AlreadyTransformedError, AnalysisError, CaptureError, HParamsError, UmupError
-from .hparams import HParams
-from .init import init_
-from .module import UmupBlock
-from .ops import cross_entropy
-from .optim import AdamW, param_groups
-from .options import Options
-from .pipeline import analyze, explain
-from .plan import ParamPlan, Plan
-from .sweep import sweep
-from .transform import (
+from umup_fx.backend import prepare, register
+from umup_fx.errors import (
+    AlreadyTransformedError,
+    AnalysisError,
+    CaptureError,
+    HParamsError,
+    UmupError,
+)
+from umup_fx.hparams import HParams
+from umup_fx.options import Options
+from umup_fx.pipeline import analyze, explain
+from umup_fx.plan import ParamPlan, Plan
+from umup_fx.runtime.init import init_
+from umup_fx.runtime.modules import UmupBlock
+from umup_fx.runtime.ops import cross_entropy
+from umup_fx.runtime.optim import AdamW, param_groups
+from umup_fx.transfer.sweep import sweep
+from umup_fx.transform import (
     OneGraphWarning,
     PostNormWarning,
     UmupModule,

@@ -10,7 +10,7 @@ tensor.
 
 python -m umup_fx coord-check MODULE:FACTORY --width-arg NAME --widths W... [--steps N]
 [--parametrization P...] [--lr ETA] [--data FILE] --json OUT [--plot PNG] runs muP's
-coordinate check (umup_fx.coord_check): each weight op's output RMS against width.
+coordinate check (umup_fx.transfer.coord_check): each weight op's output RMS against width.
 
 python -m umup_fx search MODULE:FACTORY --width-arg NAME --proxy-width W --target-width W
 --lrs ETA... --steps N [--mults M...] [--fields F...] --json OUT tunes eta, then each
@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from .errors import UmupError
-from .pipeline import analyze
+from umup_fx.errors import UmupError
+from umup_fx.pipeline import analyze
 
 _DTYPES = {"long": torch.long, "int": torch.long, "float": torch.float32, "bf16": torch.bfloat16}
 
@@ -228,7 +228,7 @@ def _width_factory(target: str) -> Any:
 
 
 def _coord_check(args: argparse.Namespace) -> int:
-    from .coord_check import coord_check
+    from umup_fx.transfer.coord_check import coord_check
 
     result = coord_check(_width_factory(args.target), width_arg=args.width_arg,
                          widths=args.widths, steps=args.steps,
@@ -242,7 +242,7 @@ def _coord_check(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .search import FIELDS, search
+    from umup_fx.transfer.search import FIELDS, search
 
     result = search(_width_factory(args.target), width_arg=args.width_arg,
                     proxy_width=args.proxy_width, target_width=args.target_width,
@@ -257,7 +257,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import sweep
+    from umup_fx.transfer.sweep import sweep
 
     build = _width_factory(args.target)
 

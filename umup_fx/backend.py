@@ -31,15 +31,15 @@ import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
-from . import meta
-from .capture import capture, capture_dynamo_graph
-from .errors import UmupError
-from .init import initialise
-from .optim import resolve_pending_groups
-from .options import Options
-from .pipeline import plan_graph, run_pipeline
-from .plan import Plan, expand_blocks
-from .transform import TRANSFORMED_ATTR, check_fresh
+from umup_fx import meta
+from umup_fx.capture.trace import capture, capture_dynamo_graph
+from umup_fx.errors import UmupError
+from umup_fx.options import Options
+from umup_fx.pipeline import plan_graph, run_pipeline
+from umup_fx.plan import Plan, expand_blocks
+from umup_fx.runtime.init import initialise
+from umup_fx.runtime.optim import resolve_pending_groups
+from umup_fx.transform import TRANSFORMED_ATTR, check_fresh
 
 _OPTIONS_ATTR = "_umup_options"
 compiled_plans: list[Plan] = []  # every graph the backend rewrote, in order (inspection)

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .errors import HParamsError
+from umup_fx.errors import HParamsError
 
 
 @dataclass(frozen=True)

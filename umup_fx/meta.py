@@ -58,11 +58,11 @@ Per-graph keys (``gm.meta["umup"][KEY]``):
 ``notes``          analysis passes    lines for the report: what the analysis decided
                                       that changes the model's own numbers
 ``replaced``       passes.scale_norms {erased node name: the node that took its place}
-                                      (``passes.regions`` follows it to block outputs)
+                                      (``passes.cut_regions`` follows it to block outputs)
 =================  =================  ==================================================
 
 Per-node keys also carry ``umup.residual`` on the ``residual_split`` that
-``passes.scale_residuals`` inserts, so ``passes.regions`` can make its tau a block input.
+``passes.scale_residuals`` inserts, so ``passes.cut_regions`` can make its tau a block input.
 """
 
 from __future__ import annotations

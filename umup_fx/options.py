@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UmupError
-from .hparams import HParams
+from umup_fx.errors import UmupError
+from umup_fx.hparams import HParams
 
 FP8_MODES = ("off", "auto", "simulate", "scaled_mm")
 
@@ -59,9 +59,20 @@ class Options:
         if fp8 not in FP8_MODES:
             raise UmupError(f"fp8={fp8!r}: use True / False or one of {FP8_MODES}.")
         opts = cls(hparams=HParams.coerce(hparams), fp8=fp8, **options)
-        from .parametrizations import check
-
-        check(opts.parametrization, opts.base)
+        check_parametrization(opts.parametrization, opts.base)
         if opts.parametrization != "umup" and fp8 != "off":
             raise UmupError("fp8 is u-muP's static-scale FP8; baselines run in the model's dtype.")
         return opts
+
+
+PARAMETRIZATIONS = ("umup", "mup", "sp", "sp_emb_lr")
+NEEDS_BASE = ("mup", "sp_emb_lr")  # relative to a base width
+
+def check_parametrization(parametrization: str, base: Any) -> None:
+    if parametrization not in PARAMETRIZATIONS:
+        raise UmupError(f"parametrization={parametrization!r}: use one of {PARAMETRIZATIONS}.")
+    if parametrization in NEEDS_BASE and base is None:
+        raise UmupError(
+            f"parametrization={parametrization!r} is relative to a base width: pass "
+            "base=<the same model built at the base width> (fans are read from it)."
+        )

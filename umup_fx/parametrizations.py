@@ -25,14 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import fx, nn
+from torch import nn
 
-from . import meta, rules
-from .errors import UmupError
-from .plan import Plan
-
-PARAMETRIZATIONS = ("umup", "mup", "sp", "sp_emb_lr")
-NEEDS_BASE = ("mup", "sp_emb_lr")
+from umup_fx import rules
+from umup_fx.options import NEEDS_BASE, PARAMETRIZATIONS  # noqa: F401 (re-exported)
+from umup_fx.passes.mup import attention_head_sizes
+from umup_fx.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -46,9 +44,9 @@ class BaseShapes:
 
 def base_shapes(base: nn.Module, example_inputs: Any, example_kwargs: dict | None) -> BaseShapes:
     """Analyse ``base`` (the same architecture at the base width) on the same inputs."""
-    from .capture import capture
-    from .pipeline import analyze_graph
-    from .plan import expand_blocks
+    from umup_fx.capture.trace import capture
+    from umup_fx.pipeline import analyze_graph
+    from umup_fx.plan import expand_blocks
 
     captured = capture(base, example_inputs, example_kwargs)
     plan = analyze_graph(captured.gm, model_name=type(base).__name__)
@@ -59,27 +57,8 @@ def base_shapes(base: nn.Module, example_inputs: Any, example_kwargs: dict | Non
     )
 
 
-def attention_head_sizes(gm: fx.GraphModule) -> list[int]:
-    """v's head size of every SDPA / hand-written attention, in graph order."""
-    out = []
-    for node in gm.graph.nodes:
-        rule = meta.get(node, meta.RULE)
-        if rule == rules.SDPA:
-            out.append(int(node.args[2].meta["val"].shape[-1]))
-        elif rule == rules.ATTENTION:
-            av = next(n for n in gm.graph.nodes if n.name == meta.get(node, meta.ATTENTION)["av"])
-            out.append(int(av.args[1].meta["val"].shape[-1]))
-    return out
 
 
-def check(parametrization: str, base: BaseShapes | None) -> None:
-    if parametrization not in PARAMETRIZATIONS:
-        raise UmupError(f"parametrization={parametrization!r}: use one of {PARAMETRIZATIONS}.")
-    if parametrization in NEEDS_BASE and base is None:
-        raise UmupError(
-            f"parametrization={parametrization!r} is relative to a base width: pass "
-            "base=<the same model built at the base width> (fans are read from it)."
-        )
 
 
 def apply(plan: Plan, parametrization: str, base: BaseShapes | None, sigma_init: float) -> None:

@@ -13,25 +13,25 @@ from typing import Any
 
 from torch import fx, nn
 
-from . import meta, rules
-from .capture import capture
-from .errors import AnalysisError, UmupError
-from .hparams import HParams
-from .options import Options
-from .passes._graph import op_name, where
-from .passes.coverage import find_uncovered
-from .passes.dims import infer_dims
-from .passes.fp8 import mark_fp8
-from .passes.match import match_rules
-from .passes.model_scales import drop_model_scales, find_model_scales
-from .passes.moe import find_routing, scale_moe_combines
-from .passes.mup import mup_attention, mup_readouts
-from .passes.norms import find_norms
-from .passes.residuals import find_residuals
-from .passes.roles import assign_roles
-from .passes.scale_attention import scale_manual_attention, scale_sdpa, scale_softmax
-from .passes.scale_norms import scale_norms
-from .passes.scale_pointwise import (
+from umup_fx import meta, rules
+from umup_fx.capture.trace import capture
+from umup_fx.errors import AnalysisError, UmupError
+from umup_fx.hparams import HParams
+from umup_fx.options import Options
+from umup_fx.passes._graph import op_name, where
+from umup_fx.passes.coverage import find_uncovered
+from umup_fx.passes.dims import infer_dims
+from umup_fx.passes.fp8_eligible import mark_fp8
+from umup_fx.passes.match import match_rules
+from umup_fx.passes.model_scales import drop_model_scales, find_model_scales
+from umup_fx.passes.moe import find_routing, scale_moe_combines
+from umup_fx.passes.mup import mup_attention, mup_readouts
+from umup_fx.passes.norms import find_norms
+from umup_fx.passes.residuals import find_residuals
+from umup_fx.passes.roles import assign_roles
+from umup_fx.passes.scale_attention import scale_manual_attention, scale_sdpa, scale_softmax
+from umup_fx.passes.scale_norms import scale_norms
+from umup_fx.passes.scale_pointwise import (
     scale_activations,
     scale_cross_entropy,
     scale_dropout,
@@ -39,14 +39,14 @@ from .passes.scale_pointwise import (
     scale_picks,
     scale_pooling,
 )
-from .passes.scale_residuals import scale_residuals
-from .passes.scale_weights import (
+from umup_fx.passes.scale_residuals import scale_residuals
+from umup_fx.passes.scale_weights import (
     scale_convs,
     scale_direct_params,
     scale_embeddings,
     scale_linears,
 )
-from .plan import Plan, build_plan, expand_blocks
+from umup_fx.plan import Plan, build_plan, expand_blocks
 
 
 def analysis_passes(roles: dict[str, str] | None = None) -> list[Callable[[fx.GraphModule], Any]]:
@@ -65,7 +65,7 @@ def analysis_passes(roles: dict[str, str] | None = None) -> list[Callable[[fx.Gr
 
 
 def rewrite_passes(parametrization: str = "umup") -> list[Callable[[fx.GraphModule], Any]]:
-    """The rewrite passes; each swaps the ops of one concern for ``umup_fx.ops`` calls.
+    """The rewrite passes; each swaps the ops of one concern for ``umup_fx.runtime.ops`` calls.
 
     They read the plan (``gm.meta["umup"]["plan"]``) and node metadata only, and rewrite
     nodes in place, keeping node names and metadata for the passes after them. The μP

@@ -13,8 +13,9 @@ from typing import Any
 import sympy as sp
 from torch import fx
 
-from . import meta, rules
-from .hparams import HParams
+from umup_fx import meta, rules
+from umup_fx.hparams import HParams
+from umup_fx.report import format_plan
 
 
 @dataclass
@@ -66,8 +67,6 @@ class Plan:
         return self.params[name].lr_factor
 
     def __str__(self) -> str:
-        from .report import format_plan
-
         return format_plan(self)
 
 

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import sympy as sp
 import torch
 
-from . import meta
-from .errors import UmupError
+from umup_fx import meta
+from umup_fx.errors import UmupError
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from umup_fx.plan import Plan
 
 # A parameter row is grouped over blocks when at least this many blocks share it.
 GROUP_MIN = 3
@@ -86,7 +86,7 @@ def _fp8_path(mode: str) -> str:
         return "path simulate: cast to FP8 and back, matmul in the model's dtype"
     if mode == "scaled_mm":
         return "path scaled_mm: real FP8 tensor-core matmuls (torch._scaled_mm, CUDA sm_89+)"
-    from .fp8 import has_fp8_matmul
+    from umup_fx.runtime.fp8 import has_fp8_matmul
 
     if not torch.cuda.is_available():
         return ("path auto -> simulated on this machine (no CUDA GPU; real torch._scaled_mm "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .hparams import HParams
+from umup_fx.hparams import HParams
 
 # -- §1 weight roles ------------------------------------------------------------------
 INPUT, HIDDEN, OUTPUT, FIXED_ROLE, BIAS, NORM, UNUSED = (

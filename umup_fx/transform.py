@@ -3,7 +3,7 @@
 One pipeline: capture (a prefix of each block list, on the model's meta shadow),
 analyse into one plan, extend the plan to every block, rewrite the graph from it,
 cut it into the root's graph and one graph per distinct block, install them on the
-model's own modules (``umup_fx.module``), initialise to unit scale.
+model's own modules (``umup_fx.runtime.modules``), initialise to unit scale.
 """
 
 from __future__ import annotations
@@ -15,22 +15,24 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from . import parametrizations, regions
-from .capture import Captured, capture
-from .errors import AlreadyTransformedError
-from .init import initialise
-from .module import UmupModule, install_block, install_root, is_transformed
-from .options import Options
-from .passes.regions import (
+from umup_fx import parametrizations
+from umup_fx.capture import blocks as discovery
+from umup_fx.capture.trace import Captured, capture
+from umup_fx.errors import AlreadyTransformedError
+from umup_fx.options import Options
+from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
+from umup_fx.passes.placement import generalize_placement
+from umup_fx.pipeline import plan_graph, rewrite_graph
+from umup_fx.plan import expand_blocks
+from umup_fx.runtime.init import initialise
+from umup_fx.runtime.modules import (
     TENSOR,
-    RegionError,
     RegionGraph,
-    generalize_placement,
-    split_regions,
-    unroll_calls,
+    UmupModule,
+    install_block,
+    install_root,
+    is_transformed,
 )
-from .pipeline import plan_graph, rewrite_graph
-from .plan import expand_blocks
 
 __all__ = ["OneGraphWarning", "PostNormWarning", "UmupModule", "UncoveredOpWarning", "transform"]
 
@@ -119,7 +121,7 @@ def _build(captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
 def _install(model: nn.Module, captured: Captured, built: tuple) -> None:
     plan, taus, graphs, root, original = built
     for b in captured.blocks:
-        container = model.get_submodule(regions.live_path(model, b.path))
+        container = model.get_submodule(discovery.live_path(model, b.path))
         for k, name in enumerate(b.names):
             path = b.block_path(k)
             install_block(container._modules[name], graphs[path], taus.get(path, []))

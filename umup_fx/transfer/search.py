@@ -21,10 +21,10 @@ from typing import Any
 
 from torch import nn
 
-from .data import load_corpus, load_file, train_val_split
-from .errors import UmupError
-from .hparams import HParams
-from .sweep import run_one
+from umup_fx.errors import UmupError
+from umup_fx.hparams import HParams
+from umup_fx.transfer.corpus import load_corpus, load_file, train_val_split
+from umup_fx.transfer.sweep import run_one
 
 FIELDS = tuple(f.name for f in dataclasses.fields(HParams))
 

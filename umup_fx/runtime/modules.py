@@ -14,26 +14,59 @@ parameters, a checkpoint wrapper's recompute and ``.to()`` moves are all seen.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from . import regions
-from .errors import CallError
-from .passes.regions import TENSOR, RegionGraph
-from .plan import Plan
+from umup_fx.errors import CallError
+from umup_fx.runtime.names import canonical_name, unwrap
+
+if TYPE_CHECKING:
+    from umup_fx.plan import Plan  # the compiler's data; read here, never built
+
+TENSOR = object()  # a flattened call leaf that the graph takes as a placeholder
+
+
+@dataclass
+class RegionGraph:
+    """A rewritten graph plus how to feed it from a module and a call's arguments.
+
+    ``inputs`` says, per placeholder, where its value comes from: ``("input", i)`` the
+    i-th flattened call leaf; ``("param" | "buffer", path)`` the module's tensor at a
+    path relative to it; ``("constant", name)``; ``("training" | "module" | "taus" |
+    "device" | "dtype", None)``. ``outputs`` is ``("user", None)`` or ``("buffer", path)``
+    per graph output (buffer updates are written back).
+    """
+
+    gm: fx.GraphModule
+    inputs: list[tuple[str, Any]]
+    outputs: list[tuple[str, Any]]
+    in_spec: pytree.TreeSpec
+    leaves: list[Any]  # per call leaf: TENSOR, or the value the graph was captured with
+    out_spec: pytree.TreeSpec
+    out_leaves: list[Any]  # per output leaf: TENSOR, or its constant value
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    name: str = "model"
+
+
+
+def dtype_limit(dtype: torch.dtype, which: str) -> float:
+    """``torch.finfo(dtype).min`` / ``.max``, for the model's run-time dtype."""
+    return float(getattr(torch.finfo(dtype), which))
+
 
 _CLASSES: dict[tuple[type, type], type] = {}
-# Runs a region's graph: None means ``rg.gm(*values)``. ``umup_fx.tracking`` swaps in
+# Runs a region's graph: None means ``rg.gm(*values)``. ``umup_fx.transfer.tracking`` swaps in
 # an interpreter that records every op's scale.
 graph_runner: Callable[[nn.Module, RegionGraph, list[Any]], Any] | None = None
 
 
 def _resolve(module: nn.Module, path: str) -> Any:
     for part in path.split("."):
-        module = getattr(regions.unwrap(module), part)
+        module = getattr(unwrap(module), part)
     return module
 
 
@@ -149,7 +182,7 @@ class UmupModule(UmupRegion):
     def region_graphs(self) -> dict[str, fx.GraphModule]:
         """Every rewritten graph by module path ("" for the root), blocks included."""
         return {
-            regions.canonical_name(name): m.__dict__["_umup_region"].gm
+            canonical_name(name): m.__dict__["_umup_region"].gm
             for name, m in self.named_modules()
             if isinstance(m, UmupRegion)
         }
@@ -174,7 +207,7 @@ def _attach(module: nn.Module, rg: RegionGraph, mixin: type) -> None:
 
 def install_block(block: nn.Module, rg: RegionGraph, taus: list[float]) -> None:
     """Make ``block`` (or the module its wrapper holds) run ``rg`` with ``taus``."""
-    inner = regions.unwrap(block)
+    inner = unwrap(block)
     _attach(inner, rg, UmupBlock)
     inner.__dict__["_umup_taus"] = list(taus)
 

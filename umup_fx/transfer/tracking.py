@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from . import fp8 as fp8_ops
-from . import meta, regions
-from . import module as module_mod
-from . import ops as umup_ops
-from .module import UmupModule
-from .passes._graph import MATMULS, is_grouped_mm, ops
+from umup_fx import meta
+from umup_fx.passes._graph import MATMULS, is_grouped_mm, ops
+from umup_fx.runtime import fp8 as fp8_ops
+from umup_fx.runtime import modules as module_mod
+from umup_fx.runtime import ops as umup_ops
+from umup_fx.runtime.modules import UmupModule
+from umup_fx.runtime.names import canonical_name
 
 _RUNTIME = {fn for m in (umup_ops, fp8_ops) for fn in vars(m).values() if callable(fn)}
 # The weight ops of a graph that runs as written (the μP baseline keeps ATen's linears):
@@ -110,7 +111,7 @@ def op_scales(
     """
     if not isinstance(model, UmupModule):
         raise TypeError("op_scales takes the module umup_fx.transform rewrote.")
-    paths = {id(m): regions.canonical_name(n) for n, m in model.named_modules()}
+    paths = {id(m): canonical_name(n) for n, m in model.named_modules()}
     records: dict[str, OpScale] = {}
 
     def record(module: torch.nn.Module, rg: Any, values: list[Any]) -> Any:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from . import regions
-from .errors import UmupError
-from .plan import Plan
+from umup_fx.errors import UmupError
+from umup_fx.runtime.names import canonical_name, unwrap
+
+if TYPE_CHECKING:
+    from umup_fx.plan import Plan  # the compiler's data; read here, never built
 
 
 def plan_of(model: nn.Module) -> Plan:
     """The u-muP plan a transformed (or prepared) model carries, through wrappers."""
-    for module in (model, regions.unwrap(model)):
+    for module in (model, unwrap(model)):
         plan = getattr(module, "umup_plan", None)
-        if isinstance(plan, Plan):
+        if plan is not None:
             return plan
     raise UmupError(
         f"{type(model).__name__} carries no u-muP plan. Pass the model that "
@@ -31,7 +35,7 @@ def unit_init(model: nn.Module, plan: Plan, generator: torch.Generator | None = 
     """
     extra = {} if generator is None else {"generator": generator}
     for name, tensor in model.named_parameters():
-        p = plan.params.get(regions.canonical_name(name))
+        p = plan.params.get(canonical_name(name))
         if p is None:
             continue
         if p.init == "normal":
@@ -51,7 +55,7 @@ def initialise(model: nn.Module, plan: Plan, reinit: bool = True) -> None:
         unit_init(model, plan)
         return
     for name, tensor in model.named_parameters():
-        p = plan.params.get(regions.canonical_name(name))
+        p = plan.params.get(canonical_name(name))
         if p is not None and p.frozen_by_umup:
             tensor.requires_grad_(False)
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import regions
-from .errors import UmupError
-from .init import plan_of
+from umup_fx.errors import UmupError
+from umup_fx.runtime.init import plan_of
+from umup_fx.runtime.names import canonical_name
 
 _PENDING = "_umup_pending_groups"  # parameter attribute: its pending group dicts
 _hook_installed = False
@@ -74,7 +74,7 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = regions.canonical_name(name)
+        name = canonical_name(name)
         if name not in plan.params:
             raise UmupError(
                 f"Parameter {name!r} is not in the u-muP plan of {plan.model_name} (was it "
@@ -94,7 +94,7 @@ def _pending_groups(model: nn.Module, lr: float, weight_decay: float) -> list[di
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        group = _group([param], [regions.canonical_name(name)], lr, weight_decay, 1.0)
+        group = _group([param], [canonical_name(name)], lr, weight_decay, 1.0)
         group["umup_lr_factor"] = None  # filled in at the first compile
         pending = getattr(param, _PENDING, None)
         if pending is None:

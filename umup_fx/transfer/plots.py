@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import UmupError
+from umup_fx.errors import UmupError
 
 
 def panels(n: int) -> tuple[Any, Any]:

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from ._plot import panels, save
-from .data import get_batch, load_corpus, load_file, train_val_split
-from .errors import UmupError
-from .optim import AdamW
-from .transform import transform
+from umup_fx.errors import UmupError
+from umup_fx.runtime import ops
+from umup_fx.runtime.optim import AdamW
+from umup_fx.transfer.corpus import get_batch, load_corpus, load_file, train_val_split
+from umup_fx.transfer.plots import panels, save
+from umup_fx.transform import transform
 
 _KEY = ("parametrization", "width", "lr", "seed")
 

@@ -30,8 +30,11 @@ from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from . import meta, regions
-from .errors import AnalysisError, CaptureError
+from umup_fx import meta
+from umup_fx.capture import blocks as discovery
+from umup_fx.capture.shadow import shadow_inputs, shadowed
+from umup_fx.errors import AnalysisError, CaptureError
+from umup_fx.runtime.names import canonical_name
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _UMUP_DIR = os.path.dirname(__file__)
@@ -57,7 +60,7 @@ class Captured:
     params: dict[str, ParamInfo]
     program: ExportedProgram | None = None
     model_name: str = "model"
-    blocks: list[regions.BlockList] = field(default_factory=list)
+    blocks: list[discovery.BlockList] = field(default_factory=list)
 
 
 def _user_frame(exc: BaseException) -> str | None:
@@ -182,7 +185,7 @@ def _canonical_names(model: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]
         by_tensor.setdefault(id(p), []).append(name)
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for names in by_tensor.values():
-        names = [regions.canonical_name(n) for n in names]
+        names = [canonical_name(n) for n in names]
         for n in names:
             out[n] = (names[0], tuple(names))
     return out
@@ -215,9 +218,9 @@ def _quiet_export() -> Any:
 def _export(model: nn.Module, args: tuple, kwargs: dict, block_lists: list,
             preserve: tuple[str, ...], shadow: bool) -> ExportedProgram:
     if shadow:
-        args, kwargs = regions.shadow_inputs(args, kwargs)
-    with regions.truncated(model, block_lists), _quiet_export(), (
-        regions.shadowed(model) if shadow else contextlib.nullcontext()
+        args, kwargs = shadow_inputs(args, kwargs)
+    with discovery.truncated(model, block_lists), _quiet_export(), (
+        shadowed(model) if shadow else contextlib.nullcontext()
     ):
         return torch.export.export(
             model,
@@ -232,9 +235,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, block_lists: list,
 def _check_constants(model: nn.Module, program: ExportedProgram) -> None:
     """A tensor the forward makes from Python values (``x[..., [-2], :]``) is made next to
     the shadow's inputs, on ``meta``: its values are lost, so the capture cannot be used."""
-    buffers = {regions.canonical_name(n) for n, _ in model.named_buffers()}
+    buffers = {canonical_name(n) for n, _ in model.named_buffers()}
     lost = [n for n, t in program.constants.items()
-            if isinstance(t, torch.Tensor) and t.is_meta and regions.canonical_name(n) not in buffers]
+            if isinstance(t, torch.Tensor) and t.is_meta and canonical_name(n) not in buffers]
     if lost:
         raise RuntimeError(
             f"the forward makes tensor constants on the inputs' device ({', '.join(lost[:3])}); "
@@ -252,11 +255,11 @@ def capture(
 ) -> Captured:
     """Export ``model`` to one ATen graph and label its placeholders.
 
-    With ``blocks``, each block list (``regions.find_blocks``) is cut to the prefix that
+    With ``blocks``, each block list (``discovery.find_blocks``) is cut to the prefix that
     shows every distinct block twice, and those blocks' call signatures are preserved
-    (``program.module_call_graph``) so ``passes.regions`` can cut the graph back into
+    (``program.module_call_graph``) so ``passes.cut_regions`` can cut the graph back into
     per-block graphs (``full`` keeps every block). The export runs on the model's meta/float64 shadow
-    (``regions.shadowed``): no weight is read, so models on ``meta`` transform as they are.
+    (``capture.shadow.shadowed``): no weight is read, so models on ``meta`` transform as they are.
 
     Writes ``node.meta["umup"]["kind"]`` on every placeholder and
     ``node.meta["umup"]["param"]`` on parameter placeholders, and
@@ -277,9 +280,9 @@ def capture(
         )
     _check_inputs(model, args, kwargs)
     args, kwargs = _unalias(args, kwargs)
-    block_lists = regions.find_blocks(model) if blocks else []
+    block_lists = discovery.find_blocks(model) if blocks else []
     for b in block_lists:
-        regions.choose_prefix(b, full)
+        discovery.choose_prefix(b, full)
     preserve = tuple(b.block_path(i) for b in block_lists for i in range(b.kept))
     try:
         program = _export(model, args, kwargs, block_lists, preserve, shadow=True)
@@ -301,10 +304,10 @@ def capture(
     gm = program.graph_module
     _portable_histc(gm)
     params: dict[str, ParamInfo] = {}
-    with regions.truncated(model, block_lists):  # the parameters the graph sees
+    with discovery.truncated(model, block_lists):  # the parameters the graph sees
         names = _canonical_names(model)
         for name, p in model.named_parameters():
-            canonical, aliases = names[regions.canonical_name(name)]
+            canonical, aliases = names[canonical_name(name)]
             params[canonical] = ParamInfo(
                 canonical, tuple(p.shape), aliases, requires_grad=p.requires_grad
             )
@@ -321,7 +324,7 @@ def capture(
         m = meta.node_meta(node)
         m[meta.KIND] = kinds.get(spec.kind, "input")
         if spec.kind == InputKind.PARAMETER:
-            canonical = names[regions.canonical_name(spec.target)][0]
+            canonical = names[canonical_name(spec.target)][0]
             m[meta.PARAM] = canonical
             params[canonical].node = node.name
     meta.graph_meta(gm)[meta.PARAMS] = params

@@ -3,59 +3,29 @@
 A *block* is a child of an ``nn.ModuleList`` (or ``nn.Sequential``) of at least two
 callable modules: the transformer layers that FSDP2, activation checkpointing and
 regional ``torch.compile`` each wrap one at a time. umup_fx keeps every block as its
-own module running its own rewritten graph (``umup_fx.module``), and captures only a
+own module running its own rewritten graph (``umup_fx.runtime.modules``), and captures only a
 *prefix* of each block list: blocks with the same structure key (class, parameter
 and buffer shapes, plain settings such as a sliding-window flag) share one graph, so a
 prefix holding two of each key shows the whole model (the second copy checks that
-the key really is enough: see ``passes.regions``).
-
-Capture runs on a *shadow*: every parameter and buffer is swapped, for the duration
-of the export, for a ``meta`` tensor of its shape, floating ones in float64. No weight
-is read or written (a model built on ``meta`` transforms as it is), and the graph
-names device and dtype only where the model chose them itself: ``meta`` and float64
-in the graph mean "the model's device / dtype", which the rewritten graph reads at
-run time from the weights (``passes.regions.generalize_placement``).
+the key really is enough: see ``passes.cut_regions``). Capture runs on a shadow of
+the model (``capture.shadow``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
-from .errors import CaptureError
+from umup_fx.errors import CaptureError
+from umup_fx.runtime.names import canonical_name, unwrap
 
-SHADOW_DEVICE = torch.device("meta")
-SHADOW_DTYPE = torch.float64
-
-# Name segments that wrappers add in front of a module's own names: activation
-# checkpointing, torch.compile, FSDP1. Plan names never contain them.
-_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
-_WRAPPER_RE = re.compile(r"(^|\.)(" + "|".join(_WRAPPER_SEGMENTS) + r")(?=\.|$)")
 # Per-layer counters that do not change what a block computes.
 _INDEX_ATTRS = {"layer_idx", "layer_id", "layer_index", "idx", "block_idx", "layer_number",
                 "block_id", "index"}
-
-
-def canonical_name(name: str) -> str:
-    """A parameter / module name without wrapper segments (``layers.0._checkpoint_wrapped_
-    module.attn`` -> ``layers.0.attn``): the name the plan uses."""
-    return _WRAPPER_RE.sub("", name).lstrip(".")
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module a checkpoint / compile / FSDP1 wrapper holds (the module itself if none)."""
-    for attr in _WRAPPER_SEGMENTS:
-        inner = module._modules.get(attr)
-        if inner is not None:
-            return unwrap(inner)
-    return module
 
 
 @dataclass
@@ -159,56 +129,3 @@ def live_path(model: nn.Module, canonical: str) -> str:
         if canonical_name(name) == canonical:
             return name
     raise CaptureError(f"umup_fx lost track of submodule {canonical!r}.")
-
-
-def _shadow_tensor(t: torch.Tensor) -> torch.Tensor:
-    dtype = SHADOW_DTYPE if t.is_floating_point() else t.dtype
-    return torch.empty(t.shape, dtype=dtype, device=SHADOW_DEVICE)
-
-
-def _check_plain(name: str, t: torch.Tensor) -> None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return
-    if isinstance(t, DTensor):
-        raise CaptureError(
-            f"{name} is a DTensor: the model was sharded (fully_shard / tensor parallel) "
-            "before umup_fx.transform. Transform the unsharded model (on 'meta' if it is "
-            "large), then fully_shard it."
-        )
-
-
-@contextlib.contextmanager
-def shadowed(model: nn.Module) -> Iterator[None]:
-    """Swap every parameter and buffer for a meta float64 stand-in (ties kept)."""
-    swaps: list[tuple[dict, str, Any]] = []
-    by_id: dict[int, torch.Tensor] = {}
-    try:
-        for mod_name, module in model.named_modules(remove_duplicate=False):
-            for store in (module._parameters, module._buffers):
-                for key, t in list(store.items()):
-                    if t is None:
-                        continue
-                    _check_plain(f"{mod_name}.{key}".lstrip("."), t)
-                    stand_in = by_id.get(id(t))
-                    if stand_in is None:
-                        stand_in = _shadow_tensor(t.data if isinstance(t, nn.Parameter) else t)
-                        if isinstance(t, nn.Parameter):
-                            stand_in = nn.Parameter(stand_in, requires_grad=t.requires_grad)
-                        by_id[id(t)] = stand_in
-                    swaps.append((store, key, t))
-                    store[key] = stand_in
-        yield
-    finally:
-        for store, key, t in reversed(swaps):
-            store[key] = t
-
-
-def shadow_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Example inputs as meta tensors (floating ones float64), same structure."""
-
-    def conv(x: Any) -> Any:
-        return _shadow_tensor(x) if isinstance(x, torch.Tensor) else x
-
-    return pytree.tree_map(conv, (args, kwargs))

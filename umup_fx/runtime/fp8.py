@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ops import _dp, grouped_op, linear_grad_scales, scale_bwd, scale_fwd
+from umup_fx.runtime.ops.linears import grouped_op, linear_grad_scales
+from umup_fx.runtime.ops.scaling import _dp, scale_bwd, scale_fwd
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
