@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from umup_fx.errors import UmupError
+from umup_fx.runtime.clip import warn_if_always_clipped
 from umup_fx.runtime.init import plan_of
 from umup_fx.runtime.names import canonical_name
 
@@ -123,12 +124,15 @@ def resolve_pending_groups(param: torch.Tensor, factor: float) -> None:
 
 def _install_step_check() -> None:
     """An optimizer stepping on a pending group, or applying u-muP's weight decay as a
-    coupled L2 penalty, is an error, not a wrong update."""
+    coupled L2 penalty, is an error, not a wrong update; gradients clipped on every one
+    of the first steps are a warning (``runtime/clip.py``)."""
     global _hook_installed
     if _hook_installed:
         return
 
     def check(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if any("umup_base" in group for group in optimizer.param_groups):
+            warn_if_always_clipped(optimizer)
         for group in optimizer.param_groups:
             if (
                 "umup_base" in group
