@@ -5,7 +5,7 @@
 
 Trains the example Llama with u-muP and simulated FP8 on the demo corpus and, every
 ``--every`` steps, records for each FP8 linear the RMS of its input activation, its
-weight and the gradient arriving at its output (``umup_fx.transfer.tracking.op_scales``). Plots
+weight and the gradient arriving at its output (``umup_fx.diagnose.tracking.op_scales``). Plots
 them on a log axis against the E4M3 (inputs, weights) and E5M2 (gradients) ranges,
 and prints a table. The plot needs matplotlib (``pip install -e ".[plot]"``). Unless
 ``--no-write``, a summary (ranges per tensor kind at the first and last step, headroom to
@@ -30,7 +30,7 @@ from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.data import get_batch, load_corpus, train_val_split  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
 from umup_fx import fp8  # noqa: E402
-from umup_fx.transfer.tracking import op_scales  # noqa: E402
+from umup_fx.diagnose.tracking import op_scales  # noqa: E402
 
 # Smallest normal and largest finite values of the formats.
 RANGES = {

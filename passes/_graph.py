@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -127,10 +128,15 @@ def where(node: fx.Node) -> str:
     if not trace:
         return f"graph node {node.name}"
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    files = [ln for ln in lines if ln.startswith("File ")]
-    loc = files[-1] if files else ""
-    code = lines[-1] if lines and not lines[-1].startswith("File ") else ""
+    frames = [(ln, lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ")
+               else "") for i, ln in enumerate(lines) if ln.startswith("File ")]
+    # The innermost frame outside torch itself: the model's line that called nn.Linear.
+    own = [f for f in frames if _TORCH_DIR not in f[0]] or frames
+    loc, code = own[-1] if own else ("", "")
     return f"{loc} {code}".strip() or f"graph node {node.name}"
+
+
+_TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")
 
 
 def op_name(node: fx.Node) -> str:

@@ -12,7 +12,7 @@ import umup_fx
 from examples.gpt import GPT, GPTConfig
 from examples.llama import Llama, LlamaConfig
 from tests.tiny_models import ResidualMLPStack, SinMLP, graph_nodes, hf_llama
-from umup_fx.transfer.tracking import op_scales
+from umup_fx.diagnose.tracking import op_scales
 
 # §8's exceptions, and one of ours (documented in docs/rewrite.md):
 # - readout output ~ fan_in^-1/2; q/k projection grads ~ S^-1/2 (rules §8);
@@ -261,7 +261,7 @@ def test_autocast_mixed_precision() -> None:
 
 
 def test_out_of_range_lists_what_is_off_unit_scale() -> None:
-    from umup_fx.transfer.tracking import OpScale, out_of_range
+    from umup_fx.diagnose.tracking import OpScale, out_of_range
 
     records = [
         OpScale("a", "linear", "linear", out_rms=1.0, grad_rms=1.1),

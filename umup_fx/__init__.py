@@ -1,6 +1,7 @@
 """umup_fx: u-muP and static-scale FP8 as a compiler pass on unmodified PyTorch models."""
 
 from umup_fx.backend import prepare, register
+from umup_fx.diagnose.unit_check import CheckReport, ScaleWarning, check
 from umup_fx.errors import (
     AlreadyTransformedError,
     AnalysisError,
@@ -12,7 +13,6 @@ from umup_fx.hparams import HParams
 from umup_fx.options import Options
 from umup_fx.pipeline import analyze, explain
 from umup_fx.plan import ParamPlan, Plan
-from umup_fx.runtime.clip import AlwaysClippedWarning, SpikeClipper, clip_grad_norm_, max_grad_norm
 from umup_fx.runtime.init import init_
 from umup_fx.runtime.modules import UmupBlock
 from umup_fx.runtime.ops import cross_entropy
@@ -28,17 +28,15 @@ from umup_fx.transform import (
 
 __all__ = [
     "AdamW",
-    "AlwaysClippedWarning",
-    "SpikeClipper",
-    "clip_grad_norm_",
-    "max_grad_norm",
     "AlreadyTransformedError",
     "AnalysisError",
+    "CheckReport",
     "CaptureError",
     "HParams",
     "HParamsError",
     "OneGraphWarning",
     "PostNormWarning",
+    "ScaleWarning",
     "ParamPlan",
     "Plan",
     "Options",
@@ -48,6 +46,7 @@ __all__ = [
     "UncoveredOpWarning",
     "sweep",
     "analyze",
+    "check",
     "cross_entropy",
     "explain",
     "init_",

@@ -8,6 +8,11 @@ defaults when there are none). An input SPEC is dtype:shape[:high]: long:2x64:25
 a [2, 64] tensor of random ints in [0, 256); float:8x32 a standard-normal [8, 32]
 tensor.
 
+python -m umup_fx check MODULE:FACTORY [--arg ...] [--input ...] [--plot PNG] transforms
+the model and runs umup_fx.check: per weight op the RMS of its output, output gradient
+and weight gradient at init, values outside the unit band flagged with their source
+line (exit status 1 when any is); --plot draws the scales per layer (needs matplotlib).
+
 python -m umup_fx coord-check MODULE:FACTORY --width-arg NAME --widths W... [--steps N]
 [--parametrization P...] [--lr ETA] [--data FILE] --json OUT [--plot PNG] runs muP's
 coordinate check (umup_fx.transfer.coord_check): each weight op's output RMS against width.
@@ -146,6 +151,12 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--input", action="append", default=[], help="dtype:shape[:high], once per input")
     p.add_argument("--arg", action="append", default=[], help="NAME=VALUE passed to the factory")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("check", help="transform, then flag ops off unit scale at init")
+    p.add_argument("target", help="MODULE:FACTORY, e.g. examples.llama:Llama")
+    p.add_argument("--input", action="append", default=[], help="dtype:shape[:high], once per input")
+    p.add_argument("--arg", action="append", default=[], help="NAME=VALUE passed to the factory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", help="scales per layer, forward and backward (needs matplotlib)")
     p = sub.add_parser("sweep", help="sweep the learning rate across widths")
     _width_tool_args(p)
     p.add_argument("--widths", type=int, nargs="+", required=True)
@@ -183,6 +194,15 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "coord-check":
         return _coord_check(args)
 
+    model, example_inputs, example_kwargs = _model_and_inputs(args)
+    if args.command == "check":
+        return _check(args, model, example_inputs, example_kwargs)
+    print(analyze(model, example_inputs, example_kwargs))
+    return 0
+
+
+def _model_and_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict[str, Any]]:
+    """The model and one call's inputs from FACTORY, --arg and --input."""
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     factory_kwargs = {}
@@ -204,8 +224,21 @@ def _main(argv: list[str] | None) -> int:
                 "the factory returned a model: give its inputs with --input dtype:shape[:high]"
             )
         example_inputs = tuple(parse_input(s, generator) for s in args.input)
-    print(analyze(model, example_inputs, example_kwargs))
-    return 0
+    return model, example_inputs, example_kwargs
+
+
+def _check(args: argparse.Namespace, model: Any, inputs: tuple, kwargs: dict[str, Any]) -> int:
+    from umup_fx.diagnose.unit_check import check
+    from umup_fx.transform import transform
+
+    model = transform(model, inputs, kwargs, check=False)
+    report = check(model, inputs, kwargs)
+    print(report)
+    if args.plot:
+        from umup_fx.transfer.plots import check_figure
+
+        print(f"wrote {check_figure(report, args.plot)}")
+    return 0 if report.ok else 1
 
 
 def _width_tool_args(p: argparse.ArgumentParser) -> None:

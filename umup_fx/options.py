@@ -30,6 +30,9 @@ class Options:
         base: the base model's shapes, for "mup" / "sp_emb_lr" (``transform`` takes
             the base model itself and analyses it).
         sigma_init: μP's init std (the base model's), for "mup".
+        check: after ``transform``, measure one forward and backward at init and warn
+            (``ScaleWarning``) about values outside the unit band (rules §8); runs where
+            cheap (``umup_fx.diagnose.unit_check.cheap``). ``False`` skips it.
     """
 
     hparams: HParams = field(default_factory=HParams)
@@ -40,12 +43,13 @@ class Options:
     parametrization: str = "umup"
     base: Any = None  # parametrizations.BaseShapes of the base model (mup, sp_emb_lr)
     sigma_init: float = 0.02  # mup's init std (the base model's)
+    check: bool = True  # transform's unit-scale check (rules §8)
 
     @classmethod
     def build(cls, hparams: Any = None, **options: Any) -> Options:
         """Validate keyword options (``transform(..., **options)``) into ``Options``."""
         names = {"roles", "trainable_norms", "reinit", "fp8", "parametrization", "base",
-                 "sigma_init"}
+                 "sigma_init", "check"}
         unknown = sorted(set(options) - names)
         if unknown:
             raise UmupError(

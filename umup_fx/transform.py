@@ -18,6 +18,7 @@ from torch import fx, nn
 from umup_fx import parametrizations
 from umup_fx.capture import blocks as discovery
 from umup_fx.capture.trace import Captured, capture
+from umup_fx.diagnose import unit_check
 from umup_fx.errors import AlreadyTransformedError
 from umup_fx.options import Options
 from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
@@ -229,4 +230,6 @@ def transform(
     initialise(model, plan, opts.reinit)
     for p in model.parameters():
         setattr(p, TRANSFORMED_ATTR, True)  # the "umup" backend must not rewrite it again
+    if opts.check and opts.parametrization == "umup" and opts.reinit and unit_check.cheap(model):
+        unit_check.warn_if_off(model, example_inputs, example_kwargs)  # rules §8
     return model

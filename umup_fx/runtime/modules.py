@@ -59,7 +59,7 @@ def dtype_limit(dtype: torch.dtype, which: str) -> float:
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
-# Runs a region's graph: None means ``rg.gm(*values)``. ``umup_fx.transfer.tracking`` swaps in
+# Runs a region's graph: None means ``rg.gm(*values)``. ``umup_fx.diagnose.tracking`` swaps in
 # an interpreter that records every op's scale.
 graph_runner: Callable[[nn.Module, RegionGraph, list[Any]], Any] | None = None
 

@@ -29,7 +29,7 @@ from umup_fx.runtime.optim import AdamW
 from umup_fx.transfer.corpus import get_batch, load_corpus, load_file, train_val_split
 from umup_fx.transfer.plots import panels, save
 from umup_fx.transfer.sweep import _LossModel, _takes_targets
-from umup_fx.transfer.tracking import op_scales
+from umup_fx.diagnose.tracking import op_scales
 from umup_fx.transform import transform
 
 DEFAULT_LR = {"umup": 1.0, "mup": 2.0**-9, "sp": 2.0**-9, "sp_emb_lr": 2.0**-9}

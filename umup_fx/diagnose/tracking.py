@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from umup_fx import meta
-from umup_fx.passes._graph import MATMULS, is_grouped_mm, ops
+from umup_fx import meta, rules
+from umup_fx.passes._graph import MATMULS, is_grouped_mm, ops, where
 from umup_fx.runtime import fp8 as fp8_ops
 from umup_fx.runtime import modules as module_mod
 from umup_fx.runtime import ops as umup_ops
@@ -51,19 +51,63 @@ class OpScale:
     in_rms: float | None = None  # RMS of the first tensor input
     weight_rms: float | None = None  # for linear / embedding ops
     weight: str | None = None  # the parameter name, for weight ops
+    weight_grad_rms: float | None = None  # RMS of d loss / d weight (the whole parameter)
+    role: str | None = None  # the role of this use of the weight (rules §1)
+    fan_in: int | None = None  # the first input's last size (a readout's fan_in)
+    key_len: int | None = None  # q / k projections: the key length of their attention
+    source: str = ""  # the user's source line
 
 
 def rms(x: Tensor) -> float:
     return float(x.detach().float().pow(2).mean().sqrt())
 
 
+def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
+    """{weight op node name: its attention node's name} for the ops that make q and k.
+
+    Walks back from an attention's q and k operands (through reshapes, RoPE, casts) to
+    the first weight op on each path; their gradients sit near ``S^-1/2`` (rules §8).
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        rule = meta.get(node, meta.RULE)
+        if rule == rules.SDPA or (node.op == "call_function" and node.target is umup_ops.scaled_dot_product_attention):
+            starts = node.args[:2]
+        elif rule == rules.ATTENTION and by_name.get(meta.get(node, meta.ATTENTION)["qk"]):
+            starts = by_name[meta.get(node, meta.ATTENTION)["qk"]].args[:2]
+        else:
+            continue
+        stack, seen = [a for a in starts if isinstance(a, fx.Node)], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or n.op != "call_function":
+                continue
+            seen.add(n)
+            if meta.get(n, meta.WEIGHT):
+                found[n.name] = node.name
+            elif meta.get(n, meta.RULE) not in (rules.NORM_OP, rules.NORM_GAIN, rules.RESIDUAL_ADD):
+                stack.extend(n.all_input_nodes)
+    return found
+
+
+def _use_role(plan: Any, weight: str | None, node: str) -> str | None:
+    """The role of this use of ``weight`` (a tied weight's uses differ), from the plan."""
+    p = plan.params.get(weight) if plan is not None and weight else None
+    if p is None:
+        return None
+    return next((u.role for u in p.uses if u.node == node), p.role) if len(p.uses) > 1 else p.role
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, records: dict[str, OpScale], prefix: str,
-                 rename: tuple[str, str]) -> None:
+                 rename: tuple[str, str], plan: Any = None) -> None:
         super().__init__(gm)
         self.records = records
         self.prefix = prefix
         self.rename = rename  # (the graph's own block path, this module's path)
+        self.plan = plan
+        self.qk = _qk_projections(gm)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -72,23 +116,34 @@ class _Recorder(fx.Interpreter):
             # A μP readout times its multiplier: the product is what the layer outputs.
             self.records[self.prefix + op].out_rms = rms(out)
             return out
+        if n.name in self.qk.values() and isinstance(out, Tensor):
+            # the attention's key length: softmax's last axis, or SDPA's value rows
+            args = self.fetch_args_kwargs_from_env(n)[0]
+            length = out.shape[-1] if meta.get(n, meta.RULE) == rules.ATTENTION else args[2].shape[-2]
+            for op_name, att in self.qk.items():
+                if att == n.name and self.prefix + op_name in self.records:
+                    self.records[self.prefix + op_name].key_len = int(length)
         if not _recorded(n) or not isinstance(out, Tensor):
             return out
         if not out.is_floating_point() or out.numel() < 2:
             return out
         tensors = [a for a in self.fetch_args_kwargs_from_env(n)[0] if isinstance(a, Tensor)]
         weight = meta.get(n, meta.WEIGHT)
+        role = _use_role(self.plan, weight, n.name)
         own, live = self.rename
         if weight and own and weight.startswith(own + "."):
             weight = live + weight[len(own):]  # blocks share a graph: name this one's weight
+        first = tensors[0] if tensors and n.target not in _EMBEDDING else None
         rec = OpScale(
             node=self.prefix + n.name,
             rule=str(meta.get(n, meta.RULE, "")),
             op=getattr(n.target, "__name__", str(n.target)),
             out_rms=rms(out),
-            in_rms=rms(tensors[0]) if tensors and tensors[0].is_floating_point()
-            and n.target not in _EMBEDDING else None,
+            in_rms=rms(first) if first is not None and first.is_floating_point() else None,
             weight=weight,
+            role=role,
+            fan_in=int(first.shape[-1]) if first is not None and first.dim() else None,
+            source=where(n),
         )
         if n.target in _EMBEDDING:  # ATen's embedding is (W, indices)
             rec.weight_rms = rms(tensors[0])
@@ -100,10 +155,20 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def op_scales(
+@dataclass
+class Measured:
+    """One forward + backward of a transformed model: per-op records and the output."""
+
+    records: list[OpScale]
+    output: Any  # what the model returned
+    backward_from: Tensor | None  # the tensor the backward started from
+
+
+def measure(
     model: UmupModule, *args: Any, backward: bool = True, **kwargs: Any
-) -> list[OpScale]:
-    """One forward (and backward) of ``model(*args, **kwargs)``; RMS per rewritten op.
+) -> Measured:
+    """One forward (and backward) of ``model(*args, **kwargs)``; RMS per rewritten op,
+    and per weight op the RMS of its parameter's gradient.
 
     The backward starts from the model's output: a scalar loss as is, any other output
     with a unit-RMS random gradient (seeded), as unit scaling assumes. Parameters'
@@ -112,20 +177,23 @@ def op_scales(
     if not isinstance(model, UmupModule):
         raise TypeError("op_scales takes the module umup_fx.transform rewrote.")
     paths = {id(m): canonical_name(n) for n, m in model.named_modules()}
+    plan = getattr(model, "umup_plan", None)
     records: dict[str, OpScale] = {}
 
     def record(module: torch.nn.Module, rg: Any, values: list[Any]) -> Any:
         path = paths.get(id(module), "")
         prefix = f"{path}:" if path else ""
-        return _Recorder(rg.gm, records, prefix, (rg.name if path else "", path)).run(*values)
+        recorder = _Recorder(rg.gm, records, prefix, (rg.name if path else "", path), plan)
+        return recorder.run(*values)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
     saved, module_mod.graph_runner = module_mod.graph_runner, record
     try:
         with torch.enable_grad():
             out = model(*args, **kwargs)
     finally:
         module_mod.graph_runner = saved
+    y = None
     with torch.enable_grad():
         if backward:
             y = out if isinstance(out, Tensor) else next(
@@ -138,9 +206,20 @@ def op_scales(
                 grad = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
             # Gradients w.r.t. the parameters run the whole backward (firing the
             # hooks) without touching their .grad.
-            if params:
-                torch.autograd.grad(y, params, grad, allow_unused=True)
-    return list(records.values())
+            if named and y.requires_grad:
+                grads = torch.autograd.grad(y, list(named.values()), grad, allow_unused=True)
+                by_name = {n: g for n, g in zip(named, grads, strict=True) if g is not None}
+                for rec in records.values():
+                    if rec.weight in by_name:
+                        rec.weight_grad_rms = rms(by_name[rec.weight])
+    return Measured(list(records.values()), out, y)
+
+
+def op_scales(
+    model: UmupModule, *args: Any, backward: bool = True, **kwargs: Any
+) -> list[OpScale]:
+    """The per-op records of ``measure`` (one forward and backward)."""
+    return measure(model, *args, backward=backward, **kwargs).records
 
 
 def out_of_range(records: list[OpScale], low: float = 0.5, high: float = 2.0) -> list[str]:

@@ -1,0 +1,108 @@
+"""umup_fx.check (rules §8): a right model passes, a deliberately broken one is flagged
+with its op and source line, by check, by transform's warning and by the CLI."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import umup_fx
+from umup_fx.__main__ import main
+
+D, VOCAB = 64, 96
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(D), nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.down(torch.relu(self.up(self.norm(h))))
+
+
+class TinyLM(nn.Module):
+    """Embedding, two pre-norm MLP blocks, a readout; ``logit_divisor`` breaks it the way
+    a model's own constant no rule knows does (pattern: logits divided by a constant)."""
+
+    def __init__(self, logit_divisor: float = 1.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(2))
+        self.head = nn.Linear(D, VOCAB, bias=False)
+        self.logit_divisor = logit_divisor
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h) / self.logit_divisor  # the broken line when divisor != 1
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def broken() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return TinyLM(logit_divisor=100.0), (_ids(),)
+
+
+def test_a_right_model_passes() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.ScaleWarning)
+        model = umup_fx.transform(TinyLM(), (_ids(),))
+    report = umup_fx.check(model, (_ids(),))
+    assert report.ok, report.lines()
+    assert len(report.ops) == 6  # embedding, 2 x (up, down), head
+    assert report.output_target == pytest.approx(D ** -0.5)
+    assert 0.5 < report.output_rms / report.output_target < 2
+
+
+def test_check_flags_a_broken_model_with_its_source_line() -> None:
+    model, inputs = broken()
+    with pytest.warns(umup_fx.ScaleWarning, match="logit_divisor") as caught:
+        model = umup_fx.transform(model, inputs)
+    assert len([w for w in caught if w.category is umup_fx.ScaleWarning]) == 1  # once
+    report = umup_fx.check(model, inputs)
+    assert not report.ok
+    # the logits are 100x below a readout's fan_in^-1/2, and every gradient 100x low
+    assert report.output_rms == pytest.approx(D ** -0.5 / 100, rel=0.3)
+    assert "model output RMS" in report.lines()[-1]
+    whats = {(f.op.weight, f.what) for f in report.flags}
+    assert ("head.weight", "weight grad") in whats and ("blocks.0.up.weight", "output grad") in whats
+    assert all(f.op.weight and "test_check.py" in f.op.source for f in report.flags), report.lines()
+    assert "head.weight" in str(report)
+
+
+def test_check_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = umup_fx.transform(nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16),
+                                            nn.Dropout(0.5), nn.Linear(16, 4)),
+                              (torch.randn(32, 8),), check=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(32, 8)
+    rng = torch.get_rng_state()
+    umup_fx.check(model, (x,))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_check_needs_a_transformed_model() -> None:
+    with pytest.raises(umup_fx.UmupError, match="umup_fx.transform"):
+        umup_fx.check(TinyLM(), (_ids(),))
+
+
+def test_cli_check_exit_status_and_plot(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "scales.png"
+    assert main(["check", "tests.test_check:broken", "--plot", str(png)]) == 1
+    out = capsys.readouterr().out
+    assert "head.weight" in out and "outside" in out
+    assert png.stat().st_size > 1000
+    assert main(["check", "tests.test_check:TinyLM", "--input", f"long:4x16:{VOCAB}"]) == 0
