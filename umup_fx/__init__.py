@@ -13,6 +13,7 @@ from umup_fx.hparams import HParams
 from umup_fx.options import Options
 from umup_fx.pipeline import analyze, explain
 from umup_fx.plan import ParamPlan, Plan
+from umup_fx.runtime.clip import AlwaysClippedWarning, SpikeClipper, clip_grad_norm_, max_grad_norm
 from umup_fx.runtime.init import init_
 from umup_fx.runtime.modules import UmupBlock
 from umup_fx.runtime.ops import cross_entropy
@@ -28,6 +29,10 @@ from umup_fx.transform import (
 
 __all__ = [
     "AdamW",
+    "AlwaysClippedWarning",
+    "SpikeClipper",
+    "clip_grad_norm_",
+    "max_grad_norm",
     "AlreadyTransformedError",
     "AnalysisError",
     "CheckReport",
