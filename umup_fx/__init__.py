@@ -9,6 +9,7 @@ from umup_fx.errors import (
     HParamsError,
     UmupError,
 )
+from umup_fx.export import ExportError, export
 from umup_fx.hparams import HParams
 from umup_fx.options import Options
 from umup_fx.pipeline import analyze, explain
@@ -37,6 +38,7 @@ __all__ = [
     "AnalysisError",
     "CheckReport",
     "CaptureError",
+    "ExportError",
     "HParams",
     "HParamsError",
     "OneGraphWarning",
@@ -54,6 +56,7 @@ __all__ = [
     "check",
     "cross_entropy",
     "explain",
+    "export",
     "init_",
     "param_groups",
     "prepare",

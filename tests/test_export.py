@@ -1,0 +1,112 @@
+"""``umup_fx.export``: the transformed model back to its own class, scales folded in.
+
+The truth is the transformed model's own output (fp32, relative 1e-4) at batch sizes and
+sequence lengths other than the transform's, and the exported model run by plain
+PyTorch / transformers (a subprocess that never imports umup_fx).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import umup_fx
+from examples.llama import Llama, LlamaConfig
+from umup_fx.runtime.modules import UmupRegion
+
+SIZES = [(2, 16), (1, 5), (3, 40)]
+
+
+def _transform(model: torch.nn.Module, vocab: int) -> torch.nn.Module:
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return umup_fx.transform(model, (ids,))
+
+
+def _logits(out: object) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out  # type: ignore[attr-defined]
+
+
+def _assert_same(a: torch.nn.Module, b: torch.nn.Module, vocab: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    for batch, seq in SIZES:
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        with torch.no_grad():
+            want, got = _logits(a(ids)), _logits(b(ids))
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-4, f"batch {batch}, seq {seq}: relative error {err:.2e}"
+
+
+def _train(model: torch.nn.Module, vocab: int, steps: int = 3) -> None:
+    opt = umup_fx.AdamW(model, lr=0.05)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (2, 16), generator=gen)
+        logits = _logits(model(ids))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _plain_class(exported: torch.nn.Module, cls: type) -> None:
+    assert type(exported) is cls
+    assert not any(isinstance(m, UmupRegion) for m in exported.modules())
+    assert not any(k.startswith("_umup") for m in exported.modules() for k in m.__dict__)
+    assert all(p.requires_grad for p in exported.parameters())
+
+
+def test_example_llama_exact_after_training() -> None:
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=64))
+    keys = set(model.state_dict())
+    _transform(model, 64)
+    _train(model, 64)
+    model.eval()
+    exported = umup_fx.export(model)
+    _plain_class(exported, Llama)
+    assert set(exported.state_dict()) == keys
+    _assert_same(model, exported, 64)
+    # The norm gains u-muP froze come back as plain gains of 1.
+    assert torch.equal(exported.layers[0].norm1.weight, torch.ones(32))
+
+
+def test_loading_umup_state_dict_into_the_class_is_not_the_model() -> None:
+    # The silent trap export replaces: same keys, another function.
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    model = _transform(Llama(cfg), 64).eval()
+    naive = Llama(cfg).eval()
+    naive.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert not torch.allclose(naive(ids), model(ids), rtol=1e-2)
+        assert torch.allclose(umup_fx.export(model)(ids), model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_hf_llama_and_gpt2_tied() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+        bos_token_id=0, eos_token_id=0))
+    assert gpt2.config.tie_word_embeddings
+    for model, cls in ((llama, transformers.LlamaForCausalLM), (gpt2, transformers.GPT2LMHeadModel)):
+        _transform(model, 128).eval()
+        exported = umup_fx.export(model)
+        _plain_class(exported, cls)
+        _assert_same(model, exported, 128)
+    # GPT-2's embedding and readout need different factors: untied, and the config says so.
+    assert not exported.config.tie_word_embeddings
+    assert exported.lm_head.weight is not exported.transformer.wte.weight
+
+
+def test_refuses_a_model_that_was_not_transformed() -> None:
+    with pytest.raises(umup_fx.ExportError, match="not a model transformed"):
+        umup_fx.export(Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2)))

@@ -1,0 +1,141 @@
+"""``umup_fx.export``: a transformed model back to its own class, u-muP's scales folded
+into its weights.
+
+The result is a module of the model's original class (``type(...)`` is that class, its
+``forward`` the original code, no umup_fx needed to run or load it) whose outputs equal
+the transformed model's. ``export_scales.solve_folding`` finds what each weight is
+multiplied by; this module copies the model, restores its classes, applies the factors
+(untying a tied weight whose uses need different factors, and saying so in a Hugging
+Face config), sets the norm parameters u-muP froze to their neutral values, and
+restores ``requires_grad``.
+
+Loading a u-muP ``state_dict`` straight into the original class gives a model that runs
+and computes something else: the weights are at unit scale and the scales live in the
+transformed graphs. ``export`` is the one way out (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from umup_fx.export_scales import ExportError, Folding, solve_folding
+from umup_fx.runtime.modules import UmupModule, UmupRegion
+from umup_fx.runtime.names import canonical_name
+
+__all__ = ["ExportError", "export"]
+
+_TRANSFORMED_ATTR = "_umup_transformed"  # umup_fx.transform marks every parameter
+
+
+def _plain_copy(model: UmupModule) -> nn.Module:
+    """A deep copy of ``model`` with every installed region back to its own class."""
+    skip: dict[int, Any] = {}
+    for m in model.modules():
+        for key, value in m.__dict__.items():
+            if key.startswith("_umup_"):
+                skip[id(value)] = None  # graphs, plan: not copied
+    plain = copy.deepcopy(model, skip)
+    for m in plain.modules():
+        if isinstance(m, UmupRegion):
+            m.__class__ = next(c for c in type(m).__mro__
+                               if not issubclass(c, UmupRegion) and issubclass(c, nn.Module))
+        for key in [k for k in m.__dict__ if k.startswith("_umup_")]:
+            del m.__dict__[key]
+        for name in [b for b in m._buffers if b.startswith("_umup_constant_")]:
+            del m._buffers[name]
+            m._non_persistent_buffers_set.discard(name)
+    for p in plain.parameters():
+        if hasattr(p, _TRANSFORMED_ATTR):
+            delattr(p, _TRANSFORMED_ATTR)
+    return plain
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Canonical parameter name -> every name it has (tied parameters have several)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(canonical_name(name))
+    return {names[0]: names for names in by_id.values()}
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    setattr(module, attr, nn.Parameter(value, requires_grad=True))
+
+
+@torch.no_grad()
+def _apply(plain: nn.Module, folding: Folding) -> list[str]:
+    """Scale every parameter use; returns the names of the parameters it untied."""
+    params = dict(plain.named_parameters())
+    aliases = _aliases(plain)
+    untied: list[str] = []
+    for name, value in folding.frozen.items():
+        if name in params:
+            params[name].fill_(value)
+    for name, uses in folding.factors.items():
+        p = params[name]
+        distinct = []
+        for f, op, owner in uses:
+            if not any(_close(f, g) for g, _, _ in distinct):
+                distinct.append((f, op, owner))
+        if len(distinct) == 1:
+            p.mul_(distinct[0][0])
+            continue
+        names = aliases.get(name, [name])
+        if len(distinct) > len(names):
+            raise ExportError(
+                f"parameter {name!r} is used by {len(distinct)} ops that need different "
+                f"scales ({', '.join(op for _, op, _ in distinct)}) and the plain model "
+                "reads it through one attribute: the export cannot give each use its own.")
+        base = p.detach().clone()
+        placed: set[str] = set()
+        for f, _op, owner in distinct:
+            # The alias owned by the op's module (lm_head.weight for the readout).
+            match = [n for n in names if n not in placed
+                     and (n.rpartition(".")[0] == owner or n.startswith(owner + "."))]
+            target = (match or [n for n in names if n not in placed])[0]
+            placed.add(target)
+            _set_param(plain, target, base * f)
+            if target != name:
+                untied.append(target)
+    return untied
+
+
+def _untie_config(plain: nn.Module) -> None:
+    """Tell a Hugging Face config (and its text sub-config) the embeddings are untied."""
+    config = getattr(plain, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+
+
+def export(model: nn.Module) -> nn.Module:
+    """A new module of ``model``'s original class with u-muP's scales folded into its weights.
+
+    Its outputs equal the transformed model's (fp32: relative 1e-4) at any batch size and
+    sequence length; it runs without umup_fx, and a Hugging Face model's
+    ``save_pretrained`` output loads with plain ``from_pretrained``. Weights stay in the
+    model's dtype. A tied weight whose uses need different factors is untied (and a
+    Hugging Face config says ``tie_word_embeddings=False``). ``model`` is not changed.
+
+    Raises:
+        ExportError: ``model`` is not transformed, or the original code cannot express one
+            of its scales (the error names the op and its source line).
+    """
+    folding = solve_folding(model)
+    plain = _plain_copy(model)  # type: ignore[arg-type]
+    if _apply(plain, folding):
+        _untie_config(plain)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    return plain

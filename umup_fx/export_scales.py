@@ -1,0 +1,528 @@
+"""The scales export folds into the weights, solved from the installed rewritten graphs.
+
+A transformed model T computes each activation as the unit-scaled ops of its region
+graphs say; the plain model O (the original class, original code) computes the same
+graph with the original ops. Export looks for weights of O such that every activation
+of O is a *constant multiple* ``c(n)`` of T's activation at the same node ``n``, and
+the model's outputs have ``c = 1``. Each ``log c(n)`` is an affine function of unknowns:
+one per weight op (the output scale its folded weight gives, free), fixed by what the
+ops between them require:
+
+- a weight op (linear, embedding, conv, einsum, grouped expert matmul) with forward
+  scale ``s``: its weight is folded by ``s * c(out) / c(x)``; its output scale is free;
+- ops that commute with a constant factor (views, transposes, sums, products with
+  buffers, RoPE's rotations) carry it; a product multiplies, an add needs equal factors;
+- a normalisation forgets its input's factor (rms/layer norm are scale-invariant up to
+  their eps; the stream's factor stays near 1 so that is far below fp32 rounding);
+- u-muP's residual add ``(tau f + x) / sqrt(1 + tau^2)`` becomes O's ``x + f``: the
+  stream's factor grows by ``sqrt(1 + tau^2)`` and ``f``'s must be ``tau`` times the skip's;
+- a nonlinearity ``s f(m x) / m`` (SiLU, GELU, gated units, softmax, loss) needs its
+  input at factor ``m`` and gives ``m / s``; SDPA needs ``c(q) c(k)`` to turn O's
+  logit scale into u-muP's and gives ``c(v) / s``;
+- any other op needs factor 1 on its inputs (it then computes the same values).
+
+The constraints are linear in the logs and solved by least squares, minimum norm (every
+free factor as close to 1 as the constraints allow). A constraint left unmet means O's
+code cannot express T's scale there: ``ExportError`` names the op and its source line.
+Every forward scale is read from the op's arguments in the rewritten graphs, so a change
+to a rule changes the export with it; a scale that depends on a run-time size (a
+sequence length read from the input) is refused.
+
+Reads: the installed region graphs (``model.region_graphs()``), ``model.original_graph``
+(the ops T replaced), the plan's parameters (which norm parameters u-muP froze).
+Writes: nothing; returns a ``Folding``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from umup_fx import meta, rules
+from umup_fx.errors import UmupError
+from umup_fx.passes.cut_regions import call_block
+from umup_fx.runtime import ops
+from umup_fx.runtime.modules import TENSOR, UmupModule
+from umup_fx.runtime.names import canonical_name, unwrap
+from umup_fx.runtime.ops import activations as _act
+
+
+class ExportError(UmupError):
+    """The plain model's code cannot express a u-muP scale of the transformed model."""
+
+
+@dataclass
+class Folding:
+    """What export multiplies each parameter by: ``factors[path]`` per use (one per weight
+    op that reads it; tied parameters have several), and the values of the norm
+    parameters u-muP froze (gains 1, shifts 0)."""
+
+    factors: dict[str, list[tuple[float, str, str]]] = field(default_factory=dict)
+    frozen: dict[str, float] = field(default_factory=dict)
+
+
+class _Lin:
+    """An affine function of the unknown log-factors: ``const + sum coef[i] * u_i``."""
+
+    __slots__ = ("coef", "const")
+
+    def __init__(self, const: float = 0.0, coef: dict[int, float] | None = None):
+        self.const, self.coef = const, dict(coef or {})
+
+    def __add__(self, other: _Lin | float) -> _Lin:
+        if not isinstance(other, _Lin):
+            return _Lin(self.const + other, self.coef)
+        coef = dict(self.coef)
+        for k, v in other.coef.items():
+            coef[k] = coef.get(k, 0.0) + v
+        return _Lin(self.const + other.const, coef)
+
+    def __neg__(self) -> _Lin:
+        return _Lin(-self.const, {k: -v for k, v in self.coef.items()})
+
+    def __sub__(self, other: _Lin | float) -> _Lin:
+        return self + (-other if isinstance(other, _Lin) else -other)
+
+
+ZERO = _Lin()
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A parameter flowing through the graph (not yet an activation): its full path."""
+
+    path: str
+
+
+_aten = torch.ops.aten
+
+
+def _packets(*names: str) -> set[Any]:
+    out = set()
+    for n in names:
+        packet = getattr(_aten, n, None)
+        if packet is not None:
+            out.update(getattr(packet, o) for o in packet.overloads())
+    return out
+
+
+# One activation operand, the factor passes through unchanged (linear in x, or a move).
+_CARRY = _packets(
+    "view", "_unsafe_view", "reshape", "transpose", "permute", "t", "contiguous", "clone",
+    "slice", "select", "unsqueeze", "squeeze", "expand", "flatten", "unflatten", "alias",
+    "split", "split_with_sizes", "chunk", "unbind", "repeat", "repeat_interleave",
+    "index_select", "gather", "index", "narrow", "flip", "roll", "to", "_to_copy",
+    "type_as", "detach", "lift_fresh_copy", "neg", "sum", "mean", "dropout",
+    "native_dropout", "lift_fresh", "movedim", "expand_as", "view_as", "reshape_as",
+    "_assert_tensor_metadata",
+) | {operator.getitem}
+_CONCAT = _packets("cat", "stack")  # all operands one factor
+_MUL = _packets("mul")
+_DIV = _packets("div")
+_ADD = _packets("add", "sub")
+_SDPA = _packets("scaled_dot_product_attention")
+_NORMS = {ops.rms_norm, ops.layer_norm, ops.group_norm}
+_WEIGHT_OPS: dict[Callable, tuple[int, int, int | None]] = {
+    # op -> (activation arg, weight arg, bias arg)
+    ops.linear: (0, 1, 2),
+    ops.conv: (0, 1, 2),
+    ops.einsum_linear: (1, 2, None),
+    ops.grouped_linear: (1, 2, None),
+}
+_PASS_PARAM = {ops.param_grad_scale, ops.broadcast_param, ops.scale_bwd}
+_LOG_SQRT2 = 0.5 * math.log(2.0)
+
+
+def _act_out_scale(node: fx.Node) -> tuple[float, float]:
+    """(mult, forward scale s) of an activation / gated-unit op: it computes s f(m x)/m."""
+    t, kw = node.target, node.kwargs
+    mult = float(kw.get("mult", 1.0))
+    if t is ops.silu or t is ops.gelu:
+        return mult, _act._act_scales(mult, 1.0, True)[0]
+    if t is ops.silu_glu:
+        return mult, ops.log_interp(1 / (1 + 1 / mult**2), lower=2.0, upper=2**0.5)
+    fn_kwargs = {k: v for k, v in kw.items() if k != "mult"}
+    kind = node.args[1] if t is ops.activation else node.args[2]
+    return mult, ops.activation_scale(kind, mult=mult, gated=t is ops.glu, **fn_kwargs)
+
+
+def _where(node: fx.Node, region: str) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    src = f"; source: {lines[-1]}" if lines else ""
+    return f"{node.name} ({node.target if isinstance(node.target, str) else getattr(node.target, '__name__', node.target)}) in {region or 'the root'}{src}"
+
+
+class _Solver:
+    def __init__(self, model: UmupModule):
+        self.model = model
+        self.original = {n.name: n for n in model.original_graph.graph.nodes}
+        # Every name of a parameter -> its first (a tied weight is one parameter).
+        first: dict[int, str] = {}
+        self.canonical: dict[str, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.canonical[canonical_name(name)] = first.setdefault(id(p), canonical_name(name))
+        self.unknowns: list[str] = []
+        self.rows: list[tuple[_Lin, str]] = []  # each must be 0
+        # (param path, log factor, op, path of the module whose forward runs the op)
+        self.uses: list[tuple[str, _Lin, str, str]] = []
+        self.current = ""  # the op being read (its module path)
+        self.quiet = False  # reading an op whose value only feeds a norm's statistics
+
+    # -- bookkeeping --------------------------------------------------------------
+    def unknown(self, label: str) -> _Lin:
+        self.unknowns.append(label)
+        return _Lin(0.0, {len(self.unknowns) - 1: 1.0})
+
+    def require(self, expr: _Lin, why: str) -> None:
+        if not self.quiet:
+            self.rows.append((expr, why))
+
+    def fold(self, ref: Any, expr: _Lin, op: str) -> None:
+        if isinstance(ref, _Param):
+            self.uses.append((ref.path, expr, op, self.current))
+
+    # -- one region -----------------------------------------------------------------
+    def region(self, module: nn.Module, path: str, inputs: list[Any]) -> list[Any]:
+        """Factors of the outputs of ``module``'s graph (flattened as ``call_block``
+        returns them) given its flattened call leaves' factors."""
+        rg = module.__dict__["_umup_region"]
+        values: dict[fx.Node, Any] = {}
+        placeholders = [n for n in rg.gm.graph.nodes if n.op == "placeholder"]
+        prefix = f"{path}." if path else ""
+        for node, (kind, target) in zip(placeholders, rg.inputs, strict=True):
+            if kind == "input":
+                values[node] = inputs[target]
+            elif kind == "param":
+                name = canonical_name(prefix + target)
+                values[node] = _Param(self.canonical.get(name, name))
+            elif kind == "buffer" or kind == "constant":
+                values[node] = ZERO
+            elif kind == "taus":
+                values[node] = list(module.__dict__["_umup_taus"])
+            else:
+                values[node] = None
+        memo: dict[fx.Node, Any] = dict(values)
+
+        def get(n: Any) -> Any:
+            if isinstance(n, fx.Node):
+                return memo.get(n)
+            if isinstance(n, (list, tuple)):
+                return [get(a) for a in n]
+            return None
+
+        inside = _norm_inputs(rg.gm)
+        for n in rg.gm.graph.nodes:
+            if n.op == "call_function":
+                self.quiet = n in inside
+                memo[n] = self.node(n, get, path, module)
+                self.quiet = False
+        out = next(n for n in rg.gm.graph.nodes if n.op == "output")
+        results = list(out.args[0])
+        user = [get(r) for r, (kind, _) in zip(results, rg.outputs, strict=True) if kind == "user"]
+        if rg.out_leaves:
+            it = iter(user)
+            user = [next(it) if v is TENSOR else None for v in rg.out_leaves]
+        return user
+
+    def actual(self, v: Any, node: fx.Node, path: str) -> _Lin | None:
+        """An operand as an activation factor: a parameter read as a value keeps its
+        weights (factor 1)."""
+        if isinstance(v, _Param):
+            self.fold(v, ZERO, _where(node, path))
+            return ZERO
+        return v if isinstance(v, _Lin) else None
+
+    def node(self, n: fx.Node, get: Callable, path: str, module: nn.Module) -> Any:
+        t = n.target
+        where = _where(n, path)
+        self.current = _module_path(n, path)
+        if n.op != "call_function":
+            raise ExportError(f"export cannot read {where}: a {n.op} node")
+        if t is call_block:
+            _, sub, args, kwargs = n.args
+            leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
+            flat = [get(x) if isinstance(x, fx.Node) else None for x in leaves]
+            block = unwrap(module.get_submodule(sub))
+            return self.region(block, canonical_name(f"{path}.{sub}" if path else sub), flat)
+        if t in _NORMS or meta.get(n, meta.RULE) == rules.NORM_OP:
+            return ZERO  # scale-invariant: the input's factor is forgotten (not even read)
+        args = [get(a) for a in n.args]
+        kwargs = {k: get(v) for k, v in n.kwargs.items()}
+        if t is operator.getitem and isinstance(args[0], (list, tuple)):
+            v = args[0][n.args[1]]
+            return v
+        if t in _WEIGHT_OPS:
+            xi, wi, bi = _WEIGHT_OPS[t]
+            x = self.actual(args[xi], n, path)
+            s = math.log(float(n.kwargs["out_scale"]))
+            out = self.unknown(where)
+            self.fold(args[wi], out + s - x, where)
+            if bi is not None and len(n.args) > bi:
+                self.fold(args[bi], out + s, where + " (bias)")
+            return out
+        if t is ops.embedding:
+            out = self.unknown(where)
+            self.fold(args[1], out, where)
+            return out
+        if t in (ops.broadcast_param, ops.expand_param) and isinstance(args[0], _Param):
+            out = self.unknown(where)
+            self.fold(args[0], out, where)
+            return out
+        if t in _PASS_PARAM:
+            return args[0]
+        if t is ops.residual_split:
+            return [args[0], args[0]]
+        if t is ops.residual_add:
+            f, skip, tau = self.actual(args[0], n, path), self.actual(args[1], n, path), args[2]
+            tau = n.args[2] if tau is None else tau
+            if not isinstance(tau, (int, float)):
+                raise ExportError(f"export needs a constant tau at {where}")
+            out = skip + math.log((1 + tau**2) ** 0.5)
+            self.require(f - (out + math.log(tau / (1 + tau**2) ** 0.5)), where)
+            return out
+        if t is ops.add:
+            a, b = (self.actual(v, n, path) for v in args[:2])
+            if a is None or b is None or _numel(n.args[0]) == 1 or _numel(n.args[1]) == 1:
+                for v in (a, b):
+                    if v is not None:
+                        self.require(v, where)
+                return ZERO
+            self.require(a - b, where)
+            return a + _LOG_SQRT2
+        if t in (ops.silu, ops.gelu, ops.activation):
+            mult, s = _act_out_scale(n)
+            self.require(self.actual(args[0], n, path) - math.log(mult), where)
+            return _Lin(math.log(mult / s))
+        if t in (ops.silu_glu, ops.glu):
+            mult, s = _act_out_scale(n)
+            up, gate = self.actual(args[0], n, path), self.actual(args[1], n, path)
+            self.require(gate - math.log(mult), where)
+            return up + math.log(mult / s)
+        if t is ops.dropout:
+            p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+            return self.actual(args[0], n, path) - math.log((1 - p) ** 0.5)
+        if t is ops.scaled_dot_product_attention:
+            return self.sdpa(n, args, path, where)
+        if t is ops.scale_fwd:
+            s = n.args[1]
+            if not isinstance(s, (int, float)):
+                raise ExportError(f"export needs a constant forward scale at {where} (got "
+                                  f"{s}); it depends on a run-time size")
+            return self.actual(args[0], n, path) + math.log(s)
+        if t is ops.attention_output_scale:
+            return None
+        if t is ops.combine_experts:
+            e, g = self.actual(args[0], n, path), self.actual(args[1], n, path)
+            return e + g + math.log(float(n.kwargs["scale"]))
+        if t is ops.cross_entropy:
+            mult = float(n.kwargs.get("mult", 1.0))
+            self.require(self.actual(args[0], n, path) - math.log(mult), where)
+            return ZERO
+        if t is ops.softmax:
+            return self.softmax(n, args, path, where)
+        if t is ops.matmul:
+            k = _static_size(n.args[0], -1)
+            if k is None:
+                raise ExportError(f"export needs a static inner size at {where}")
+            a, b = self.actual(args[0], n, path), self.actual(args[1], n, path)
+            return a + b - 0.5 * math.log(k)
+        if getattr(t, "__module__", "").startswith("umup_fx"):
+            raise ExportError(
+                f"export does not know how to fold the u-muP op {where}; the plain model "
+                "would compute something else there. Keep the transformed model for "
+                "inference, or report the op.")
+        return self.aten(n, args, kwargs, path, where)
+
+    def sdpa(self, n: fx.Node, args: list, path: str, where: str) -> _Lin:
+        seq_len = n.kwargs.get("seq_len")
+        if not isinstance(seq_len, int):
+            raise ExportError(
+                f"export cannot fold the attention output scale at {where}: it is computed "
+                "from each call's sequence length, which no plain model's weights can "
+                "express. A transform whose attention scale is fixed at a reference length "
+                "(seq_len in the op) is needed.")
+        q, k, v = (self.actual(a, n, path) for a in args[:3])
+        d_head = _static_size(n.args[2], -1)
+        dq = _static_size(n.args[0], -1)
+        mult = float(n.kwargs.get("mult", 1.0))
+        causal = bool((n.args[5] if len(n.args) > 5 else n.kwargs.get("is_causal", False))
+                      or n.kwargs.get("causal_mask", False))
+        p = n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)
+        logit, s = ops.attention_scales(d_head, seq_len, causal=causal, mult=mult, dropout_p=p)
+        orig = self.original.get(n.name)
+        o_scale = None
+        if orig is not None and orig.target in _SDPA:
+            o_scale = orig.kwargs.get("scale")
+        if o_scale is None:
+            o_scale = dq**-0.5
+        if len(n.args) > 3 and n.args[3] is not None:
+            self.require(self.actual(args[3], n, path) or ZERO, where + " (mask)")
+        self.require(q + k + math.log(o_scale) - math.log(logit), where)
+        return v - math.log(s)
+
+    def softmax(self, n: fx.Node, args: list, path: str, where: str) -> _Lin:
+        size = n.kwargs.get("n")
+        if not isinstance(size, int):
+            raise ExportError(f"export cannot fold the softmax scale at {where}: it is "
+                              "computed from each call's size. A transform with a fixed "
+                              "reference size (n in the op) is needed.")
+        mult = float(n.kwargs.get("mult", 1.0))
+        a = 1 / (1 + 4 / mult**2)
+        s = ops.log_interp(a, lower=size, upper=size**0.5)
+        self.require(self.actual(args[0], n, path) - math.log(mult), where)
+        return _Lin(-math.log(s))
+
+    def aten(self, n: fx.Node, args: list, kwargs: dict, path: str, where: str) -> Any:
+        t = n.target
+        if not _is_tensor(n.meta.get("val")):
+            return None  # a size, a flag: read from shapes, equal in both models
+        tensors = [(i, v) for i, v in enumerate(args) if isinstance(v, (_Lin, _Param))]
+        flat = pytree.tree_leaves((args, kwargs), is_leaf=lambda v: isinstance(v, (_Lin, _Param)))
+        if not any(isinstance(v, (_Lin, _Param)) for v in flat):
+            return _multi(n, ZERO)
+        if t in _CARRY:
+            first = args[0]
+            if isinstance(first, _Param):
+                return first
+            for _, v in tensors[1:]:
+                self.require(self.actual(v, n, path), where)
+            return _multi(n, self.actual(first, n, path) or ZERO)
+        if t in _CONCAT:
+            parts = [self.actual(v, n, path) for v in (args[0] or []) if v is not None]
+            for p in parts[1:]:
+                self.require(p - parts[0], where)
+            return parts[0] if parts else ZERO
+        if t in _MUL or t in _DIV:
+            a, b = (self.actual(v, n, path) if isinstance(v, (_Lin, _Param)) else None
+                    for v in args[:2])
+            a, b = a or ZERO, b or ZERO
+            return a + b if t in _MUL else a - b
+        if t in _ADD and len(args) >= 2:
+            a, b = (self.actual(v, n, path) if isinstance(v, (_Lin, _Param)) else None
+                    for v in args[:2])
+            if a is not None and b is not None:
+                self.require(a - b, where)
+                return a
+            return self._same(a if a is not None else b, where)
+        for v in list(args) + list(kwargs.values()):
+            leaves = v if isinstance(v, (list, tuple)) else [v]
+            for leaf in leaves:
+                lin = self.actual(leaf, n, path)
+                if lin is not None:
+                    self.require(lin, where)
+        return _multi(n, ZERO)
+
+    def _same(self, v: _Lin, where: str) -> _Lin:
+        self.require(v, where)  # x + constant: only at factor 1
+        return ZERO
+
+
+def _norm_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose values only reach normalisations (a hand-written norm's statistics,
+    x.pow(2).mean()): the norm forgets their factor, so they constrain nothing."""
+    inside: set[fx.Node] = set()
+    for n in reversed(gm.graph.nodes):
+        if n.op == "call_function" and n.target is not call_block and n.users and all(
+            u in inside or meta.get(u, meta.RULE) == rules.NORM_OP
+            or u.target in _NORMS for u in n.users
+        ):
+            inside.add(n)
+    return inside
+
+
+def _module_path(n: fx.Node, region: str) -> str:
+    """The module whose forward ran ``n`` (its innermost module), by canonical path."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return region
+    return canonical_name(list(stack.values())[-1][0].split("@")[0])
+
+
+def _is_tensor(val: Any) -> bool:
+    if isinstance(val, (list, tuple)):
+        return any(_is_tensor(v) for v in val)
+    return isinstance(val, torch.Tensor)
+
+
+def _multi(n: fx.Node, value: _Lin) -> Any:
+    val = n.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        return [value] * len(val)
+    return value
+
+
+def _numel(a: Any) -> int | None:
+    if not isinstance(a, fx.Node):
+        return 1
+    val = a.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return int(val.numel())
+        except Exception:  # a symbolic size
+            return None
+    return None
+
+
+def _static_size(a: Any, dim: int) -> int | None:
+    val = a.meta.get("val") if isinstance(a, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    size = val.shape[dim]
+    return size if isinstance(size, int) else None
+
+
+def _solve(solver: _Solver) -> np.ndarray:
+    m, k = len(solver.rows), len(solver.unknowns)
+    a = np.zeros((max(m, 1), max(k, 1)))
+    b = np.zeros(max(m, 1))
+    for i, (expr, _) in enumerate(solver.rows):
+        for j, c in expr.coef.items():
+            a[i, j] += c
+        b[i] = -expr.const
+    x = np.linalg.lstsq(a, b, rcond=None)[0] if k else np.zeros(0)
+    resid = a @ (x if k else np.zeros(1)) - b if k else -b
+    bad = np.nonzero(np.abs(resid) > 1e-9)[0]
+    if len(bad) and m:
+        i = int(bad[0])
+        raise ExportError(
+            f"export cannot express the transformed model's scale at {solver.rows[i][1]}: "
+            f"the plain model's code would compute it {math.exp(resid[i]):.6g} times "
+            "off, and no choice of its weights fixes that (the op sits where a scale "
+            "would have to pass through a nonlinearity). Keep the transformed model for "
+            "inference there.")
+    return x[:k]
+
+
+def solve_folding(model: nn.Module) -> Folding:
+    """The factor of each parameter use and the frozen norm parameters' values of a
+    transformed ``model`` (see the module docstring)."""
+    if not isinstance(model, UmupModule):
+        raise ExportError(
+            f"{type(model).__name__} is not a model transformed by umup_fx.transform; "
+            "export only converts transformed models (a plain model needs no export).")
+    solver = _Solver(model)
+    roots = [x for x in model.__dict__["_umup_region"].inputs if x[0] == "input"]
+    outputs = solver.region(model, "", [ZERO] * (1 + max((t for _, t in roots), default=0)))
+    for out in outputs:
+        if isinstance(out, _Lin):
+            solver.require(out, "the model's output")
+    x = _solve(solver)
+    folding = Folding()
+    for path, expr, op, owner in solver.uses:
+        value = expr.const + sum(c * x[j] for j, c in expr.coef.items())
+        folding.factors.setdefault(path, []).append((math.exp(value), op, owner))
+    plan = model.umup_plan
+    for name, p in plan.params.items():
+        if p.frozen_by_umup:
+            folding.frozen[name] = 1.0 if p.init == "ones" else 0.0
+    return folding
+
