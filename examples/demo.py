@@ -11,11 +11,12 @@ no download). It reports validation loss before and after training and the final
 train / validation loss. The defaults (200 steps of batch 16 x 128 bytes) take about
 a minute on a 2-core CPU (docs/benchmarks.md has the measured training time); runs are seeded and deterministic.
 
-The default ``--lr`` (2**0 = 1) is the best value of the width sweep in
-``benchmarks/lr_sweep.py`` (``docs/transfer.md``): with u-muP the optimal learning rate
-is meant to stay put as the model widens, so bigger runs keep it. For example::
+The default ``--lr`` is ``umup_fx.AdamW``'s own default eta, 2**0 = 1
+(``umup_fx.DEFAULT_LR``): the best value of the project's width sweeps
+(``docs/transfer.md``). With u-muP the optimal learning rate is meant to stay put as
+the model widens, so bigger runs keep it. For example::
 
-    python examples/demo.py --d-model 512 --heads 16 --steps 2000   # wider (d_head 32)
+    python examples/demo.py --d-model 512 --heads 16 --steps 1000   # wider (d_head 32)
     python examples/demo.py --layers 8 --seq 256 --batch 32          # deeper, longer
     python examples/demo.py --fp8 --compile                          # simulated FP8, torch.compile
 
@@ -45,7 +46,7 @@ try:
 except ImportError:  # tqdm is the optional "demo" extra
     tqdm = None
 
-DEFAULT_LR = 2.0**0  # best eta at widths 128 and 512 in benchmarks/lr_sweep.py
+DEFAULT_LR = umup_fx.DEFAULT_LR["umup"]  # umup_fx.AdamW's default eta (docs/transfer.md)
 CORPUS_BYTES = 2_000_000
 
 

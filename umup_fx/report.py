@@ -9,6 +9,7 @@ per kind. The ``Plan`` keeps every parameter and branch (``plan.params``,
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,22 @@ def _param_rows(plan: Plan) -> list[tuple[str, list[str]]]:
     return rows
 
 
+def _lr_lines(plan: Plan) -> list[str]:
+    """What eta is, and the learning rate of each optimizer group at the default eta."""
+    from umup_fx.runtime.optim import DEFAULT_LR
+
+    eta = DEFAULT_LR[plan.parametrization]
+    groups: dict[float, int] = {}
+    for p in plan.params.values():
+        if p.trainable:
+            groups[p.lr_factor] = groups.get(p.lr_factor, 0) + 1
+    rates = ", ".join(f"{eta * f:.4g} ({n} param{'s' * (n > 1)})"
+                      for f, n in sorted(groups.items(), reverse=True))
+    return [f"LR: eta x factor; eta is the optimizer's lr, umup_fx.AdamW's default "
+            f"2^{math.log2(eta):g} = {eta:g} here (docs/transfer.md)",
+            f"  learning rates at that eta, one optimizer group each: {rates or '-'}"]
+
+
 def _branch_rows(plan: Plan) -> list[list[str]]:
     kinds: dict[str, list[Any]] = {}
     for b in plan.branches:
@@ -158,6 +175,7 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     lines += _table([[name, *cells] for name, cells in grouped],
                     ["parameter", "shape", "role", "fan_in", "fan_out", "LR", "FP8"])
+    lines += ["", *_lr_lines(plan)]
     if plan.branches:
         lines += ["", "residual branches (tau from rules section 4, in forward order):"]
         lines += _table(_branch_rows(plan), ["kind", "count", "tau", "params each", "blocks"])

@@ -11,6 +11,11 @@ yet training scripts build the optimizer first. Groups made before then are *pen
 one per parameter, each filled in by the backend at the first compile
 (``resolve_pending_groups``); ``umup_fx.AdamW`` merges them by factor at its first
 step, and any optimizer that steps on a group still pending raises ``UmupError``.
+
+The default ``eta`` (``DEFAULT_LR``) is the best one the project's own sweeps found
+(docs/transfer.md: the example Llama at widths 64-512, 2 seeds): 2^0 for u-muP, which
+sits in the 2^0-2^2 range the paper sweeps with every alpha at 1 (rules §6); 2^-9
+for the baselines, whose Adam rates are of the usual size.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from umup_fx.runtime.clip import warn_if_always_clipped
 from umup_fx.runtime.init import plan_of
 from umup_fx.runtime.names import canonical_name
 
+# eta when none is given, per parametrization: the project's sweeps (docs/transfer.md).
+DEFAULT_LR: dict[str, float] = {"umup": 2.0**0, "mup": 2.0**-9, "sp": 2.0**-9, "sp_emb_lr": 2.0**-9}
 _PENDING = "_umup_pending_groups"  # parameter attribute: its pending group dicts
 _hook_installed = False
 
@@ -50,11 +57,12 @@ def _check_args(lr: float, weight_decay: float) -> None:
 
 
 def param_groups(
-    model: nn.Module, lr: float, weight_decay: float = 0.0
+    model: nn.Module, lr: float | None = None, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
     """u-muP parameter groups for ``torch.optim.Adam`` / ``AdamW`` (one per LR factor).
 
-    Each group has ``params``, ``lr = lr * factor``, ``weight_decay = weight_decay /
+    ``lr`` is eta; by default ``DEFAULT_LR`` of the model's parametrization (2^0 for
+    u-muP). Each group has ``params``, ``lr = lr * factor``, ``weight_decay = weight_decay /
     (lr * factor)`` (independent weight decay), and, for inspection, ``umup_lr_factor``
     and ``names``. Parameters that do not require grad (frozen by you, or u-muP's
     non-parametric norms) are left out. Names are matched through checkpoint and
@@ -65,12 +73,15 @@ def param_groups(
         UmupError: a trainable parameter the plan does not know (added after
             ``transform``): u-muP cannot guess its LR rule.
     """
-    _check_args(lr, weight_decay)
     _install_step_check()
     try:
         plan = plan_of(model)
     except UmupError:
+        lr = DEFAULT_LR["umup"] if lr is None else lr  # only u-muP compiles with the backend
+        _check_args(lr, weight_decay)
         return _pending_groups(model, lr, weight_decay)
+    lr = DEFAULT_LR[plan.parametrization] if lr is None else lr
+    _check_args(lr, weight_decay)
     groups: dict[float, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -163,20 +174,24 @@ def _install_step_check() -> None:
 class AdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` over ``param_groups(model, lr, weight_decay)``.
 
-    ``umup_fx.AdamW(model, lr=2**-3, weight_decay=2**-13, betas=(0.9, 0.999))``; every
-    other keyword goes to ``torch.optim.AdamW``. Built before a ``backend="umup"``
+    ``umup_fx.AdamW(model, weight_decay=2**-13)``: ``lr`` (eta) defaults to
+    ``DEFAULT_LR`` of the model's parametrization (2^0 for u-muP; each group's rate is
+    eta times its factor, printed in the plan's LR column); every other keyword goes to
+    ``torch.optim.AdamW``. Built before a ``backend="umup"``
     model's first call, its groups are resolved then and merged at its first step.
     """
 
     def __init__(
-        self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, **kwargs: Any
+        self, model: nn.Module, lr: float | None = None, weight_decay: float = 0.0,
+        **kwargs: Any
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UmupError(
                 "umup_fx.AdamW takes the transformed model (it reads the u-muP plan), not a "
                 "parameter list; for your own groups use umup_fx.param_groups."
             )
-        super().__init__(param_groups(model, lr, weight_decay), lr=lr, **kwargs)
+        groups = param_groups(model, lr, weight_decay)
+        super().__init__(groups, lr=groups[0]["umup_base"][0] if groups else 1.0, **kwargs)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -25,14 +25,12 @@ from torch import nn
 
 from umup_fx.errors import UmupError
 from umup_fx.runtime.modules import UmupModule
-from umup_fx.runtime.optim import AdamW
+from umup_fx.runtime.optim import DEFAULT_LR, AdamW
 from umup_fx.transfer.corpus import get_batch, load_corpus, load_file, train_val_split
 from umup_fx.transfer.plots import panels, save
 from umup_fx.transfer.sweep import _LossModel, _takes_targets
 from umup_fx.diagnose.tracking import op_scales
 from umup_fx.transform import transform
-
-DEFAULT_LR = {"umup": 1.0, "mup": 2.0**-9, "sp": 2.0**-9, "sp_emb_lr": 2.0**-9}
 
 
 def _output_rms(model: nn.Module, args: tuple) -> dict[str, float]:
