@@ -211,7 +211,9 @@ def _display_names(
     """Readable names, one per quantity.
 
     - Data dims (batch, sequence: export's dynamic sizes, and input axes no parameter
-      has) are named ``batch`` / ``seq`` and flagged ``SymbolInfo.data``.
+      has) are named ``batch`` / ``seq`` and flagged ``SymbolInfo.data``. The leading
+      axes of all inputs of the batch's size are one ``batch``; other axes of a later
+      input carry its name (``targets_seq``): lengths of two inputs may differ.
     - Width (and fixed) symbols of the same kind and example value that sit at the same
       parameter positions up to list indices (``layers.0.attn.q_proj.weight[0]`` and
       ``layers.1.attn.q_proj.weight[0]``) get one name, hence become one symbol: the
@@ -243,6 +245,7 @@ def _display_names(
         return name
 
     survivors = [s for s in solver.info if s not in solver.subs]
+    first_input, batch_size = None, None
     for s in survivors:
         info = solver.info[s]
         path, axis = _origin(info)
@@ -250,7 +253,16 @@ def _display_names(
         if info.kind == FIXED and (s in data_syms or from_input):
             info.data = True
             if path in inputs and axis is not None:
+                first_input = first_input or path
+                if axis == 0 and batch_size in (None, info.value):
+                    # Every input's leading axis of the batch's size is the batch: one
+                    # symbol (targets next to tokens are not a second batch).
+                    names[s], batch_size = "batch", info.value
+                    used.add("batch")
+                    continue
                 base = ("batch", "seq")[axis] if axis < 2 else f"{path}_{axis}"
+                if path != first_input:  # another input's length (targets, decoder ids)
+                    base = f"{path}_{base}"
             else:
                 base = "data"
             names[s] = claim(base)

@@ -110,10 +110,32 @@ def _baddbmm(p: Propagator, n: fx.Node) -> Dims:
     return _matmul_dims(p, n, n.args[1], n.args[2])
 
 
+def table_rows(table: fx.Node, idx: fx.Node) -> str:
+    """The name of a lookup table's rows, from where its indices come from: a model
+    input (token ids: ``vocab``), ``arange`` (a position table: ``positions``), or
+    neither (a buffer: the table's own name, e.g. ``token_type_embeddings_rows``)."""
+    seen, todo, from_input = set(), [idx], False
+    while todo and len(seen) < 200:
+        node = todo.pop()
+        if not isinstance(node, fx.Node) or node in seen or not is_tensor(node):
+            continue  # SymInt sizes (arange(seq)) do not carry token ids
+        seen.add(node)
+        if node.op == "call_function" and node.target in (aten.arange.default, aten.arange.start,
+                                                          aten.arange.start_step):
+            return "positions"
+        from_input |= node.op == "placeholder" and meta.get(node, meta.KIND, "input") == "input"
+        todo.extend(node.all_input_nodes)
+    if from_input:
+        return "vocab"
+    name = meta.get(source(table), meta.PARAM) or "table"
+    parts = [q for q in name.split(".") if q not in ("weight",) and not q.isdigit()]
+    return f"{parts[-1] if parts else 'table'}_rows"
+
+
 def _embedding(p: Propagator, n: fx.Node) -> Dims:
     w, idx = n.args[0], n.args[1]
     wd = p.d(w)
-    p.s.mark_fixed(wd[0], "vocab")
+    p.s.mark_fixed(wd[0], table_rows(w, idx))
     return p.d(idx) + (wd[1],)
 
 
@@ -291,7 +313,9 @@ def _rms_norm(p: Propagator, n: fx.Node) -> Dims:
 
 def _cross_entropy(p: Propagator, n: fx.Node) -> Dims:
     logits, target = p.d(n.args[0]), p.d(n.args[1])
-    p.s.mark_fixed(logits[1 if len(logits) > 1 else 0], "classes")
+    # "out", as a model's output dim: the same logits axis whether or not the loss is
+    # in the captured graph (analyze without targets, transform with them).
+    p.s.mark_fixed(logits[1 if len(logits) > 1 else 0], "out")
     reduction = arg_or(n, 3, "reduction", 1)
     return target if reduction == 0 else ()
 
@@ -348,7 +372,7 @@ def _index(p: Propagator, n: fx.Node) -> Dims:
         return p.fresh(n)
     k, idx = tensors[0], indices[tensors[0]]
     if k == 0 and meta.get(source(n.args[0]), meta.KIND) == "param" and not fake_value(idx).is_floating_point():
-        p.s.mark_fixed(x[0], "vocab")
+        p.s.mark_fixed(x[0], table_rows(n.args[0], idx))
     return x[:k] + p.d(idx) + x[k + 1:]
 
 

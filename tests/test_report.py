@@ -91,13 +91,37 @@ def test_rows_are_grouped_over_blocks_and_the_plan_keeps_each(plan: umup_fx.Plan
 
 
 def test_norm_lr_shown_unless_frozen(plan: umup_fx.Plan, fp8_model: Llama) -> None:
-    analysed = _line(str(plan), "layers.{0..3}.norm1.weight")
-    assert "eta/sqrt(L)" in analysed  # analyze: norms are trainable until transform
-    text = str(fp8_model.umup_plan)
-    for name in ("layers.{0..3}.norm1.weight", "layers.{0..3}.norm2.weight", "norm.weight"):
-        row = _line(text, name)
-        assert "frozen" in row and "eta" not in row
+    for text in (str(plan), str(fp8_model.umup_plan)):  # analyze and transform agree
+        for name in ("layers.{0..3}.norm1.weight", "layers.{0..3}.norm2.weight", "norm.weight"):
+            row = _line(text, name)
+            assert "frozen" in row and "eta" not in row
     assert not fp8_model.umup_plan.params["layers.3.norm2.weight"].trainable
+    assert not plan.params["layers.3.norm2.weight"].trainable
+    trainable = umup_fx.analyze(_llama(), (_idx(),), trainable_norms=True)
+    assert "eta/sqrt(L)" in _line(str(trainable), "layers.{0..3}.norm1.weight")
+
+
+def test_analyze_and_transform_print_one_report() -> None:
+    """The same dims, names, roles and LRs whether or not targets are passed, and the
+    report says what eta is and the rate of each optimizer group."""
+    x, y = _idx(), torch.randint(0, 256, (2, 64))
+    analysed = str(umup_fx.analyze(_llama(), (x,)))
+    transformed = str(umup_fx.transform(_llama(), (x, y)).umup_plan)
+    assert "targets_seq=64" in transformed and "batch_2" not in transformed
+    drop = ("data dims",)  # the targets' length is the one extra data dim
+    assert [t for t in analysed.splitlines() if not t.startswith(drop)] == [
+        t for t in transformed.splitlines() if not t.startswith(drop)]
+    assert "umup_fx.AdamW's default 2^0 = 1" in analysed
+    # q/k/v/o, gate and up at 1/sqrt(64)/sqrt(4); down at 1/sqrt(192)/sqrt(4); 1 for the rest
+    assert "0.0625 (24 params)" in analysed and "0.03608 (4 params)" in analysed
+
+
+def test_position_table_and_vocabulary_are_named_apart() -> None:
+    from examples.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    plan = umup_fx.analyze(GPT(GPTConfig(n_embd=32, n_layer=2, n_head=2)), (_idx(),))
+    assert _kinds(plan, "fixed") == {"positions": 128, "vocab": 256}
 
 
 def test_fp8_path_is_named(plan: umup_fx.Plan, fp8_model: Llama) -> None:

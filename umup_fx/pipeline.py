@@ -177,8 +177,11 @@ def analyze(
     *,
     hparams: HParams | dict[str, float] | None = None,
     roles: dict[str, str] | None = None,
+    trainable_norms: bool = False,
+    fp8: bool | str = False,
 ) -> Plan:
-    """Decide what u-muP does with ``model`` without changing it.
+    """Decide what u-muP does with ``model`` without changing it: the plan that
+    ``transform`` with the same options would apply (norm gains frozen by default).
 
     Args:
         model: an unmodified ``nn.Module``.
@@ -186,12 +189,14 @@ def analyze(
         example_kwargs: keyword arguments of that call.
         hparams: the u-muP multipliers (``HParams`` or a dict); defaults all 1.
         roles: override the role of named parameters (``{"pos.weight": "input"}``).
+        trainable_norms, fp8: as ``transform``'s options of those names.
 
     Returns:
         The ``Plan``; ``print(plan)`` shows the table.
     """
+    opts = Options.build(hparams, roles=roles, trainable_norms=trainable_norms, fp8=fp8)
     captured = capture(model, example_inputs, example_kwargs)
-    plan = analyze_graph(captured.gm, HParams.coerce(hparams), roles, type(model).__name__)
+    plan = plan_graph(captured.gm, opts, type(model).__name__)
     expand_blocks(plan, captured.gm, captured.blocks)
     return plan
 
