@@ -5,7 +5,7 @@ is not a pure data movement (views, casts, slicing) or an elementwise product / 
 with a constant (RoPE, masks, which keep scale) passes through unscaled. Each one is
 listed with its source line; the report prints them and ``transform`` warns once.
 
-Reads: ``umup.rule``, ``umup.norm``, ``umup.attention``.
+Reads: ``umup.rule``, ``umup.norm``, ``umup.attention``; graph key ``roles``.
 Writes: graph key ``uncovered``: list of (node name, op name, source line).
 Fails when: never.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from umup_fx import meta
+from umup_fx import meta, rules
 
 from ._graph import (
     ADDS,
@@ -27,6 +27,7 @@ from ._graph import (
     op_name,
     ops,
     param_dependent,
+    param_of,
     where,
 )
 
@@ -66,10 +67,18 @@ def _pattern_parts(gm: fx.GraphModule) -> set[str]:
     return parts
 
 
+def _is_gain(value: fx.Node, roles: dict) -> bool:
+    """A norm-role parameter (or ``1 + w`` of one): a gain, 1 at init (§2)."""
+    if value.target in ADDS and any(isinstance(x, (int, float)) for x in value.args):
+        value = next(x for x in value.args if isinstance(x, fx.Node))
+    return getattr(roles.get(param_of(value)), "role", None) == rules.NORM
+
+
 def find_uncovered(gm: fx.GraphModule) -> PassResult:
     """List activation-path ops with no rule; see the module docstring."""
     active = param_dependent(gm)
     parts = _pattern_parts(gm)
+    roles = meta.graph_meta(gm).get(meta.ROLES, {})
     out: list[tuple[str, str, str]] = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in active or not is_tensor(node):
@@ -83,6 +92,8 @@ def find_uncovered(gm: fx.GraphModule) -> PassResult:
         if node.target in (MULS | ADDS | DIVS | _SUB):
             # Products / sums where one side is a constant or a buffer (RoPE, masks).
             operands = [a for a in node.args if isinstance(a, fx.Node)]
+            if node.target in MULS and any(_is_gain(a, roles) for a in operands):
+                continue  # a per-channel gain (LayerScale): a norm parameter, 1 at init (§2)
             if len([a for a in operands if a in active]) <= 1 or (
                 node.target in ADDS and inplace_safe(node)
             ):

@@ -23,7 +23,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, rules
 from umup_fx.errors import AnalysisError
 
-from ._graph import ADDS, consumers, op_name, ops, param_name, where
+from ._graph import ADDS, MULS, consumers, op_name, ops, param_name, where
 from .dims import WIDTH
 
 _ADDMM = ops("addmm")
@@ -100,13 +100,55 @@ def _use_of(node: fx.Node, op: fx.Node, name: str, solver) -> ParamRole | None:
         return ParamRole(rules.NORM, shift=op.target in ADDS)
     if op.target in ADDS and len(dims) == 1 and any(isinstance(a, (int, float)) for a in op.args):
         users = consumers(op)
-        if users and all(meta.get(u, meta.RULE) == rules.NORM_GAIN for u in users):
-            return ParamRole(rules.NORM, shift=True)  # a gain of 1 + w: w starts at 0
+        if users and all(meta.get(u, meta.RULE) == rules.NORM_GAIN or u.target in _ELEMENTWISE_MUL
+                         for u in users):
+            # a gain of 1 + w (after a norm or on any activation): w starts at 0, and like
+            # every gain u-muP makes it non-parametric (§2, rules.md "per-channel scales")
+            return ParamRole(rules.NORM, shift=True)
+    if op.target in MULS and sum(d != 1 for d in node.meta["val"].shape) == 1 and any(
+            isinstance(a, fx.Node) and a is not node for a in op.args):
+        # a per-channel scale of activations (LayerScale, a hand-written gain): a gain,
+        # non-parametric under u-muP like every gain (rules.md "per-channel scales")
+        return ParamRole(rules.NORM)
     if op.target in ADDS and len(dims) == 1:
         other = [a for a in op.args if a is not node]
-        if other and meta.get(other[0], meta.RULE) == rules.LINEAR:
+        if other and isinstance(other[0], fx.Node) and meta.get(other[0], meta.RULE) == rules.LINEAR:
             return ParamRole(rules.BIAS)  # x @ W + b written by hand
     return None
+
+
+_NONLINEAR = ops("exp", "log", "softplus", "sigmoid", "tanh", "neg", "pow.Tensor_Scalar",
+                 "reciprocal", "sqrt", "rsqrt", "clamp", "abs", "sin", "cos")
+_ELEMENTWISE_MUL = ops("mul.Tensor", "div.Tensor")
+_ELEMENTWISE_ADD = ops("add.Tensor", "sub.Tensor")
+
+
+def advice(name: str, shape: tuple[int, ...], op: fx.Node) -> str:
+    """What to pass as ``roles=`` for a parameter no rule covers, from how it is used.
+
+    A vector (one axis that is not 1) multiplying or shifting activations is a gain or a
+    shift: u-muP makes those non-parametric (§2), so ``norm`` / ``bias``. A parameter
+    that enters through a nonlinearity of its own (``A_log`` through ``exp``) is not a
+    weight: its init and a plain ``eta`` are kept (``unused``). Only a matrix
+    multiplying activations is a weight, and ``hidden`` its role.
+    """
+    vector = sum(d != 1 for d in shape) <= 1
+    if op.target in _NONLINEAR:
+        return (f"It enters through {op_name(op)} of its own value, so it is not a weight: "
+                f"pass roles={{{name!r}: 'unused'}} to keep the model's init and train it "
+                "at the global eta (as u-muP trains gains and biases).")
+    if vector and op.target in _ELEMENTWISE_MUL:
+        return (f"It is a per-channel scale (a gain, LayerScale): pass roles={{{name!r}: "
+                "'norm'}; u-muP makes gains non-parametric, frozen at 1 (rules §2; "
+                "trainable_norms=True trains it from 1).")
+    if vector and op.target in _ELEMENTWISE_ADD:
+        return f"It shifts activations: pass roles={{{name!r}: 'bias'}} (init 0, eta)."
+    if vector:
+        return (f"It is a vector: pass roles={{{name!r}: 'norm'}} if it scales activations, "
+                "'bias' if it shifts them, 'unused' to keep the model's init.")
+    return (f"If it multiplies activations as a weight matrix, pass roles={{{name!r}: "
+            "'hidden'} (or input / output / fixed, rules §1); if it is a table read by "
+            "value, 'unused' keeps the model's init.")
 
 
 def assign_roles(gm: fx.GraphModule, overrides: dict[str, str] | None = None) -> PassResult:
@@ -140,9 +182,8 @@ def assign_roles(gm: fx.GraphModule, overrides: dict[str, str] | None = None) ->
                 raise AnalysisError(
                     f"Cannot classify parameter {name!r} (shape {params[name].shape}): it is "
                     f"used by {op_name(op)} at {where(op)}, which no u-muP rule covers as a "
-                    "weight, bias or norm gain. Pass roles={" + repr(name) + ": 'hidden'} "
-                    "(or input / output / fixed / bias / norm) to umup_fx.analyze / transform "
-                    "to decide it yourself."
+                    f"weight, bias or norm gain. {advice(name, params[name].shape, op)} "
+                    "Then run umup_fx.check(model, inputs) to see the scales it gives."
                 )
             if found is None:
                 found = use
