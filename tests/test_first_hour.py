@@ -40,6 +40,12 @@ def test_readme_cli_command_works(capsys) -> None:
          "--arg does not fit LlamaConfig"),
         (["inspect", "examples.llama:Llama"], "give its inputs with --input"),
         (["inspect", "examples.llama", "--input", "long:2x8"], "expected MODULE:FACTORY"),
+        (["inspect", "examples.llama:Llama", "--arg", "d_model=abc", "--input", "long:2x8"],
+         "Llama(d_model='abc') raised TypeError"),
+        (["sweep", "examples.llama:Llama", "--width-arg", "dmodel", "--widths", "32", "--lrs",
+          "1", "--steps", "1", "--json", "no_such_dir/s.json"], "--width-arg does not fit"),
+        (["coord-check", "examples.mlp:MLPClassifier", "--width-arg", "hidden", "--widths", "32",
+          "64", "--json", "no_such_dir/c.json"], "coord-check trains examples.mlp:MLPClassifier on byte tokens"),
     ],
 )
 def test_cli_mistakes_are_one_line(capsys, argv: list[str], message: str) -> None:

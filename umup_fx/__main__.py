@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from umup_fx.errors import UmupError
+from umup_fx.errors import CaptureError, UmupError
 from umup_fx.pipeline import analyze
 
 _DTYPES = {"long": torch.long, "int": torch.long, "float": torch.float32, "bf16": torch.bfloat16}
@@ -114,7 +114,9 @@ def _config_type(factory: Any) -> type | None:
     return cfg_type if isinstance(cfg_type, type) and hasattr(cfg_type, "__dataclass_fields__") else None
 
 
-def _build(factory: Any, kwargs: dict[str, Any]) -> Any:
+def _build(factory: Any, kwargs: dict[str, Any], flag: str = "--arg") -> Any:
+    """``factory(**kwargs)`` (through its config dataclass); ``flag`` names the option
+    the keywords came from, for the one-line error when they do not fit."""
     cfg_type = _config_type(factory)
     target = cfg_type or factory
     try:
@@ -124,8 +126,19 @@ def _build(factory: Any, kwargs: dict[str, Any]) -> Any:
             names = ", ".join(inspect.signature(target).parameters)
         except (TypeError, ValueError):
             names = "?"
-        raise UsageError(f"--arg does not fit {target.__name__}({names}): {exc}") from None
-    return factory(cfg_type(**kwargs)) if cfg_type else factory(**kwargs)
+        raise UsageError(f"{flag} does not fit {target.__name__}({names}): {exc}") from None
+    try:
+        return factory(cfg_type(**kwargs)) if cfg_type else factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's factory; one line, not a traceback
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise UsageError(
+            f"{getattr(factory, '__name__', 'the factory')}({given}) raised "
+            f"{type(exc).__name__}: {_one_line(exc)}; check the {flag} values"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, UmupError) as exc:
         if os.environ.get("UMUP_FX_DEBUG"):
             raise
-        print(f"umup_fx: {exc}", file=sys.stderr)
+        print(f"umup_fx: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -187,12 +200,16 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--json", required=True, help="results file (resumed if it exists)")
     args = parser.parse_args(argv)
-    if args.command == "search":
-        return _search(args)
-    if args.command == "sweep":
-        return _sweep(args)
-    if args.command == "coord-check":
-        return _coord_check(args)
+    tools = {"search": _search, "sweep": _sweep, "coord-check": _coord_check}
+    if args.command in tools:
+        try:
+            return tools[args.command](args)
+        except CaptureError as exc:
+            raise UsageError(
+                f"{args.command} trains {args.target} on byte tokens (model(idx) or "
+                "model(idx, targets), both long [batch, seq] in [0, 256)), which it cannot "
+                f"take: {_one_line(exc)}"
+            ) from None
 
     model, example_inputs, example_kwargs = _model_and_inputs(args)
     if args.command == "check":
@@ -254,7 +271,7 @@ def _width_factory(target: str) -> Any:
     factory = _load(target)
 
     def build(**kwargs: Any) -> Any:
-        built = _build(factory, kwargs)
+        built = _build(factory, kwargs, "--width-arg")
         return built[0] if isinstance(built, tuple) else built
 
     return build

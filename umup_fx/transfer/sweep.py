@@ -225,7 +225,7 @@ def _progress(total: int) -> Any:
         from tqdm import tqdm
     except ImportError:  # tqdm is optional (the demo extra)
         return None
-    return tqdm(total=total, desc="sweep", unit="run")
+    return tqdm(total=total, desc="sweep", unit="run", disable=None)  # off when not a tty
 
 
 def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
