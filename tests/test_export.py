@@ -7,6 +7,10 @@ PyTorch / transformers (a subprocess that never imports umup_fx).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -110,3 +114,60 @@ def test_hf_llama_and_gpt2_tied() -> None:
 def test_refuses_a_model_that_was_not_transformed() -> None:
     with pytest.raises(umup_fx.ExportError, match="not a model transformed"):
         umup_fx.export(Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2)))
+
+
+_PLAIN_PROCESS = textwrap.dedent("""
+    import json, sys
+    import torch, transformers
+    out = {}
+    for name, path in json.loads(sys.argv[1]).items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        ids = torch.tensor(json.loads(sys.argv[2]))
+        with torch.no_grad():
+            logits = model(ids).logits
+            tokens = model.generate(ids[:1, :4], max_new_tokens=8, do_sample=False,
+                                    use_cache=True, pad_token_id=0)
+        out[name] = {"logits": logits.tolist(), "tokens": tokens[0].tolist()}
+    assert "umup_fx" not in sys.modules
+    print(json.dumps(out))
+""")
+
+
+def _greedy(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> list[int]:
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(new):  # the full forward every step: no cache
+            ids = torch.cat([ids, _logits(model(ids))[:, -1:].argmax(-1)], dim=1)
+    return ids[0].tolist()
+
+
+def test_hf_round_trip_in_a_plain_process(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    models = {
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+            bos_token_id=0, eos_token_id=0)),
+    }
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    paths = {}
+    for name, model in models.items():
+        _transform(model, 128)
+        _train(model, 128, steps=2)
+        model.eval()
+        paths[name] = str(tmp_path / name)
+        umup_fx.export(model).save_pretrained(paths[name])
+    run = subprocess.run([sys.executable, "-c", _PLAIN_PROCESS, json.dumps(paths),
+                          json.dumps(ids.tolist())], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    plain = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, model in models.items():
+        with torch.no_grad():
+            want = _logits(model(ids))
+        got = torch.tensor(plain[name]["logits"])
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
+        assert plain[name]["tokens"] == _greedy(model, ids[:1, :4], 8), name
