@@ -224,12 +224,6 @@ def test_param_groups_errors() -> None:
         umup_fx.param_groups(model, lr=0.1)
 
 
-def test_call_with_another_structure_is_explained() -> None:
-    model = umup_fx.transform(_llama(64), _batch())
-    with pytest.raises(TypeError, match="include the targets"):
-        model(_batch()[0])
-
-
 def test_trainable_norms_option() -> None:
     model = umup_fx.transform(_llama(64), _batch(), trainable_norms=True)
     assert model.layers[0].norm1.weight.requires_grad

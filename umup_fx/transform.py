@@ -8,6 +8,7 @@ model's own modules (``umup_fx.runtime.modules``), initialise to unit scale.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -19,7 +20,7 @@ from umup_fx import parametrizations
 from umup_fx.capture import blocks as discovery
 from umup_fx.capture.trace import Captured, capture
 from umup_fx.diagnose import unit_check
-from umup_fx.errors import AlreadyTransformedError
+from umup_fx.errors import AlreadyTransformedError, CallError, UmupError
 from umup_fx.options import Options
 from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
 from umup_fx.passes.placement import generalize_placement
@@ -30,10 +31,13 @@ from umup_fx.runtime.modules import (
     TENSOR,
     RegionGraph,
     UmupModule,
+    add_graph,
+    as_written,
     install_block,
     install_root,
     is_transformed,
 )
+from umup_fx.runtime.names import unwrap
 
 __all__ = ["OneGraphWarning", "PostNormWarning", "UmupModule", "UncoveredOpWarning", "transform"]
 
@@ -119,14 +123,124 @@ def _build(captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
     return plan, taus, graphs, split.root, original
 
 
-def _install(model: nn.Module, captured: Captured, built: tuple) -> None:
+def _install(model: nn.Module, captured: Captured, built: tuple, recapture: Any) -> None:
     plan, taus, graphs, root, original = built
     for b in captured.blocks:
         container = model.get_submodule(discovery.live_path(model, b.path))
         for k, name in enumerate(b.names):
             path = b.block_path(k)
             install_block(container._modules[name], graphs[path], taus.get(path, []))
-    install_root(model, root, plan, original)
+    install_root(model, root, plan, original, recapture)
+
+
+def _capture_build(model: nn.Module, args: Any, kwargs: dict | None, opts: Options,
+                   modes: tuple[str, ...]) -> tuple[Captured, tuple, str, RegionError | None]:
+    """Capture and build with the first of ``modes`` that cuts: "prefix" (a prefix of
+    each block list, unrolled), "full" (every block), "one" (no blocks: one graph)."""
+    leaves = _example_leaves(args, kwargs)
+    first: RegionError | None = None
+    captured: Captured | None = None
+    for mode in modes:
+        if mode == "full" and captured and all(b.kept == len(b.names) for b in captured.blocks):
+            continue  # the prefix held every block already
+        captured = capture(model, args, kwargs, blocks=mode != "one", full=mode == "full")
+        try:
+            return captured, _build(captured, opts, leaves), mode, first
+        except RegionError as exc:
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+_PARAM_FACTS = ("role", "lr_factor", "init", "init_std", "trainable", "frozen_by_umup")
+
+
+def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Options,
+                        mode: str) -> None:
+    """The first call of a structure the model has no graph for: capture it on the
+    model's own code, analyse and rewrite it with the same passes and options, and
+    add its root graph (and the block graphs of block calls not seen before) to the
+    model's modules. The installed plan stays the model's plan: the new analysis must
+    agree with it on every parameter (role, LR, init) and every block's taus, else
+    this is a ``CallError``; weights, init and optimizer groups are not touched."""
+    what = _describe_call(args, kwargs)
+    _refuse_inference_state(model, what, args, kwargs)
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise CallError(
+            f"{type(model).__name__} got a call structure it has no graph for ({what}) after "
+            "its weights were sharded (fully_shard / tensor parallel): a new structure is "
+            "captured on the unsharded model. Call the model once with this structure "
+            "before sharding, or call it as at transform."
+        )
+    modes = {"prefix": ("prefix", "full"), "full": ("full",), "one": ("one",)}[mode]
+    try:
+        with as_written(model):
+            captured, built, _, _ = _capture_build(model, args, kwargs, opts, modes)
+    except UmupError as exc:
+        raise CallError(
+            f"{type(model).__name__} got a call structure it has no graph for ({what}) and "
+            f"could not capture it: {exc}"
+        ) from exc
+    plan, taus, graphs, root, _ = built
+    installed = model.umup_plan
+    for name, p in plan.params.items():
+        q = installed.params.get(name)
+        differ = [f for f in _PARAM_FACTS if q is None or getattr(p, f) != getattr(q, f)]
+        if differ:
+            raise CallError(
+                f"{type(model).__name__} called with {what}: this call analyses parameter "
+                f"{name!r} differently from the transform's call ({', '.join(differ)}), so "
+                "its graph cannot share the model's weights and optimizer groups. Transform "
+                "with this call's structure as the example."
+            )
+    for b in captured.blocks:
+        container = model.get_submodule(discovery.live_path(model, b.path))
+        for k, child in enumerate(b.names):
+            block = unwrap(container._modules[child])
+            path = b.block_path(k)
+            if [round(t, 12) for t in taus.get(path, [])] != [
+                    round(t, 12) for t in block.__dict__.get("_umup_taus", [])]:
+                raise CallError(
+                    f"{type(model).__name__} called with {what}: block {path} gets other "
+                    "residual taus than at transform. Transform with this call's structure."
+                )
+            add_graph(block, graphs[path])  # blocks keep the graphs they have
+    new = [u for u in plan.uncovered if u not in installed.uncovered]
+    if new and opts.parametrization == "umup":
+        warnings.warn(
+            f"umup_fx: a call of {type(model).__name__} with {what} runs {len(new)} op(s) "
+            "no u-muP rule covers, unscaled: "
+            + "; ".join(f"{op} at {src}" for _, op, src in new),
+            UncoveredOpWarning,
+            stacklevel=4,
+        )
+    add_graph(model, root)
+
+
+def _describe_call(args: tuple, kwargs: dict) -> str:
+    return f"{len(args)} positional argument(s) and keyword arguments {sorted(kwargs)}"
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
+
+
+def _refuse_inference_state(model: nn.Module, what: str, args: tuple, kwargs: dict) -> None:
+    """A KV cache (``use_cache=True``, a cache object) is inference state no graph can
+    take or return; the transformed model trains and evaluates without one."""
+    fix = ("Call it with use_cache=False (model.generate(..., use_cache=False) for "
+           "generation without a cache), or export the trained model for fast cached "
+           "generation.")
+    if kwargs.get("use_cache") is True:
+        raise CallError(f"{type(model).__name__} was called with use_cache=True: a u-muP "
+                        f"model runs without a KV cache. {fix}")
+    leaves, _ = pytree.tree_flatten_with_path((tuple(args), kwargs))
+    for path, x in leaves:
+        if not isinstance(x, (torch.Tensor, *_PLAIN)):
+            raise CallError(
+                f"{type(model).__name__} was called with a {type(x).__name__} object at "
+                f"{pytree.keystr(path)} ({what}): a u-muP model's graphs take tensors and "
+                f"plain values only. {fix if 'cache' in type(x).__name__.lower() else ''}"
+            )
 
 
 def _as_written(model: nn.Module, args: Any, kwargs: dict | None, opts: Options) -> nn.Module:
@@ -183,29 +297,16 @@ def transform(
     opts = Options.build(hparams, **options)
     if opts.parametrization in ("sp", "sp_emb_lr"):
         return _as_written(model, example_inputs, example_kwargs, opts)
-    leaves = _example_leaves(example_inputs, example_kwargs)
-    captured = capture(model, example_inputs, example_kwargs)
-    try:
-        built = _build(captured, opts, leaves)
-    except RegionError as first:
-        if any(b.kept < len(b.names) for b in captured.blocks):
-            captured = capture(model, example_inputs, example_kwargs, full=True)
-            try:
-                built = _build(captured, opts, leaves)
-            except RegionError:
-                built = None
-        else:
-            built = None
-        if built is None:
-            warnings.warn(
-                f"umup_fx: {captured.model_name} runs as one graph ({first}); its blocks "
-                "are not separate modules, so per-block fully_shard, activation "
-                "checkpointing and compile do not apply.",
-                OneGraphWarning,
-                stacklevel=2,
-            )
-            captured = capture(model, example_inputs, example_kwargs, blocks=False)
-            built = _build(captured, opts, leaves)
+    captured, built, mode, first = _capture_build(
+        model, example_inputs, example_kwargs, opts, ("prefix", "full", "one"))
+    if mode == "one" and first is not None:
+        warnings.warn(
+            f"umup_fx: {captured.model_name} runs as one graph ({first}); its blocks "
+            "are not separate modules, so per-block fully_shard, activation "
+            "checkpointing and compile do not apply.",
+            OneGraphWarning,
+            stacklevel=2,
+        )
     plan = built[0]
     if plan.uncovered and opts.parametrization == "umup":
         listed = "; ".join(f"{op} at {src}" for _, op, src in plan.uncovered)
@@ -226,7 +327,8 @@ def transform(
             PostNormWarning,
             stacklevel=2,
         )
-    _install(model, captured, built)
+    _install(model, captured, built,
+             functools.partial(_add_call_structure, opts=opts, mode=mode))
     initialise(model, plan, opts.reinit)
     for p in model.parameters():
         setattr(p, TRANSFORMED_ATTR, True)  # the "umup" backend must not rewrite it again

@@ -215,13 +215,57 @@ def _quiet_export() -> Any:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _named_kwargs(model: nn.Module, kwargs: dict) -> Any:
+    """Show keyword arguments that ``forward(self, x, **kwargs)`` collects as named
+    keyword-only parameters while exporting: torch.export's dynamic-shape bookkeeping
+    lists such arguments twice and fails ("Must provide a tree_name")."""
+    sig = inspect.signature(model.forward)
+    extra = [k for k in kwargs if k not in sig.parameters]
+    if not extra or not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        yield
+        return
+    forward = model.forward
+
+    def named(*a: Any, **k: Any) -> Any:
+        return forward(*a, **k)
+
+    kept = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    named.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=kept + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra])
+    saved = model.__dict__.get("forward")
+    model.__dict__["forward"] = named
+    try:
+        yield
+    finally:
+        if saved is None:
+            del model.__dict__["forward"]
+        else:
+            model.__dict__["forward"] = saved
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Any:
+    """Capture with an HF model's KV cache off (``config.use_cache``, True by default):
+    the cache is an inference concern, and its object is no tensor a graph can return."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, block_lists: list,
             preserve: tuple[str, ...], shadow: bool) -> ExportedProgram:
     if shadow:
         args, kwargs = shadow_inputs(args, kwargs)
     with discovery.truncated(model, block_lists), _quiet_export(), (
         shadowed(model) if shadow else contextlib.nullcontext()
-    ):
+    ), _named_kwargs(model, kwargs), _no_kv_cache(model):
         return torch.export.export(
             model,
             args,
@@ -279,6 +323,12 @@ def capture(
             "or train. Pass the module that owns the weights."
         )
     _check_inputs(model, args, kwargs)
+    if kwargs.get("use_cache") is True:
+        raise CaptureError(
+            "use_cache=True asks for a KV cache, an inference object no graph can return. "
+            "Transform with use_cache=False (or without it: the capture turns the cache "
+            "off); export the trained model (umup_fx.export) for cached generation."
+        )
     args, kwargs = _unalias(args, kwargs)
     block_lists = discovery.find_blocks(model) if blocks else []
     for b in block_lists:

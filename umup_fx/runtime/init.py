@@ -72,7 +72,7 @@ def init_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Modu
     unit_init(model, plan_of(model), generator)
     with torch.no_grad():  # tensor constants the graphs keep as buffers: to_empty voids them
         for module in model.modules():
-            region = module.__dict__.get("_umup_region")
-            for name, buffer in module.__dict__.get("_umup_constants", {}).items():
-                getattr(module, buffer).copy_(region.constants[name])
+            for _, region, names in module.__dict__.get("_umup_graphs", []):
+                for name, buffer in names.items():
+                    getattr(module, buffer).copy_(region.constants[name])
     return model

@@ -9,11 +9,19 @@ per block, its residual taus, is a list of floats on the instance.
 
 Each call reads the module's parameters at call time, by path: FSDP2's unsharded
 parameters, a checkpoint wrapper's recompute and ``.to()`` moves are all seen.
+
+A module keeps one graph per *call structure* (which arguments are given, nested how,
+and the values of the non-tensor ones): the root's first call with a structure it has
+no graph for captures one (``_umup_recapture``, set by ``transform``; at most
+``MAX_CALL_STRUCTURES``); blocks get the graphs the root's captures make for them.
+The installed forward keeps the original's signature (``inspect.signature``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -111,18 +119,86 @@ def _flatten_call(rg: RegionGraph, module: nn.Module, args: tuple, kwargs: dict)
     return flat
 
 
+# Root graphs a model keeps, one per call structure. One more is a CallError, not an
+# eviction: a structure that changes on every call (a non-tensor argument that counts
+# steps) would otherwise capture on every call, seconds each, without a word.
+MAX_CALL_STRUCTURES = 8
+
+
+def call_key(args: tuple, kwargs: dict) -> tuple[pytree.TreeSpec, list[Any]]:
+    """A call's structure: its argument tree (keywords in name order) and the values of
+    its non-tensor leaves (tensors, of any size, stand as ``TENSOR``)."""
+    flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+    return spec, [TENSOR if isinstance(x, torch.Tensor) or x is TENSOR else x for x in flat]
+
+
+def _graph_key(rg: RegionGraph) -> tuple[pytree.TreeSpec, list[Any]]:
+    args, kwargs = pytree.tree_unflatten(list(rg.leaves), rg.in_spec)
+    return call_key(args, kwargs)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    for x, y in zip(a[1], b[1], strict=True):
+        if (x is TENSOR) != (y is TENSOR):
+            return False
+        if x is not TENSOR and (type(x) is not type(y) or x != y):
+            return False
+    return True
+
+
+def graphs_of(module: nn.Module) -> list[RegionGraph]:
+    """Every graph ``module`` runs, one per call structure, the transform-time one first."""
+    return [rg for _, rg, _ in module.__dict__.get("_umup_graphs", [])]
+
+
+def graph_for(module: nn.Module, args: tuple, kwargs: dict) -> RegionGraph | None:
+    """The graph ``module`` runs for this call's structure, or None."""
+    key = call_key(args, kwargs)
+    for k, rg, _ in module.__dict__["_umup_graphs"]:
+        if _same_key(k, key):
+            return rg
+    return None
+
+
+def _select(module: nn.Module, args: tuple, kwargs: dict) -> RegionGraph:
+    rg = graph_for(module, args, kwargs)
+    if rg is not None:
+        return rg
+    first = module.__dict__["_umup_region"]
+    recapture = module.__dict__.get("_umup_recapture")
+    if recapture is None:
+        raise _call_error(first, module, args, kwargs,
+                          "a block runs the graphs its model's captures made for it")
+    if len(module.__dict__["_umup_graphs"]) >= MAX_CALL_STRUCTURES:
+        raise CallError(
+            f"This u-muP {type(module).__name__} was called with {MAX_CALL_STRUCTURES + 1} "
+            "different call structures (arguments given, and the values of non-tensor "
+            f"ones); it keeps at most {MAX_CALL_STRUCTURES} graphs "
+            "(umup_fx.runtime.modules.MAX_CALL_STRUCTURES). Pass values that change "
+            "between calls as tensors, or keep them fixed."
+        )
+    torch.compiler.disable(recapture)(module, args, kwargs)
+    rg = graph_for(module, args, kwargs)
+    if rg is None:
+        raise _call_error(first, module, args, kwargs, "the new capture did not take this call")
+    return rg
+
+
 def run_region(module: nn.Module, rg: RegionGraph, args: tuple, kwargs: dict) -> Any:
     """Call ``rg``'s graph for ``module(*args, **kwargs)`` and rebuild its output."""
     flat = _flatten_call(rg, module, args, kwargs)
     placement = None
     values: list[Any] = []
+    constants = next(c for _, g, c in module.__dict__["_umup_graphs"] if g is rg)
     for kind, target in rg.inputs:
         if kind == "input":
             values.append(flat[target])
         elif kind in ("param", "buffer"):
             values.append(_resolve(module, target))
         elif kind == "constant":
-            values.append(getattr(module, module.__dict__["_umup_constants"][target]))
+            values.append(getattr(module, constants[target]))
         elif kind == "training":
             values.append(module.training)
         elif kind == "module":
@@ -147,14 +223,13 @@ def run_region(module: nn.Module, rg: RegionGraph, args: tuple, kwargs: dict) ->
 
 
 class UmupRegion(nn.Module):
-    """Mixin of a module that runs a rewritten graph (a block, or the root)."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return run_region(self, self.__dict__["_umup_region"], args, kwargs)
+    """Mixin of a module that runs a rewritten graph (a block, or the root); its class
+    (``_subclass``) gets the forward, with the original's signature."""
 
     @property
     def graph_module(self) -> fx.GraphModule:
-        """This module's rewritten graph (``.code`` shows it)."""
+        """This module's rewritten graph (``.code`` shows it) for the transform's call;
+        ``graphs_of(module)`` lists those of other call structures too."""
         return self.__dict__["_umup_region"].gm
 
 
@@ -191,17 +266,62 @@ class UmupModule(UmupRegion):
 def _subclass(cls: type, mixin: type) -> type:
     key = (cls, mixin)
     if key not in _CLASSES:
-        _CLASSES[key] = type(f"Umup{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return run_region(self, _select(self, args, kwargs), args, kwargs)
+
+        # Callers read the signature (HF Trainer keeps the dataset columns it names and
+        # passes num_items_in_batch when it has **kwargs; generate checks arguments).
+        forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
+        forward.__doc__ = cls.forward.__doc__
+        _CLASSES[key] = type(f"Umup{cls.__name__}", (mixin, cls),
+                             {"__module__": cls.__module__, "forward": forward})
     return _CLASSES[key]
+
+
+def _written_class(cls: type) -> type:
+    """The model's own class under its ``Umup`` subclass (and any wrapper's on top)."""
+    for c in cls.__mro__:
+        for (original, _), sub in _CLASSES.items():
+            if sub is c:
+                return original
+    return cls
+
+
+@contextlib.contextmanager
+def as_written(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s own forwards (not the rewritten graphs) while inside: a new call
+    structure is captured on the code the user wrote."""
+    swapped = [(m, type(m)) for m in model.modules() if isinstance(m, UmupRegion)]
+    try:
+        for m, cls in swapped:
+            m.__class__ = _written_class(cls)
+        yield
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
+def add_graph(module: nn.Module, rg: RegionGraph) -> None:
+    """Let ``module`` run ``rg`` for calls of the structure ``rg`` was captured for (its
+    tensor constants become non-persistent buffers of the module); a module that has a
+    graph for that structure keeps it."""
+    graphs = module.__dict__.setdefault("_umup_graphs", [])
+    key = _graph_key(rg)
+    if any(_same_key(key, k) for k, _, _ in graphs):
+        return
+    taken = sum(len(c) for _, _, c in graphs)
+    names = {}
+    for i, (name, value) in enumerate(rg.constants.items()):
+        names[name] = f"_umup_constant_{taken + i}"
+        module.register_buffer(names[name], value.clone(), persistent=False)
+    graphs.append((key, rg, names))
 
 
 def _attach(module: nn.Module, rg: RegionGraph, mixin: type) -> None:
     module.__dict__["_umup_region"] = rg
-    names = {}
-    for i, (name, value) in enumerate(rg.constants.items()):
-        names[name] = f"_umup_constant_{i}"
-        module.register_buffer(names[name], value.clone(), persistent=False)
-    module.__dict__["_umup_constants"] = names
+    module.__dict__["_umup_graphs"] = []
+    add_graph(module, rg)
     module.__class__ = _subclass(type(module), mixin)
 
 
@@ -212,10 +332,19 @@ def install_block(block: nn.Module, rg: RegionGraph, taus: list[float]) -> None:
     inner.__dict__["_umup_taus"] = list(taus)
 
 
-def install_root(model: nn.Module, rg: RegionGraph, plan: Plan, original: fx.GraphModule) -> None:
+def install_root(
+    model: nn.Module,
+    rg: RegionGraph,
+    plan: Plan,
+    original: fx.GraphModule,
+    recapture: Callable[[nn.Module, tuple, dict], None] | None = None,
+) -> None:
+    """Make ``model`` run ``rg``; ``recapture(model, args, kwargs)`` adds the graphs of a
+    call structure it has none for (``add_graph``)."""
     _attach(model, rg, UmupModule)
     model.__dict__["_umup_plan"] = plan
     model.__dict__["_umup_original"] = original
+    model.__dict__["_umup_recapture"] = recapture
 
 
 def is_transformed(module: nn.Module) -> bool:

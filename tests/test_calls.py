@@ -1,0 +1,161 @@
+"""A transformed model takes every call its original takes (issue 20 item 1, issue 21).
+
+Truth is the model itself: the loss it computes with ``labels`` against the
+cross-entropy of the logits it returns without them, the same model's greedy tokens
+by full forwards, the untransformed class's signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import umup_fx
+from umup_fx.errors import CallError
+from umup_fx.runtime import modules
+from umup_fx.runtime.modules import graphs_of
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def _llama(use_cache: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, use_cache=use_cache)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[nn.Module, inspect.Signature]:
+    """Transformed with labels and HF's default use_cache=True."""
+    model = _llama()
+    signature = inspect.signature(model.forward)
+    x = _ids()
+    umup_fx.transform(model, (), {"input_ids": x, "labels": x})
+    return model, signature
+
+
+def test_transform_with_default_use_cache_keeps_signature(llama) -> None:
+    model, signature = llama
+    assert model.config.use_cache is True  # turned off for the capture only
+    assert inspect.signature(model.forward) == signature
+
+
+def test_call_without_labels_gives_the_logits_of_the_loss(llama) -> None:
+    model, _ = llama
+    x = _ids(batch=3, seq=10, seed=2)  # another batch and length too
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = [(g["names"], g["lr"]) for g in umup_fx.AdamW(model, lr=0.1).param_groups]
+    with torch.no_grad():
+        loss = model(input_ids=x, labels=x).loss
+        logits = model(input_ids=x).logits  # a structure not seen before: captured now
+    expected = umup_fx.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    torch.testing.assert_close(loss, expected)
+    # the new capture kept the weights, the plan's groups, and the blocks' graphs
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert [(g["names"], g["lr"]) for g in umup_fx.AdamW(model, lr=0.1).param_groups] == groups
+    assert all(len(graphs_of(layer)) == 1 for layer in model.model.layers)
+    assert len(graphs_of(model)) >= 2
+
+
+def test_attention_mask_and_padding(llama) -> None:
+    model, _ = llama
+    x = _ids(batch=2, seq=10, seed=3)
+    mask = torch.ones_like(x)
+    mask[1, 7:] = 0  # right padding: the first 7 positions cannot see it
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        masked = model(input_ids=x, attention_mask=mask).logits
+        short = model(input_ids=x[1:, :7]).logits
+    torch.testing.assert_close(masked[0], full[0])
+    torch.testing.assert_close(masked[1, :7], short[0], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_without_cache_is_greedy_full_forward(llama) -> None:
+    model, _ = llama
+    prompt = _ids(batch=1, seq=4, seed=4)
+    model.eval()
+    try:
+        out = model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False)
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(4):
+                nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], dim=1)
+        assert torch.equal(out, ids)
+        with pytest.raises(CallError, match="use_cache=False"):
+            model.generate(prompt, max_new_tokens=2, do_sample=False)  # HF's default cache
+    finally:
+        model.train()
+
+
+def test_num_items_in_batch_divides_the_summed_loss(llama) -> None:
+    model, _ = llama
+    x = _ids(seed=5)
+    n = torch.tensor(x[:, 1:].numel())
+    with torch.no_grad():
+        mean = model(input_ids=x, labels=x).loss
+        summed = model(input_ids=x, labels=x, num_items_in_batch=n).loss
+    torch.testing.assert_close(summed, mean)
+
+
+def test_trainer_with_default_arguments(tmp_path) -> None:
+    model = _llama()
+    pattern = torch.arange(16) % 8
+    data = [{"input_ids": pattern.clone(), "labels": pattern.clone()} for _ in range(32)]
+    x = torch.stack([d["input_ids"] for d in data[:2]])
+    umup_fx.transform(model, (), {"input_ids": x, "labels": x})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=4,
+        max_steps=12, logging_steps=4, save_strategy="no")
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data,
+        optimizers=(umup_fx.AdamW(model, lr=0.05), None))
+    assert trainer.model_accepts_loss_kwargs  # so it passes num_items_in_batch
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.2
+
+
+class _KwargsLM(nn.Module):
+    """``forward(self, ids, **kwargs)``: the loss when ``kwargs`` hold targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(2))
+        self.out = nn.Linear(32, VOCAB)
+
+    def forward(self, ids: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = h + F.silu(layer(h))
+        logits = self.out(h)
+        if "targets" in kwargs:
+            return F.cross_entropy(logits.flatten(0, 1), kwargs["targets"].flatten())
+        return logits
+
+
+def test_var_keyword_forward_and_structure_bound(monkeypatch) -> None:
+    model = _KwargsLM()
+    signature = inspect.signature(model.forward)
+    x = _ids()
+    umup_fx.transform(model, (x,), {"targets": x})  # torch.export alone fails here
+    assert inspect.signature(model.forward) == signature
+    loss = model(x, targets=x)
+    logits = model(x)
+    torch.testing.assert_close(loss, umup_fx.cross_entropy(logits.flatten(0, 1), x.flatten()))
+    monkeypatch.setattr(modules, "MAX_CALL_STRUCTURES", 2)
+    with pytest.raises(CallError, match="at most 2"):
+        model(ids=x)  # a third structure (keyword instead of positional)
