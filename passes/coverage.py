@@ -40,6 +40,9 @@ _PASS_THROUGH = TRANSPARENT | ops(
     "neg", "pad", "constant_pad_nd",
     "_assert_tensor_metadata", "copy_", "zeros_like", "ones_like", "empty_like",
     "sym_size.int",
+    # complex RoPE (torchtitan): pairs read as complex numbers and back; the product
+    # with the unit-modulus rotation between them keeps scale, as real RoPE's does
+    "view_as_complex", "view_as_real",
 )
 _SUB = ops("sub.Tensor")
 # The arithmetic inside a hand-written norm's statistic: x^2, mean, + eps, rsqrt.

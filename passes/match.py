@@ -76,12 +76,15 @@ _DATA_MOVE = (TRANSPARENT - _EXPAND) | ops("slice.Tensor", "select.int", "narrow
 
 def _picks_for_head(node: fx.Node, solver: Any) -> bool:
     """``x[:, i]`` on a data-sized axis (a sequence, not a number the model fixes) whose
-    value a linear reads: a classifier on the cls / last token."""
+    value a linear reads, directly or after dropout: a classifier on the cls / last token."""
     dims = meta.get(node.args[0], meta.DIMS)
     axis = node.args[1] % len(dims)
     if dims[axis].is_number or solver.kind_of(dims[axis]) != "fixed":
         return False
-    return any(meta.get(u, meta.RULE) == rules.LINEAR for u in consumers(node))
+    readers = consumers(node)
+    while readers and all(r.target in DROPOUTS or r.target.__name__ == "getitem" for r in readers):
+        readers = [u for r in readers for u in consumers(r)]  # x[:, 0] -> dropout -> head
+    return any(meta.get(u, meta.RULE) == rules.LINEAR for u in readers)
 
 
 def _einsum_weight(node: fx.Node) -> tuple[list[str], str, int] | None:

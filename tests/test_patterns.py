@@ -1,0 +1,98 @@
+"""Forms real models write that the rules now cover (rules.md, "Decisions"): graph
+before / after and the numbers at init (umup_fx.check)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import umup_fx
+from tests.tiny_models import graph_nodes
+from umup_fx.runtime import ops
+
+D, H, V = 64, 4, 64
+
+
+class ClsDropoutHead(nn.Module):
+    """A classifier on the cls position through dropout (HF's *ForSequenceClassification)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(V, D), nn.Linear(D, D)
+        self.drop, self.head = nn.Dropout(0.1), nn.Linear(D, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h + self.mid(F.layer_norm(h, (D,)))
+        return self.head(self.drop(h[:, 0]))
+
+
+def test_pick_through_dropout() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (4, 64), generator=torch.Generator().manual_seed(0))
+    model = umup_fx.transform(ClsDropoutHead(), (ids,))
+    before = [n.target for n in model.original_graph.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.select.int in before
+    assert ops.pick in [n.target for n in graph_nodes(model)]
+    report = umup_fx.check(model, (ids,))
+    assert report.ok, report.lines()
+    # unpicked, the encoder's gradient would be 1/sqrt(64) of unit (0.15 measured)
+    mid = next(r for r in report.ops if r.weight == "mid.weight")
+    assert 0.5 < mid.weight_grad_rms < 2
+
+
+def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs).flatten(3).type_as(x)
+
+
+class ComplexRopeBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(D)
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.norm(x)
+        q = _rope(self.q(h).view(b, s, H, -1), freqs).transpose(1, 2)
+        k = _rope(self.k(h).view(b, s, H, -1), freqs).transpose(1, 2)
+        v = self.v(h).view(b, s, H, -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(o.transpose(1, 2).reshape(b, s, D))
+
+
+class ComplexRope(nn.Module):
+    """torchtitan's RoPE: a complex buffer passed to every block, view_as_complex / real."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(V, D), nn.Linear(D, V, bias=False)
+        self.layers = nn.ModuleList(ComplexRopeBlock() for _ in range(2))
+        f = 1.0 / (10000 ** (torch.arange(0, D // H, 2).float() / (D // H)))
+        angles = torch.outer(torch.arange(64).float(), f)
+        self.register_buffer("freqs", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h, s = self.emb(ids), ids.shape[1]
+        freqs = self.freqs[:s].view(1, s, 1, -1)
+        for layer in self.layers:
+            h = layer(h, freqs)
+        return self.out(h)
+
+
+def test_complex_rope_is_a_rotation() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
+        model = umup_fx.transform(ComplexRope(), (ids,))
+    assert not model.umup_plan.uncovered
+    targets = [n.target for g in model.region_graphs().values() for n in g.graph.nodes]
+    assert torch.ops.aten.view_as_complex.default in targets  # kept as written
+    report = umup_fx.check(model, (ids,))
+    assert report.ok, report.lines()
+    assert model(torch.randint(0, V, (3, 48))).shape == (3, 48, V)  # another length
