@@ -23,5 +23,9 @@ class HParamsError(UmupError, ValueError):
     """An invalid u-muP hyperparameter."""
 
 
+class GraphRunError(UmupError, RuntimeError):
+    """An op of a rewritten graph failed on a call the model as written accepts."""
+
+
 class CallError(UmupError, TypeError):
     """A transformed model was called with arguments its graph was not captured for."""

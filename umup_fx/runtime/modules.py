@@ -29,7 +29,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from umup_fx.errors import CallError
+from umup_fx.errors import CallError, GraphRunError
+from umup_fx.runtime.graph_errors import explain_graph_error
 from umup_fx.runtime.names import canonical_name, unwrap
 
 if TYPE_CHECKING:
@@ -208,7 +209,17 @@ def run_region(module: nn.Module, rg: RegionGraph, args: tuple, kwargs: dict) ->
         else:  # "device" / "dtype"
             placement = placement or _placement(module, flat)
             values.append(placement[0] if kind == "device" else placement[1])
-    results = rg.gm(*values) if graph_runner is None else graph_runner(module, rg, values)
+    if torch.compiler.is_compiling():  # no try block in what Dynamo traces
+        results = rg.gm(*values) if graph_runner is None else graph_runner(module, rg, values)
+    else:
+        try:
+            results = rg.gm(*values) if graph_runner is None else graph_runner(module, rg, values)
+        except Exception as exc:
+            error = explain_graph_error(module, rg.gm, exc, args, kwargs)
+            if error is exc:
+                raise
+            # The model's own error for this call stands alone; ours chains the graph's.
+            raise error from (exc if isinstance(error, GraphRunError) else None)
     user = []
     for (kind, target), value in zip(rg.outputs, results, strict=True):
         if kind == "buffer":
