@@ -36,7 +36,7 @@ import umup_fx  # noqa: E402
 from benchmarks._doc import command, machine, write_section  # noqa: E402
 from examples.demo import train  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
-from umup_fx import fp8  # noqa: E402
+from umup_fx.runtime import fp8  # noqa: E402
 from umup_fx.transfer.corpus import get_batch, load_corpus, train_val_split  # noqa: E402
 
 MATMUL_SHAPES = [(8192, 2048, 2048), (8192, 2048, 5632), (8192, 5632, 2048)]  # M, K, N
