@@ -11,7 +11,7 @@ import umup_fx
 from tests.tiny_models import graph_nodes, hf_llama
 from umup_fx.__main__ import main
 from umup_fx.transfer.search import search
-from umup_fx.transfer.sweep import summary
+from umup_fx.transfer.sweep import default_grid, summary, verdict
 
 
 def _ids() -> torch.Tensor:
@@ -76,7 +76,7 @@ def test_baselines_need_a_base_and_a_known_name() -> None:
 def test_sweep_cli_writes_json_resumes_and_plots(tmp_path, capsys) -> None:
     out = tmp_path / "sweep.json"
     argv = ["sweep", "examples.llama:Llama", "--width-arg", "d_model", "--widths", "32", "64",
-            "--lrs", "0.5", "--steps", "3", "--parametrization", "umup", "sp",
+            "--lrs", "0.5", "--steps", "3", "--parametrization", "umup", "sp", "--seeds", "0",
             "--batch", "2", "--seq", "16", "--json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
@@ -84,7 +84,7 @@ def test_sweep_cli_writes_json_resumes_and_plots(tmp_path, capsys) -> None:
     assert {r["parametrization"] for r in result["runs"]} == {"umup", "sp"}
     assert all(r["val_loss"] > 0 for r in result["runs"])
     assert set(result["best"]["umup"]) == {"32", "64"} and result["log2_lr_drift"]["umup"] == 0
-    assert "umup: best lr by width" in capsys.readouterr().out
+    assert "umup: η* by width 32: 0.5 (" in capsys.readouterr().out
     first = out.read_text()
     assert main(argv) == 0  # every run is there: nothing reruns, nothing changes
     assert json.loads(out.read_text())["runs"] == json.loads(first)["runs"]
@@ -114,6 +114,33 @@ def test_summary_transfer_quality() -> None:
     assert out["log2_lr_drift"]["p"] == 1.0
     assert out["transfer_loss"]["p"] == pytest.approx(0.2)  # 1.95 at 0.5 vs 1.75 at 1.0
     assert out["best"]["p"]["256"]["seed_spread"] == pytest.approx(0.1)
+    # each eta* wins by 0.2 against a seed spread of 0.1; 0.5 is the grid's lower edge
+    assert out["best"]["p"]["64"]["margin"] == pytest.approx(0.2)
+    assert out["best"]["p"]["64"]["decided"] and out["best"]["p"]["64"]["edge"]
+    assert out["drift_within_noise"]["p"] is False  # 0.2 lost at 256 > spread 0.1
+    assert "log2 drift 1, beyond the seeds' spread" in verdict(out, "p")
+
+
+def test_summary_says_when_a_drift_is_noise() -> None:
+    """Width 256 prefers 1.0 by 0.05 nats while its seeds spread by 0.3: a drift of 1
+    that is within noise, an eta* that is not decided."""
+    runs = [{"parametrization": "p", "width": w, "lr": lr, "seed": s, "val_loss": loss + s * 0.3}
+            for w, lr, loss in [(64, 0.5, 2.0), (64, 1.0, 2.4), (64, 2.0, 2.5),
+                                (256, 0.5, 1.80), (256, 1.0, 1.75), (256, 2.0, 2.2)]
+            for s in (0, 1)]
+    out = summary(runs)
+    e = out["best"]["p"]["256"]
+    assert e["lr"] == 1.0 and e["margin"] == pytest.approx(0.05) and e["decided"] is False
+    assert not e["edge"] and out["drift_within_noise"]["p"] is True
+    assert "log2 drift 1, within noise" in verdict(out, "p")
+    one_seed = summary([r for r in runs if r["seed"] == 0])
+    assert one_seed["best"]["p"]["256"]["decided"] is None
+    assert "one seed" in verdict(one_seed, "p")
+
+
+def test_default_grids_are_centred_on_each_default() -> None:
+    assert default_grid("umup") == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert default_grid("sp") == [2.0**k for k in range(-11, -6)]
 
 
 def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:

@@ -21,17 +21,18 @@ python -m umup_fx search MODULE:FACTORY --width-arg NAME --proxy-width W --targe
 --lrs ETA... --steps N [--mults M...] [--fields F...] --json OUT tunes eta, then each
 u-muP multiplier alone, on the proxy, and checks the combination at the target width.
 
-python -m umup_fx sweep MODULE:FACTORY --width-arg NAME --widths W... --lrs ETA...
---steps N [--parametrization P...] [--seeds S...] [--data FILE] --json OUT [--plot PNG]
-sweeps the learning rate across widths (umup_fx.sweep): FACTORY(NAME=width) builds each
-model; a rerun with the same --json skips finished runs.
+python -m umup_fx sweep MODULE:FACTORY --width-arg NAME --widths W... --steps N
+[--lrs ETA...] [--parametrization P...] [--seeds S...] [--data FILE] --json OUT
+[--plot PNG] sweeps the learning rate across widths (umup_fx.sweep): FACTORY(NAME=width)
+builds each model; each parametrization gets a grid around its own default eta unless
+--lrs gives one; a rerun with the same --json skips finished runs.
 
 examples:
   python -m umup_fx inspect examples.llama:Llama --input long:2x64:256
   python -m umup_fx inspect examples.llama:Llama --arg d_model=256 --input long:2x64:256
   python -m umup_fx inspect examples.mlp:MLPClassifier --input float:8x32
-  python -m umup_fx sweep examples.llama:Llama --width-arg d_model --widths 64 128
-      --lrs 0.25 1 4 --steps 200 --parametrization umup sp --json sweep.json --plot sweep.png
+  python -m umup_fx sweep examples.llama:Llama --width-arg d_model --widths 32 64
+      --steps 60 --parametrization umup sp --json sweep.json --plot sweep.png
 
 Every mistake is one line on stderr and exit status 2; UMUP_FX_DEBUG=1 shows the
 traceback instead.
@@ -173,13 +174,16 @@ def _main(argv: list[str] | None) -> int:
     p = sub.add_parser("sweep", help="sweep the learning rate across widths")
     _width_tool_args(p)
     p.add_argument("--widths", type=int, nargs="+", required=True)
-    p.add_argument("--lrs", type=float, nargs="+", required=True)
+    p.add_argument("--lrs", type=float, nargs="+",
+                   help="one eta grid for all (default: 5 points a factor 2 apart around each "
+                        "parametrization's default eta, 1 for umup, 2^-9 else)")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--parametrization", nargs="+", default=["umup"],
                    choices=["umup", "mup", "sp", "sp_emb_lr"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="two or more, so each eta* is judged against the seeds' spread")
     p.add_argument("--json", required=True, help="results file (resumed if it exists)")
-    p.add_argument("--plot", help="loss-vs-lr figure (needs matplotlib)")
+    p.add_argument("--plot", help="loss-vs-lr figure (needs matplotlib: the plot extra)")
     p = sub.add_parser("coord-check", help="muP's coordinate check across widths")
     _width_tool_args(p)
     p.add_argument("--widths", type=int, nargs="+", required=True)
@@ -307,7 +311,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from umup_fx.transfer.sweep import sweep
+    from umup_fx.transfer.sweep import sweep, verdict
 
     build = _width_factory(args.target)
 
@@ -315,11 +319,8 @@ def _sweep(args: argparse.Namespace) -> int:
                    steps=args.steps, parametrizations=args.parametrization, seeds=args.seeds,
                    data=args.data, json_path=args.json, plot=args.plot, batch=args.batch,
                    seq=args.seq)
-    for par, widths in result["best"].items():
-        best = ", ".join(f"{w}: {e['lr']:g} ({e['val_loss']:.3f})" for w, e in widths.items())
-        print(f"{par}: best lr by width {best}; log2 drift {result['log2_lr_drift'][par]:.2f}; "
-              f"loss lost at the widest width with the smallest's lr "
-              f"{result['transfer_loss'][par]:.3f}")
+    for par in result["best"]:
+        print(verdict(result, par))
     return 0
 
 

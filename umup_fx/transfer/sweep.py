@@ -12,8 +12,11 @@ logits ``[B, S, V]`` (or an object with ``.logits``), to which the sweep applies
 cross-entropy (u-μP's unit-scaled one under ``"umup"``).
 
 The JSON file holds every run and is rewritten after each, so a rerun with the same
-file skips the runs already there. ``summary`` gives the best η per (parametrization,
-width) by validation loss averaged over seeds, and the drift of log2 η* across widths.
+file skips the runs already there. Each parametrization gets its own η grid, centred on
+its default (``default_grid``), unless ``lrs`` gives one for all. ``summary`` gives the
+best η per (parametrization, width) by validation loss averaged over seeds, how decided
+it is against the seeds' spread, and the drift of log2 η* across widths, judged
+against that noise too.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 
 from umup_fx.errors import UmupError
 from umup_fx.runtime import ops
-from umup_fx.runtime.optim import AdamW
+from umup_fx.runtime.optim import DEFAULT_LR, AdamW
 from umup_fx.transfer.corpus import get_batch, load_corpus, load_file, train_val_split
 from umup_fx.transfer.plots import panels, save
 from umup_fx.transform import transform
@@ -144,13 +147,27 @@ def run_one(
     return record
 
 
+def default_grid(parametrization: str, points: int = 5) -> list[float]:
+    """``points`` learning rates a factor 2 apart, centred on the parametrization's
+    default η (``DEFAULT_LR``: 2^0 for u-μP, 2^-9 for the baselines): a grid per
+    parametrization, since their good η differ by orders of magnitude."""
+    centre = math.log2(DEFAULT_LR[parametrization])
+    return [2.0 ** (centre + k - (points - 1) // 2) for k in range(points)]
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Transfer quality per parametrization, from validation losses averaged over seeds:
 
-    - ``best``: η* per width, its loss, and the seeds' spread (max - min) there;
+    - ``best``: η* per width, its loss, and the seeds' spread (max - min) there; how
+      decided it is: ``margin`` (the runner-up η's loss minus η*'s), ``decided``
+      (margin above the larger seed spread of the two; None with one seed) and
+      ``edge`` (η* is the grid's smallest or largest η: widen the grid);
     - ``log2_lr_drift``: max - min of log2 η* across widths;
     - ``transfer_loss``: the loss lost at the widest width by training it at the
-      smallest width's η* instead of its own (0 when η* transfers exactly).
+      smallest width's η* instead of its own (0 when η* transfers exactly);
+    - ``drift_within_noise``: at every width, the smallest width's η* is within that
+      width's seed spread of η* (so a nonzero drift is not evidence against transfer;
+      None with one seed).
     """
     table: dict[tuple[str, int, float], list[float]] = {}
     for r in runs:
@@ -165,14 +182,53 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             vals = table[(par, width, lr)]
             best[par][str(width)] = {"lr": lr, "val_loss": loss, "seeds": len(vals),
                                      "seed_spread": max(vals) - min(vals)}
-    drift, lost = {}, {}
+    def spread(par: str, width: int, lr: float) -> float:
+        vals = table.get((par, width, lr), [])
+        return max(vals) - min(vals) if len(vals) > 1 else float("nan")
+
+    drift, lost, noise = {}, {}, {}
     for par, ws in best.items():
+        for width, e in ws.items():
+            grid = sorted(lr for (p, w, lr) in mean if p == par and w == int(width))
+            others = [(mean[(par, int(width), lr)], lr) for lr in grid
+                      if lr != e["lr"] and math.isfinite(mean[(par, int(width), lr)])]
+            runner = min(others, default=(float("nan"), None))
+            e["margin"] = runner[0] - e["val_loss"]
+            noise_here = max(e["seed_spread"], spread(par, int(width), runner[1]))
+            e["decided"] = None if e["seeds"] < 2 else bool(e["margin"] > noise_here)
+            e["edge"] = len(grid) > 1 and e["lr"] in (grid[0], grid[-1])
         drift[par] = (max(math.log2(e["lr"]) for e in ws.values())
                       - min(math.log2(e["lr"]) for e in ws.values()))
         small, wide = min(ws, key=int), max(ws, key=int)
         at_proxy = mean.get((par, int(wide), ws[small]["lr"]), float("nan"))
         lost[par] = at_proxy - ws[wide]["val_loss"]
-    return {"best": best, "log2_lr_drift": drift, "transfer_loss": lost}
+        within = [mean.get((par, int(w), ws[small]["lr"]), float("nan")) - e["val_loss"]
+                  <= max(e["seed_spread"], spread(par, int(w), ws[small]["lr"]))
+                  for w, e in ws.items()]
+        noise[par] = None if min(e["seeds"] for e in ws.values()) < 2 else all(within)
+    return {"best": best, "log2_lr_drift": drift, "transfer_loss": lost,
+            "drift_within_noise": noise}
+
+
+def verdict(result: dict[str, Any], par: str) -> str:
+    """One line on ``par``'s η* per width, how decided each is, and the drift."""
+    cells = []
+    for width, e in result["best"][par].items():
+        how = ("one seed: no spread to judge by" if e["decided"] is None else
+               f"margin {e['margin']:.3f} {'>' if e['decided'] else '<='} seed spread")
+        edge = ", at the grid's edge: widen it" if e["edge"] else ""
+        cells.append(f"{width}: {e['lr']:g} ({e['val_loss']:.3f}; {how}{edge})")
+    drift, noise = result["log2_lr_drift"][par], result["drift_within_noise"][par]
+    if drift == 0:
+        said = "log2 drift 0"
+    elif noise:
+        said = (f"log2 drift {drift:g}, within noise (the smallest width's η* is within the "
+                "seeds' spread at every width)")
+    else:
+        said = f"log2 drift {drift:g}, " + ("one seed: not judged against noise"
+                                            if noise is None else "beyond the seeds' spread")
+    return (f"{par}: η* by width {'; '.join(cells)}; {said}; loss lost at the widest width "
+            f"with the smallest's η* {result['transfer_loss'][par]:.3f}")
 
 
 def sweep(
@@ -180,7 +236,7 @@ def sweep(
     *,
     width_arg: str,
     widths: Sequence[int],
-    lrs: Sequence[float],
+    lrs: Sequence[float] | None = None,
     steps: int,
     parametrizations: Sequence[str] = ("umup",),
     seeds: Sequence[int] = (0,),
@@ -191,9 +247,11 @@ def sweep(
     seq: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep; returns ``{"runs": [...], **summary(runs)}``."""
-    if not widths or not lrs or steps < 1:
+    """Run (or resume) the sweep; returns ``{"runs": [...], **summary(runs)}``.
+    ``lrs``: one grid for every parametrization; by default ``default_grid`` of each."""
+    if not widths or (lrs is not None and not lrs) or steps < 1:
         raise UmupError("sweep needs at least one width, one lr and steps >= 1.")
+    grids = {p: list(lrs) if lrs is not None else default_grid(p) for p in parametrizations}
     corpus = load_file(data) if data else load_corpus()
     split = train_val_split(corpus)
     path = Path(json_path) if json_path else None
@@ -201,8 +259,8 @@ def sweep(
     if path is not None and path.exists():
         runs = json.loads(path.read_text())["runs"]
     done = {tuple(r[k] for k in _KEY) for r in runs}
-    todo = [(p, w, lr, s) for p in parametrizations for w in widths for lr in lrs for s in seeds
-            if (p, w, lr, s) not in done]
+    todo = [(p, w, lr, s) for p in parametrizations for w in widths for lr in grids[p]
+            for s in seeds if (p, w, lr, s) not in done]
     bar = _progress(len(todo)) if progress else None
     for par, width, lr, seed in todo:
         runs.append(run_one(factory, width_arg, width, min(widths), lr, seed, par, steps, split,
