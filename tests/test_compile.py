@@ -142,3 +142,27 @@ def test_explain_a_compiled_model() -> None:
     assert "u-muP plan for Llama" in report and "layers.0.attn.q_proj.weight" in report
     transformed = torch.compile(umup_fx.transform(_llama(layers=1), _batch()))
     assert "residual branches" in umup_fx.explain(transformed)
+
+
+def test_backend_takes_new_batch_and_sequence_sizes_and_has_a_plan() -> None:
+    """No dynamic=False needed: a size Dynamo makes dynamic is compiled per size; the
+    outputs match transform's graphs on the same weights, and the model carries the
+    plan for umup_fx.explain, as after transform."""
+    torch._dynamo.reset()
+    model = _llama(layers=1)
+    compiled = torch.compile(model, backend="umup", options={"inner": "aot_eager"})
+    with pytest.raises(umup_fx.UmupError, match="first compiled call"):
+        umup_fx.explain(compiled)
+    x = _batch(b=4, s=32)
+    compiled(*x)
+    assert "u-muP plan for Llama" in umup_fx.explain(compiled)
+    assert compiled.umup_plan is model.umup_plan
+    fresh = _llama(layers=1)
+    fresh.load_state_dict(model.state_dict())  # the unit-initialised weights, unmarked
+    reference = umup_fx.transform(fresh, x, reinit=False, check=False)
+    for b in (3, 5):  # new batch sizes: the same numbers
+        xb = _batch(seed=b, b=b, s=32)
+        torch.testing.assert_close(compiled(*xb), reference(*xb))
+    for s in (16, 8):  # new lengths run; scales that read the length differ by < 1%
+        xb = _batch(seed=s, b=2, s=s)  # until both routes fix them at one reference length
+        torch.testing.assert_close(compiled(*xb), reference(*xb), rtol=1e-2, atol=0)

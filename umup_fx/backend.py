@@ -1,11 +1,14 @@
 """The ``"umup"`` ``torch.compile`` backend: the same passes as ``transform``, then Inductor.
 
     compiled = torch.compile(model, backend="umup")        # rewrite at first call
-    opt = umup_fx.AdamW(compiled, lr=2**-3)                # groups resolved at that call
+    opt = umup_fx.AdamW(compiled)                          # groups resolved at that call
 
 At the first compile the backend analyses the graph Dynamo captured, unit-initialises
-its parameters in place, marks them (later recompiles keep their values and options)
-and fills in the LR groups of optimizers built earlier (``optim`` module docstring).
+its parameters in place, marks them (later recompiles keep their values and options),
+fills in the LR groups of optimizers built earlier (``optim`` module docstring) and
+sets ``model.umup_plan`` (so ``umup_fx.explain(compiled)`` works, as after
+``transform``). A new batch or sequence size needs no ``dynamic=False``: the graph
+Dynamo then makes dynamic is compiled once per concrete size (``_per_shape``).
 Its analysis sees what Dynamo gives it: the whole model without graph breaks, pieces
 with them (depth and tau are then per piece). ``prepare(model, example_inputs)``
 before compiling does the analysis and init on the whole model instead, eagerly.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,8 +156,39 @@ def _inner_compiler(inner: Any) -> Callable[..., Any]:
     return inner
 
 
+def _owner(params: list[torch.Tensor]) -> nn.Module | None:
+    """The model being compiled: the outermost module on the calling stack that owns
+    the graph's parameters (the backend runs inside the model's compiled call)."""
+    wanted = {id(p) for p in params}
+    found, frame = None, sys._getframe()
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if (isinstance(obj, nn.Module) and not hasattr(obj, "_orig_mod")
+                and any(id(p) in wanted for p in obj.parameters())):
+            found = obj
+        frame = frame.f_back
+    return found
+
+
+def _per_shape(gm: fx.GraphModule, options: dict | None) -> Callable:
+    """A graph Dynamo made dynamic (SymInt inputs, after a new batch or sequence size)
+    cannot be exported as it is: compile it once per concrete size instead, at the
+    first call with that size (as ``dynamic=False`` would, without the flag)."""
+    compiled: dict[tuple, Callable] = {}
+
+    def run(*args: Any) -> Any:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if key not in compiled:
+            compiled[key] = umup_backend(gm, list(args), options)
+        return compiled[key](*args)
+
+    return run
+
+
 def umup_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
     """``torch.compile`` backend: re-capture, run the u-muP pipeline, hand to ``inner``."""
+    if any(isinstance(x, torch.SymInt) for x in example_inputs):
+        return _per_shape(gm, options)
     given = dict(options or {})
     inner = _inner_compiler(given.pop("inner", None))
     opts, first = _options(example_inputs, given)
@@ -164,6 +199,10 @@ def umup_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | 
     plan = run_pipeline(rewritten, opts, captured.model_name)
     if first:
         _first_compile(example_inputs, captured, plan, opts)
+        owner = _owner([info.tensor for info in captured.params.values()])
+        if owner is not None and "umup_plan" not in vars(owner):
+            plan.model_name = type(owner).__name__
+            owner.umup_plan = plan  # type: ignore[assignment]  # as prepare / transform
     compiled_plans.append(plan)
     _dump(f"umup_graph_{len(compiled_plans) - 1}", before, rewritten)
     specs = captured.program.graph_signature.input_specs

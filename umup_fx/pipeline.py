@@ -214,5 +214,10 @@ def explain(
     if isinstance(plan, Plan):
         return str(plan)
     if example_inputs is None:
-        raise TypeError("explain(model, example_inputs): the model needs example inputs.")
+        raise UmupError(
+            f"{type(model_or_plan).__name__} has no u-muP plan yet: give example inputs "
+            "(explain(model, example_inputs) analyses it), or, for a model compiled with "
+            "backend='umup', explain it after its first compiled call (or "
+            "umup_fx.prepare(model, example_inputs) before compiling)."
+        )
     return str(analyze(model_or_plan, example_inputs, example_kwargs, **options))
