@@ -26,6 +26,7 @@ from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
 from umup_fx.passes.placement import generalize_placement
 from umup_fx.pipeline import plan_graph, rewrite_graph
 from umup_fx.plan import expand_blocks
+from umup_fx.export import import_pretrained
 from umup_fx.runtime.init import initialise
 from umup_fx.runtime.modules import (
     TENSOR,
@@ -278,7 +279,9 @@ def transform(
             may vary.
         example_kwargs: keyword arguments of that call.
         hparams: ``HParams`` or a dict of its fields (all default 1).
-        **options: ``roles``, ``trainable_norms``, ``reinit``, ``fp8``, and for a
+        **options: ``roles``, ``trainable_norms``, ``reinit``, ``fp8``, ``pretrained``
+            (keep the function the current weights compute: ``umup_fx.export``'s
+            inverse, for continued pre-training / fine-tuning), and for a
             baseline ``parametrization`` ("mup", "sp", "sp_emb_lr"; default "umup"),
             ``base`` (the same model at the base width) and ``sigma_init`` (see
             ``Options`` and ``umup_fx.parametrizations``).
@@ -330,6 +333,8 @@ def transform(
     _install(model, captured, built,
              functools.partial(_add_call_structure, opts=opts, mode=mode))
     initialise(model, plan, opts.reinit)
+    if opts.pretrained:  # the inverse of export: the same function, u-muP's weights
+        import_pretrained(model)
     for p in model.parameters():
         setattr(p, TRANSFORMED_ATTR, True)  # the "umup" backend must not rewrite it again
     if opts.check and opts.parametrization == "umup" and opts.reinit and unit_check.cheap(model):
