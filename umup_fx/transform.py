@@ -21,12 +21,12 @@ from umup_fx.capture import blocks as discovery
 from umup_fx.capture.trace import Captured, capture
 from umup_fx.diagnose import unit_check
 from umup_fx.errors import AlreadyTransformedError, CallError, UmupError
+from umup_fx.export import import_pretrained
 from umup_fx.options import Options
 from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
 from umup_fx.passes.placement import generalize_placement
 from umup_fx.pipeline import plan_graph, rewrite_graph
 from umup_fx.plan import expand_blocks
-from umup_fx.export import import_pretrained
 from umup_fx.runtime.init import initialise
 from umup_fx.runtime.modules import (
     TENSOR,
