@@ -82,7 +82,8 @@ def _picks_for_head(node: fx.Node, solver: Any) -> bool:
     if dims[axis].is_number or solver.kind_of(dims[axis]) != "fixed":
         return False
     readers = consumers(node)
-    while readers and all(r.target in DROPOUTS or r.target.__name__ == "getitem" for r in readers):
+    while readers and all(r.target in DROPOUTS or getattr(r.target, "__name__", "") == "getitem"
+                          for r in readers):
         readers = [u for r in readers for u in consumers(r)]  # x[:, 0] -> dropout -> head
     return any(meta.get(u, meta.RULE) == rules.LINEAR for u in readers)
 

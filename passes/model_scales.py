@@ -5,8 +5,12 @@ state by ``d_model^-1/2`` before the LM head. Those constants are the model's ow
 way to fix a scale that u-muP's embedding and readout rules now fix, so keeping them
 would apply the scale twice (T5's logits came out 8x small). A multiply (or divide) of
 an activation by a constant (a Python number, or a one-element tensor that no
-parameter feeds) is *neutralised* when it sits directly on an embedding's output, or
-directly on the input of a linear whose use is a readout (role ``output``).
+parameter feeds) is *neutralised* when it sits directly on an embedding's output, on
+the input of a linear whose use is a readout (role ``output``), on a readout's output
+(Granite's ``logits_scaling``, Cohere's ``logit_scale``), on SDPA's query or key
+(Whisper's ``q * d^-1/2`` with ``scale=1``: u-muP's SDPA sets the logit scale), or on a
+linear's output that only residual adds read (Granite's ``residual_multiplier``: §4's
+tau weights the branches).
 
 Reads: ``umup.rule``; graph key ``roles`` (per-use roles of tied weights).
 Writes: ``umup.rule = "model_scale"`` on those nodes; graph key ``notes`` (one line
@@ -23,7 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta, rules
 
-from ._graph import DIVS, MULS, consumers, ops, param_dependent, source, where
+from ._graph import ADDS, DIVS, MULS, consumers, ops, param_dependent, source, where
 
 _ADDMM = ops("addmm")
 
@@ -46,21 +50,46 @@ def _constant_operand(node: fx.Node, active: set[fx.Node]) -> fx.Node | None:
     return None
 
 
+def _is_readout(u: fx.Node, roles: dict) -> bool:
+    """``u`` is a linear whose use of its weight is a readout (role ``output``)."""
+    if meta.get(u, meta.RULE) != rules.LINEAR:
+        return False
+    weight = meta.get(u, meta.WEIGHT)
+    use_roles = [use.role for use in roles[weight].uses if use.node == u.name]
+    return (use_roles or [roles[weight].role])[0] == rules.OUTPUT
+
+
 def _readout_uses(node: fx.Node, roles: dict) -> bool:
     """True when every consumer (through views) is a readout linear taking ``node`` as x."""
     users = consumers(node)
     if not users:
         return False
     for u in users:
-        if meta.get(u, meta.RULE) != rules.LINEAR:
+        if not _is_readout(u, roles):
             return False
         if source(u.args[1] if u.target in _ADDMM else u.args[0]) is not node:
             return False
-        weight = meta.get(u, meta.WEIGHT)
-        use_roles = [use.role for use in roles[weight].uses if use.node == u.name]
-        if (use_roles or [roles[weight].role])[0] != rules.OUTPUT:
-            return False
     return True
+
+
+def _where_it_sits(node: fx.Node, x: fx.Node, roles: dict) -> str | None:
+    """Which of u-muP's own scales the constant ``node = x * c`` duplicates, if any."""
+    if meta.get(source(x), meta.RULE) == rules.EMBEDDING:
+        return "embedding output"
+    if _readout_uses(node, roles):
+        return "readout input"
+    producer = source(x)
+    if _is_readout(producer, roles):
+        return "logits"  # logits / logits_scaling, logits * logit_scale
+    users = consumers(node)
+    if users and all(meta.get(u, meta.RULE) == rules.SDPA and node in (
+            source(u.args[0]), source(u.args[1])) for u in users):
+        return "attention query / key"  # q * d^-1/2 before SDPA(scale=1)
+    if (meta.get(producer, meta.RULE) == rules.LINEAR and users
+            and all(u.target in ADDS and len(u.args) == 2 and all(
+                isinstance(a, fx.Node) for a in u.args) for u in users)):
+        return "residual branch"  # h + c * o_proj(...): u-muP's tau weights branches
+    return None
 
 
 def find_model_scales(gm: fx.GraphModule) -> PassResult:
@@ -75,10 +104,9 @@ def find_model_scales(gm: fx.GraphModule) -> PassResult:
         x = _constant_operand(node, active)
         if x is None:
             continue
-        on_embedding = meta.get(source(x), meta.RULE) == rules.EMBEDDING
-        if on_embedding or _readout_uses(node, roles):
+        what = _where_it_sits(node, x, roles)
+        if what is not None:
             meta.node_meta(node)[meta.RULE] = rules.MODEL_SCALE
-            what = "embedding output" if on_embedding else "readout input"
             notes.append(f"the model's own constant on its {what} is dropped (u-muP "
                          f"sets that scale): {where(node)}")
     return PassResult(gm, False)

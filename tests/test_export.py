@@ -7,6 +7,7 @@ PyTorch / transformers (a subprocess that never imports umup_fx).
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -171,3 +172,37 @@ def test_hf_round_trip_in_a_plain_process(tmp_path) -> None:
         err = ((got - want).abs().max() / want.abs().max()).item()
         assert err < 1e-4, f"{name}: relative error {err:.2e}"
         assert plain[name]["tokens"] == _greedy(model, ids[:1, :4], 8), name
+
+
+def test_pretrained_in_keeps_the_function_and_export_brings_it_back() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    models = [
+        (Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=64)), 64),
+        (transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+            bos_token_id=0, eos_token_id=0)), 128),
+    ]
+    for model, vocab in models:
+        with torch.no_grad():  # a checkpoint's stream at O(1) RMS: the norms' eps is negligible
+            for name, p in model.named_parameters():
+                if any(k in name for k in ("embed", "wte", "wpe")):
+                    p.normal_()
+        original = copy.deepcopy(model).eval()
+        ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+        umup_fx.transform(model, (ids,), pretrained=True).eval()
+        assert all(p.requires_grad for p in model.parameters())  # gains stay trainable
+        _assert_same(original, model, vocab)
+        _assert_same(original, umup_fx.export(model), vocab)
+        # Then it trains under u-muP, and export still gives the model it trained to.
+        model.train()
+        _train(model, vocab, steps=2)
+        model.eval()
+        _assert_same(model, umup_fx.export(model), vocab)
+
+
+def test_pretrained_refuses_frozen_norms() -> None:
+    model = Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2))
+    with pytest.raises(umup_fx.UmupError, match="pretrained=True keeps"):
+        umup_fx.transform(model, (torch.zeros(1, 4, dtype=torch.long),), pretrained=True,
+                          trainable_norms=False)

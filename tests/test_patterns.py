@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,3 +97,43 @@ def test_complex_rope_is_a_rotation() -> None:
     report = umup_fx.check(model, (ids,))
     assert report.ok, report.lines()
     assert model(torch.randint(0, V, (3, 48))).shape == (3, 48, V)  # another length
+
+
+class OwnConstants(nn.Module):
+    """A model's own scale constants where u-muP sets the scale: q pre-multiplied with
+    SDPA at scale=1 (Whisper), a residual multiplier (Granite), logits divided (Granite)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.norm = nn.Embedding(V, D), nn.RMSNorm(D)
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D, bias=False) for _ in range(4))
+        self.head = nn.Linear(D, V, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        b, s, _ = x.shape
+        h = self.norm(x)
+        q = (self.q(h) * (D // H) ** -0.5).view(b, s, H, -1).transpose(1, 2)
+        k, v = (m(h).view(b, s, H, -1).transpose(1, 2) for m in (self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, D)) * 0.22
+        return self.head(x) / 8.0
+
+
+def test_own_constants_are_dropped() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
+    model = umup_fx.transform(OwnConstants(), (ids,))
+    consts = [n for n in model.original_graph.graph.nodes if n.target in (
+        torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor) and any(
+        isinstance(a, float) for a in n.args)]
+    assert len(consts) == 3  # before: the three constants
+    after = [n for g in model.region_graphs().values() for n in g.graph.nodes
+             if n.name in {c.name for c in consts}]
+    assert not after  # after: each replaced by its operand
+    assert sum("own constant" in note for note in model.umup_plan.notes) == 3
+    report = umup_fx.check(model, (ids,))
+    assert report.ok, report.lines()
+    qk = [r for r in report.ops if r.weight in ("q.weight", "k.weight")]
+    assert all(r.key_len == 32 and r.weight_grad_rms > 0.1 for r in qk)  # not scaled twice
+    assert report.output_rms == pytest.approx(D ** -0.5, rel=0.3)  # not / 8

@@ -27,7 +27,7 @@ from umup_fx.export_scales import ExportError, Folding, solve_folding
 from umup_fx.runtime.modules import UmupModule, UmupRegion
 from umup_fx.runtime.names import canonical_name
 
-__all__ = ["ExportError", "export"]
+__all__ = ["ExportError", "export", "import_pretrained"]
 
 _TRANSFORMED_ATTR = "_umup_transformed"  # umup_fx.transform marks every parameter
 
@@ -139,3 +139,25 @@ def export(model: nn.Module) -> nn.Module:
     for p in plain.parameters():
         p.requires_grad_(True)
     return plain
+
+
+@torch.no_grad()
+def import_pretrained(model: nn.Module) -> None:
+    """The inverse of ``export``, in place: divide each weight of a just-transformed
+    ``model`` (still holding the original model's weights) by its export factor, so the
+    transformed model computes the function the original computed (``transform(...,
+    pretrained=True)``). Its norm gains stay trainable and in use (they are part of the
+    function); a tied weight keeps one tensor, so its uses share one factor.
+
+    Raises:
+        ExportError: the weights are on ``meta``, or a scale cannot be carried over.
+    """
+    if any(p.is_meta for p in model.parameters()):
+        raise ExportError(
+            "transform(..., pretrained=True) converts the weights the model holds, and "
+            "they are on meta: load the checkpoint first (or transform without "
+            "pretrained and load a u-muP checkpoint).")
+    folding = solve_folding(model, tied=True)
+    params = {canonical_name(n): p for n, p in model.named_parameters()}
+    for name, uses in folding.factors.items():
+        params[name].div_(uses[0][0])

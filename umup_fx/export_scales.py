@@ -427,15 +427,30 @@ class _Solver:
 
 
 def _norm_inputs(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose values only reach normalisations (a hand-written norm's statistics,
-    x.pow(2).mean()): the norm forgets their factor, so they constrain nothing."""
+    """The inner ops of each hand-written norm ``x * rsqrt(mean(x^2) + eps)``: the nodes
+    between its input ``x`` and its output. The norm forgets x's factor, so the
+    statistics' nonlinear ops constrain nothing."""
     inside: set[fx.Node] = set()
-    for n in reversed(gm.graph.nodes):
-        if n.op == "call_function" and n.target is not call_block and n.users and all(
-            u in inside or meta.get(u, meta.RULE) == rules.NORM_OP
-            or u.target in _NORMS for u in n.users
-        ):
-            inside.add(n)
+    for n in gm.graph.nodes:
+        if meta.get(n, meta.RULE) != rules.NORM_OP or n.target in _NORMS:
+            continue
+        shape = getattr(n.meta.get("val"), "shape", None)
+        xs = [a for a in n.all_input_nodes if getattr(a.meta.get("val"), "shape", None) == shape]
+        if not xs:
+            continue
+        above, todo = set(), list(n.all_input_nodes)
+        while todo:  # ancestors of the norm output
+            a = todo.pop()
+            if a not in above:
+                above.add(a)
+                todo.extend(a.all_input_nodes)
+        below, todo = set(), [u for x in xs for u in x.users]
+        while todo:  # descendants of x among them
+            a = todo.pop()
+            if a in above and a not in below:
+                below.add(a)
+                todo.extend(a.users)
+        inside |= below - set(xs)
     return inside
 
 
@@ -502,9 +517,10 @@ def _solve(solver: _Solver) -> np.ndarray:
     return x[:k]
 
 
-def solve_folding(model: nn.Module) -> Folding:
+def solve_folding(model: nn.Module, tied: bool = False) -> Folding:
     """The factor of each parameter use and the frozen norm parameters' values of a
-    transformed ``model`` (see the module docstring)."""
+    transformed ``model`` (see the module docstring). ``tied``: every use of a parameter
+    gets one factor (importing weights into a model whose tied weight is one tensor)."""
     if not isinstance(model, UmupModule):
         raise ExportError(
             f"{type(model).__name__} is not a model transformed by umup_fx.transform; "
@@ -515,6 +531,12 @@ def solve_folding(model: nn.Module) -> Folding:
     for out in outputs:
         if isinstance(out, _Lin):
             solver.require(out, "the model's output")
+    if tied:
+        first: dict[str, _Lin] = {}
+        for path, expr, op, _ in solver.uses:
+            if path in first:
+                solver.require(expr - first[path], f"{op}, a use of the tied parameter {path!r}")
+            first.setdefault(path, expr)
     x = _solve(solver)
     folding = Folding()
     for path, expr, op, owner in solver.uses:

@@ -22,6 +22,10 @@ class Options:
             norms non-parametric by default: gains frozen at 1, biases at 0).
         reinit: re-initialise weights to unit scale (rules section 2). Turn off only
             when you load u-muP weights right after.
+        pretrained: keep the function the model's current weights compute: they are
+            divided by the scales ``umup_fx.export`` folds in (its inverse), norm gains
+            stay trainable (implies ``trainable_norms=True``, ``reinit=False``;
+            docs/deploy.md).
         fp8: "off"; "auto" (real FP8 where the GPU has it, simulated elsewhere);
             "simulate" (cast round-trip, any device); "scaled_mm" (real FP8, error
             where the hardware cannot). ``True`` means "auto", ``False`` "off".
@@ -44,17 +48,25 @@ class Options:
     base: Any = None  # parametrizations.BaseShapes of the base model (mup, sp_emb_lr)
     sigma_init: float = 0.02  # mup's init std (the base model's)
     check: bool = True  # transform's unit-scale check (rules §8)
+    pretrained: bool = False  # convert the current weights (export's inverse)
 
     @classmethod
     def build(cls, hparams: Any = None, **options: Any) -> Options:
         """Validate keyword options (``transform(..., **options)``) into ``Options``."""
         names = {"roles", "trainable_norms", "reinit", "fp8", "parametrization", "base",
-                 "sigma_init", "check"}
+                 "sigma_init", "check", "pretrained"}
         unknown = sorted(set(options) - names)
         if unknown:
             raise UmupError(
                 f"Unknown umup_fx option(s) {unknown}; known: hparams, {', '.join(sorted(names))}."
             )
+        if options.get("pretrained"):
+            if options.get("trainable_norms") is False or options.get("reinit") is True:
+                raise UmupError(
+                    "pretrained=True keeps the model's function: its norm gains stay "
+                    "trainable and its weights are converted, not re-initialised; drop "
+                    "trainable_norms=False / reinit=True.")
+            options.update(trainable_norms=True, reinit=False, check=False)
         fp8 = options.pop("fp8", "off")
         if fp8 is True:
             fp8 = "auto"
@@ -64,6 +76,8 @@ class Options:
             raise UmupError(f"fp8={fp8!r}: use True / False or one of {FP8_MODES}.")
         opts = cls(hparams=HParams.coerce(hparams), fp8=fp8, **options)
         check_parametrization(opts.parametrization, opts.base)
+        if opts.parametrization != "umup" and opts.pretrained:
+            raise UmupError("pretrained=True converts weights to u-muP; baselines keep them as they are.")
         if opts.parametrization != "umup" and fp8 != "off":
             raise UmupError("fp8 is u-muP's static-scale FP8; baselines run in the model's dtype.")
         return opts

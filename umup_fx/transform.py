@@ -21,12 +21,12 @@ from umup_fx.capture import blocks as discovery
 from umup_fx.capture.trace import Captured, capture
 from umup_fx.diagnose import unit_check
 from umup_fx.errors import AlreadyTransformedError, CallError, UmupError
+from umup_fx.export import import_pretrained
 from umup_fx.options import Options
 from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
 from umup_fx.passes.placement import generalize_placement
 from umup_fx.pipeline import plan_graph, rewrite_graph
 from umup_fx.plan import expand_blocks
-from umup_fx.runtime.adapters import guard_tree, refuse_adapters
 from umup_fx.runtime.init import initialise
 from umup_fx.runtime.modules import (
     TENSOR,
@@ -59,9 +59,7 @@ class OneGraphWarning(UserWarning):
 
 
 def check_fresh(model: nn.Module) -> None:
-    """Raise unless ``model`` is untouched by umup_fx (not transformed, not prepared)
-    and holds no LoRA / PEFT adapters (``runtime/adapters.py``)."""
-    refuse_adapters(model)
+    """Raise unless ``model`` is untouched by umup_fx (not transformed, not prepared)."""
     for name, module in model.named_modules():
         if is_transformed(module) or getattr(module, "umup_plan", None) is not None:
             where = f"its submodule {name!r}" if name else "it"
@@ -281,7 +279,9 @@ def transform(
             may vary.
         example_kwargs: keyword arguments of that call.
         hparams: ``HParams`` or a dict of its fields (all default 1).
-        **options: ``roles``, ``trainable_norms``, ``reinit``, ``fp8``, and for a
+        **options: ``roles``, ``trainable_norms``, ``reinit``, ``fp8``, ``pretrained``
+            (keep the function the current weights compute: ``umup_fx.export``'s
+            inverse, for continued pre-training / fine-tuning), and for a
             baseline ``parametrization`` ("mup", "sp", "sp_emb_lr"; default "umup"),
             ``base`` (the same model at the base width) and ``sigma_init`` (see
             ``Options`` and ``umup_fx.parametrizations``).
@@ -333,7 +333,8 @@ def transform(
     _install(model, captured, built,
              functools.partial(_add_call_structure, opts=opts, mode=mode))
     initialise(model, plan, opts.reinit)
-    guard_tree(model)  # adapters (or any module) put in later would never be called
+    if opts.pretrained:  # the inverse of export: the same function, u-muP's weights
+        import_pretrained(model)
     for p in model.parameters():
         setattr(p, TRANSFORMED_ATTR, True)  # the "umup" backend must not rewrite it again
     if opts.check and opts.parametrization == "umup" and opts.reinit and unit_check.cheap(model):
