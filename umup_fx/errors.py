@@ -29,3 +29,7 @@ class GraphRunError(UmupError, RuntimeError):
 
 class CallError(UmupError, TypeError):
     """A transformed model was called with arguments its graph was not captured for."""
+
+
+class AdapterError(UmupError):
+    """LoRA / PEFT adapters meet a transformed model (not supported yet)."""

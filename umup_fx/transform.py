@@ -27,6 +27,7 @@ from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
 from umup_fx.passes.placement import generalize_placement
 from umup_fx.pipeline import plan_graph, rewrite_graph
 from umup_fx.plan import expand_blocks
+from umup_fx.runtime.adapters import guard_tree, refuse_adapters
 from umup_fx.runtime.init import initialise
 from umup_fx.runtime.modules import (
     TENSOR,
@@ -59,7 +60,9 @@ class OneGraphWarning(UserWarning):
 
 
 def check_fresh(model: nn.Module) -> None:
-    """Raise unless ``model`` is untouched by umup_fx (not transformed, not prepared)."""
+    """Raise unless ``model`` is untouched by umup_fx (not transformed, not prepared)
+    and holds no LoRA / PEFT adapters (``runtime/adapters.py``)."""
+    refuse_adapters(model)
     for name, module in model.named_modules():
         if is_transformed(module) or getattr(module, "umup_plan", None) is not None:
             where = f"its submodule {name!r}" if name else "it"
@@ -333,6 +336,7 @@ def transform(
     _install(model, captured, built,
              functools.partial(_add_call_structure, opts=opts, mode=mode))
     initialise(model, plan, opts.reinit)
+    guard_tree(model)  # adapters (or any module) put in later would never be called
     if opts.pretrained:  # the inverse of export: the same function, u-muP's weights
         import_pretrained(model)
     for p in model.parameters():
