@@ -28,9 +28,11 @@ def machine() -> str:
 
 
 def command() -> str:
-    """The command line that ran this script, as the docs quote it."""
+    """The command line that ran this script, as the docs quote it (a file given by an
+    absolute path shows its name only: no path of the machine that ran it)."""
     script = Path(sys.argv[0]).name
-    return " ".join([f"python benchmarks/{script}", *map(shlex.quote, sys.argv[1:])])
+    args = [Path(a).name if Path(a).is_absolute() else a for a in sys.argv[1:]]
+    return " ".join([f"python benchmarks/{script}", *map(shlex.quote, args)])
 
 
 def write_section(name: str, body: str, doc: Path = DOC) -> None:

@@ -37,7 +37,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/umup_site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/umup_site"
 fi
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
+$PY -c "
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit('gpu_suite.sh: no CUDA GPU on this machine (torch.cuda.is_available() is False). '
+             'It measures GPU step time and FP8 only; run it on an H100 / H200. The CPU '
+             'figures come from the other benchmarks/ scripts (docs/benchmarks.md).')
+print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
 for part in "${parts[@]}"; do
   case $part in
     1b) run $PY benchmarks/step_time.py --device cuda --dtype bfloat16 --compiled-only \

@@ -83,8 +83,10 @@ def main() -> None:
     timed = sum(r.get("seconds", 0.0) for r in result["runs"]) / 60
     body = "\n".join([
         f"Machine: {machine()}. Command: `{command()}` ({len(result['runs'])} runs in "
-        f"`{args.json}`, {len(result['runs']) - before} of them by this invocation in "
-        f"{minutes:.0f} min; {timed:.0f} min of recorded training).",
+        f"`{Path(args.json).name}`, "
+        + (f"{len(result['runs']) - before} of them by this invocation in {minutes:.0f} min"
+           if len(result["runs"]) > before else "all resumed from it")
+        + f"; {timed:.0f} min of recorded training).",
         "",
         f"u-μP LMs of width {args.width}, {args.layers} layers, MLP hidden "
         f"{args.hidden_mult}×width (each expert the dense MLP's size), {args.steps} steps of "

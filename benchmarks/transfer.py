@@ -145,7 +145,9 @@ def _timing(path: str, result: dict, minutes: float) -> str:
     """Runs and time; a resumed JSON's earlier runs were taken by the same command."""
     runs = result["runs"]
     timed = [r["seconds"] for r in runs if "seconds" in r]
-    text = f"{len(runs)} runs in `{path}`; this invocation {minutes:.0f} min"
+    text = f"{len(runs)} runs in `{Path(path).name}`"
+    if minutes >= 0.5:  # a rerun that resumed every run took none
+        text += f"; this invocation {minutes:.0f} min"
     if len(timed) < len(runs):
         text += (f"; {len(runs) - len(timed)} runs resumed from the JSON, taken earlier by "
                  "this command before runs recorded their time")

@@ -22,3 +22,15 @@ def test_fp8_numerics_smoke_runs_on_cpu() -> None:
 
 def test_gpu_suite_script_parses() -> None:
     assert subprocess.run(["bash", "-n", "benchmarks/gpu_suite.sh"], cwd=ROOT).returncode == 0
+
+
+def test_gpu_suite_without_cuda_says_so_in_one_line() -> None:
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the message is for machines without a CUDA GPU")
+    out = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "numerics"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith("gpu_suite.sh: no CUDA GPU on this machine")
