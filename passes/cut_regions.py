@@ -13,7 +13,12 @@ the rewrite inserted follow their users), then:
   original arguments, so the block's ``__call__`` (hooks, wrappers) runs;
 * a kept prefix stands for the whole list: the root's calls are unrolled to every
   block (``unroll_calls``) when the calls form a chain (each block's output feeds the
-  next one, all other arguments shared).
+  next one, all other arguments shared);
+* a block that is a whole residual branch of its parent (``x = x + block(x)`` in the
+  parent's loop) reads the residual split's branch side of its argument: the split and
+  the add stay in the root, which passes the branch side as the block's argument
+  (``_branch_entries``). Such calls chain through the root's adds, not directly, so
+  ``transform`` captures every block of that list (``full``).
 
 Reads: ``program.module_call_graph``; ``nn_module_stack``; ``umup.kind`` / ``umup.param``
 on placeholders; ``umup.residual`` on residual ops; ``umup.training`` (graph).
@@ -85,6 +90,28 @@ def assign_regions(gm: fx.GraphModule, paths: list[str]) -> dict[fx.Node, str]:
         users = {region.get(u, "") for u in node.users if u.op != "output"}
         region[node] = users.pop() if len(users) == 1 else ""
     return region
+
+
+def _branch_entries(gm: fx.GraphModule, sig: Any, by_name: dict[str, fx.Node],
+                    region: dict[fx.Node, str], block: str) -> dict[int, fx.Node]:
+    """{input leaf: branch input} for a block that is a whole residual branch of its
+    parent (``x = x + block(x)`` in the parent's loop): the block reads the residual
+    split's branch side of its argument, which the root computes and passes instead
+    (rules §4: the split belongs to the skip, in the root, next to the add)."""
+    first = {}
+    for i, a in enumerate(sig.inputs):
+        if not isinstance(a, ConstantArgument) and a.name in by_name:
+            first.setdefault(by_name[a.name], i)
+    entries = {}
+    for node in gm.graph.nodes:
+        if (region.get(node) == block and node.target is operator.getitem
+                and node.args[1] == 0 and isinstance(node.args[0], fx.Node)
+                and node.args[0].target is ops.residual_split
+                and region.get(node.args[0]) != block  # the split sits in the root
+                and node.args[0].args[0] in first):
+            region[node] = ""
+            entries[first[node.args[0].args[0]]] = node
+    return entries
 
 
 def _leaf_nodes(signature_args: list[Any], by_name: dict[str, fx.Node]) -> list[Any]:
@@ -161,6 +188,7 @@ def _block_graph(
     by_name: dict[str, fx.Node],
     targets: dict[str, tuple[str, Any]],
     constants: dict[str, torch.Tensor],
+    entries: dict[int, fx.Node],
 ) -> RegionGraph:
     sig = call.signature
     b = _Builder()
@@ -170,7 +198,7 @@ def _block_graph(
             leaves.append(a.value)
             continue
         leaves.append(TENSOR)
-        src = by_name[a.name]
+        src = entries.get(i, by_name[a.name])
         if src in b.env:  # the same value passed twice: one placeholder is enough
             b.placeholder(f"arg{i}", ("input", i))
             continue
@@ -296,13 +324,14 @@ def split_regions(
     if set(calls) != set(block_paths) or any(e.signature is None for e in calls.values()):
         raise RegionError("the export did not record every block call")
     region = assign_regions(gm, block_paths)
+    entries = {p: _branch_entries(gm, calls[p].signature, by_name, region, p) for p in block_paths}
     members: dict[str, list[fx.Node]] = {p: [] for p in block_paths}
     for node in gm.graph.nodes:
         r = region.get(node, "")
         if r:
             members[r].append(node)
     blocks = {
-        p: _block_graph(gm, p, members[p], calls[p], by_name, targets, constants)
+        p: _block_graph(gm, p, members[p], calls[p], by_name, targets, constants, entries[p])
         for p in block_paths
         if members[p]
     }
@@ -321,7 +350,8 @@ def split_regions(
         r = region.get(node, "")
         if r and r in blocks:
             if node is last[r]:
-                call_nodes.append((r, _emit_call(b, root_ph, r, calls[r].signature, by_name)))
+                call_nodes.append(
+                    (r, _emit_call(b, root_ph, r, calls[r].signature, by_name, entries[r])))
             continue
         if node.op == "output":
             b.graph.output(fx.node.map_arg(node.args[0], lambda n: b.env[n]))
@@ -373,8 +403,10 @@ def _drop_unused_placeholders(b: _Builder) -> None:
     b.inputs[:] = keep
 
 
-def _emit_call(b: _Builder, root_ph: fx.Node, path: str, sig: Any, by_name: dict[str, fx.Node]) -> fx.Node:
-    leaves = [b.env[v] if isinstance(v, fx.Node) else v for v in _leaf_nodes(sig.inputs, by_name)]
+def _emit_call(b: _Builder, root_ph: fx.Node, path: str, sig: Any, by_name: dict[str, fx.Node],
+               entries: dict[int, fx.Node]) -> fx.Node:
+    leaves = [b.env[entries.get(i, v)] if isinstance(v, fx.Node) else v
+              for i, v in enumerate(_leaf_nodes(sig.inputs, by_name))]
     args, kwargs = pytree.tree_unflatten(leaves, sig.in_spec)
     call = b.graph.call_function(call_block, (root_ph, path, tuple(args), dict(kwargs)))
     call.meta["umup_call"] = {"path": path, "in_spec": sig.in_spec, "leaves": leaves}

@@ -1,7 +1,8 @@
 """Find normalisations: the ops, the hand-written RMSNorm pattern, and their gains.
 
 A normalisation is ``layer_norm`` / ``rms_norm``, or the decomposed
-``x * rsqrt(mean(x^2) + eps)`` that hand-written RMSNorms (Llama, HF) produce. Its
+``x * rsqrt(mean(x^2) + eps)`` that hand-written RMSNorms (Llama, HF) produce, or a
+LayerNorm by hand: ``(x - mean) * rsqrt(var + eps)`` (Cohere) or ``/ sqrt(...)``. Its
 output times a 1-D parameter is its gain (and plus a 1-D parameter its bias).
 
 Reads: ``umup.param`` on placeholders.
@@ -22,24 +23,39 @@ from ._graph import ADDS, MULS, TRANSPARENT, ops, param_name, source
 
 NORM_OPS = ops("layer_norm", "rms_norm", "group_norm", "batch_norm")
 _RSQRT = ops("rsqrt")
+_SQRT = ops("sqrt")
+_DIVS = ops("div.Tensor")
 _MEAN = ops("mean.dim", "var.correction", "var.dim")
 
 
+def _same(a: object, b: object) -> bool:
+    """One value, or two nodes computing it alike (``x - mean`` written twice)."""
+    a, b = source(a), source(b)
+    return a is b or (isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.op == b.op
+                      == "call_function" and a.target == b.target and a.args == b.args)
+
+
 def _is_rms_pattern(node: fx.Node) -> bool:
-    """mul(x, rsqrt(...mean(...x...)...)): a hand-written RMSNorm / LayerNorm core."""
-    if node.target not in MULS or len(node.args) != 2:
+    """mul(x, rsqrt(...mean(...x...)...)) or div(x, sqrt(...)): a hand-written RMSNorm /
+    LayerNorm core (``(x - mean) * rsqrt(var + eps)``, ``(h - mu) / sqrt(h.var() + eps)``)."""
+    if node.target in _DIVS and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+        pairs = [(node.args[0], node.args[1], _SQRT)]
+    elif node.target in MULS and len(node.args) == 2:
+        pairs = [(x, r, _RSQRT) for x, r in (node.args, node.args[::-1])]
+    else:
         return False
-    for x, r in (node.args, node.args[::-1]):
-        if isinstance(r, fx.Node) and source(r).target in _RSQRT:
+    for x, r, root in pairs:
+        if isinstance(r, fx.Node) and source(r).target in root:
             # The normalised value must be what the statistic was computed from.
             frontier, seen = [source(r)], 0
+            inputs = source(x).all_input_nodes if isinstance(source(x), fx.Node) else []
             while frontier and seen < 12:
                 n = frontier.pop()
                 seen += 1
                 if n.target in _MEAN:
-                    return source(n.args[0]) is source(x) or any(
-                        source(a) is source(x) for a in n.args[0].all_input_nodes
-                    )
+                    stat = n.args[0]
+                    return _same(stat, x) or any(_same(a, x) for a in stat.all_input_nodes) \
+                        or any(_same(stat, a) for a in inputs)
                 frontier.extend(a for a in n.all_input_nodes if a.op == "call_function")
     return False
 

@@ -246,7 +246,9 @@ def _select(p: Propagator, n: fx.Node) -> Dims:
 def _reduce(p: Propagator, n: fx.Node) -> Dims:
     d = p.d(n.args[0])
     axes = arg_or(n, 1, "dim")
-    keep = bool(arg_or(n, 2, "keepdim", False))
+    val = n.meta.get("val")
+    # keepdim sits at a different index per overload (var.dim's is 3): read the rank
+    keep = val.dim() == len(d) if val is not None else bool(arg_or(n, 2, "keepdim", False))
     if axes is None:
         return ()
     axes = {norm_axis(a, len(d)) for a in (axes if isinstance(axes, (list, tuple)) else [axes])}

@@ -8,6 +8,7 @@ by full forwards, the untransformed class's signature.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -159,3 +160,48 @@ def test_var_keyword_forward_and_structure_bound(monkeypatch) -> None:
     monkeypatch.setattr(modules, "MAX_CALL_STRUCTURES", 2)
     with pytest.raises(CallError, match="at most 2"):
         model(ids=x)  # a third structure (keyword instead of positional)
+
+
+class _ParentLoopResidual(nn.Module):
+    """Blocks are ``nn.Sequential``; the residual add is in the parent's loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+            for _ in range(3))
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for block in self.blocks:
+            h = h + block(h)
+        return F.cross_entropy(self.out(h).flatten(0, 1), targets.flatten())
+
+
+def _loss_and_grads(one_graph: bool, monkeypatch) -> tuple[nn.Module, torch.Tensor, dict]:
+    torch.manual_seed(0)
+    model = _ParentLoopResidual()
+    x = _ids(seq=8)
+    with monkeypatch.context() as m:
+        if one_graph:  # how it ran before: no blocks found, one graph
+            m.setattr(umup_fx.capture.blocks, "find_blocks", lambda model: [])
+        torch.manual_seed(1)
+        umup_fx.transform(model, (x, x))
+    loss = model(x, x)
+    loss.backward()
+    return model, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_residual_add_in_the_parents_loop_keeps_blocks(monkeypatch) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.OneGraphWarning)
+        model, loss, grads = _loss_and_grads(False, monkeypatch)
+    assert all(isinstance(b, modules.UmupBlock) for b in model.blocks)
+    assert len({id(graphs_of(b)[0]) for b in model.blocks}) == 1  # one graph, shared
+    _, loss1, grads1 = _loss_and_grads(True, monkeypatch)
+    torch.testing.assert_close(loss, loss1)
+    assert grads.keys() == grads1.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads1[name])

@@ -137,3 +137,40 @@ def test_own_constants_are_dropped() -> None:
     qk = [r for r in report.ops if r.weight in ("q.weight", "k.weight")]
     assert all(r.key_len == 32 and r.weight_grad_rms > 0.1 for r in qk)  # not scaled twice
     assert report.output_rms == pytest.approx(D ** -0.5, rel=0.3)  # not / 8
+
+
+class HandLayerNorm(nn.Module):
+    """A LayerNorm by hand: ``/ sqrt(var + eps)`` (older code) or Cohere's
+    ``(x - mean) * rsqrt(mean((x - mean)^2) + eps)`` with ``x - mean`` written twice."""
+
+    def __init__(self, cohere: bool) -> None:
+        super().__init__()
+        self.cohere = cohere
+        self.emb, self.up, self.down = nn.Embedding(V, D), nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+        self.gain, self.shift = nn.Parameter(torch.ones(D)), nn.Parameter(torch.zeros(D))
+        self.head = nn.Linear(D, V, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        mu = h.mean(-1, keepdim=True)
+        if self.cohere:
+            n = (h - mu) * torch.rsqrt((h - mu).pow(2).mean(-1, keepdim=True) + 1e-5)
+        else:
+            n = (h - mu) / torch.sqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-5)
+        return self.head(h + self.down(F.gelu(self.up(n * self.gain + self.shift))))
+
+
+@pytest.mark.parametrize("cohere", [False, True])
+def test_layer_norm_by_hand(cohere: bool) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
+        model = umup_fx.transform(HandLayerNorm(cohere), (ids,))
+    plan = model.umup_plan
+    assert plan.params["gain"].role == plan.params["shift"].role == "norm"
+    assert not plan.uncovered
+    # after: the statistic's arithmetic runs as written (no plain-add rule on x - mean)
+    assert ops.add not in [n.target for n in graph_nodes(model)]
+    report = umup_fx.check(model, (ids,))
+    assert report.ok, report.lines()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as pytree
+import torch.utils.checkpoint
 from torch import fx, nn
 
 from umup_fx.errors import CallError, GraphRunError
@@ -187,6 +188,10 @@ def _select(module: nn.Module, args: tuple, kwargs: dict) -> RegionGraph:
     return rg
 
 
+# Exceptions torch raises through a region's graph on purpose, passed on as they are.
+_CONTROL_FLOW = (torch.utils.checkpoint._StopRecomputationError,)
+
+
 def run_region(module: nn.Module, rg: RegionGraph, args: tuple, kwargs: dict) -> Any:
     """Call ``rg``'s graph for ``module(*args, **kwargs)`` and rebuild its output."""
     flat = _flatten_call(rg, module, args, kwargs)
@@ -214,6 +219,8 @@ def run_region(module: nn.Module, rg: RegionGraph, args: tuple, kwargs: dict) ->
     else:
         try:
             results = rg.gm(*values) if graph_runner is None else graph_runner(module, rg, values)
+        except _CONTROL_FLOW:
+            raise  # checkpoint's recompute stops early by raising: not a failure
         except Exception as exc:
             error = explain_graph_error(module, rg.gm, exc, args, kwargs)
             if error is exc:
