@@ -1,4 +1,4 @@
-"""Gradient clipping under u-muP (rules §5, "Gradient clipping"): a threshold on the RMS.
+"""Gradient clipping under u-muP (docs/rules.md, "Gradient clipping"): a threshold on the RMS.
 
 u-muP's gradients are unit scale: every element of every weight's gradient has RMS
 about 1 at init, so a model's global gradient norm is about ``sqrt(n)`` for ``n``
