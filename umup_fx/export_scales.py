@@ -50,7 +50,7 @@ from umup_fx import meta, rules
 from umup_fx.errors import UmupError
 from umup_fx.passes.cut_regions import call_block
 from umup_fx.runtime import ops
-from umup_fx.runtime.modules import TENSOR, UmupModule
+from umup_fx.runtime.modules import TENSOR, UmupModule, dtype_limit
 from umup_fx.runtime.names import canonical_name, unwrap
 from umup_fx.runtime.ops import activations as _act
 
@@ -125,8 +125,9 @@ _CARRY = _packets(
     "_assert_tensor_metadata",
 ) | {operator.getitem}
 _CONCAT = _packets("cat", "stack")  # all operands one factor
-_MUL = _packets("mul")
-_DIV = _packets("div")
+_MATMUL = _packets("matmul", "bmm", "mm")  # bilinear: factors multiply
+_MUL = _packets("mul") | {operator.mul}
+_DIV = _packets("div") | {operator.truediv}
 _ADD = _packets("add", "sub")
 _SDPA = _packets("scaled_dot_product_attention")
 _NORMS = {ops.rms_norm, ops.layer_norm, ops.group_norm}
@@ -248,7 +249,7 @@ class _Solver:
         if n.op != "call_function":
             raise ExportError(f"export cannot read {where}: a {n.op} node")
         if t is call_block:
-            _, sub, args, kwargs = n.args
+            _, sub, args, kwargs = n.args[:4]
             leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
             flat = [get(x) if isinstance(x, fx.Node) else None for x in leaves]
             block = unwrap(module.get_submodule(sub))
@@ -313,13 +314,17 @@ class _Solver:
         if t is ops.scaled_dot_product_attention:
             return self.sdpa(n, args, path, where)
         if t is ops.scale_fwd:
-            s = n.args[1]
+            s = args[1] if isinstance(args[1], float) else n.args[1]
             if not isinstance(s, (int, float)):
                 raise ExportError(f"export needs a constant forward scale at {where} (got "
                                   f"{s}); it depends on a run-time size")
-            return self.actual(args[0], n, path) + math.log(s)
-        if t is ops.attention_output_scale:
-            return None
+            return self.actual(args[0], n, path) - math.log(s)  # T = s x: O / T = c / s
+        if t is ops.attention_output_scale:  # s of a hand-written attention: a number
+            if any(isinstance(a, fx.Node) for a in (*n.args, *n.kwargs.values())):
+                return None  # from a run-time size: scale_fwd refuses it
+            return float(t(*n.args, **n.kwargs))
+        if t is dtype_limit:
+            return None  # finfo(dtype).min / max: a number, the same in both models
         if t is ops.combine_experts:
             e, g = self.actual(args[0], n, path), self.actual(args[1], n, path)
             return e + g + math.log(float(n.kwargs["scale"]))
@@ -385,17 +390,17 @@ class _Solver:
         t = n.target
         if not _is_tensor(n.meta.get("val")):
             return None  # a size, a flag: read from shapes, equal in both models
-        tensors = [(i, v) for i, v in enumerate(args) if isinstance(v, (_Lin, _Param))]
         flat = pytree.tree_leaves((args, kwargs), is_leaf=lambda v: isinstance(v, (_Lin, _Param)))
         if not any(isinstance(v, (_Lin, _Param)) for v in flat):
             return _multi(n, ZERO)
-        if t in _CARRY:
+        if t in _CARRY:  # other operands are indices, sizes, a dtype: not scaled
             first = args[0]
             if isinstance(first, _Param):
                 return first
-            for _, v in tensors[1:]:
-                self.require(self.actual(v, n, path), where)
             return _multi(n, self.actual(first, n, path) or ZERO)
+        if t in _MATMUL:
+            a, b = (self.actual(v, n, path) for v in args[:2])
+            return (a or ZERO) + (b or ZERO)
         if t in _CONCAT:
             parts = [self.actual(v, n, path) for v in (args[0] or []) if v is not None]
             for p in parts[1:]:
@@ -405,7 +410,7 @@ class _Solver:
             a, b = (self.actual(v, n, path) if isinstance(v, (_Lin, _Param)) else None
                     for v in args[:2])
             a, b = a or ZERO, b or ZERO
-            return a + b if t in _MUL else a - b
+            return (a + b if t in _MUL else a - b) + self.constant_change(n)
         if t in _ADD and len(args) >= 2:
             a, b = (self.actual(v, n, path) if isinstance(v, (_Lin, _Param)) else None
                     for v in args[:2])
@@ -420,6 +425,25 @@ class _Solver:
                 if lin is not None:
                     self.require(lin, where)
         return _multi(n, ZERO)
+
+    def constant_change(self, n: fx.Node) -> float:
+        """log(O's value / T's) of a multiply / divide by a number that the rewrite set
+        (a hand-written attention's logit scale: the model's 1/sqrt(d_head) became
+        u-muP's 1/d_head) or inserted (O has no such op)."""
+        k = next((a for a in n.args[:2] if isinstance(a, (int, float))), None)
+        if k is None or k == 0:
+            return 0.0
+        k_orig = None  # an inserted node: O has no such op
+        if not _inserted(n):
+            orig = self.original.get(n.name)
+            if orig is None or orig.target != n.target:
+                return 0.0
+            k_orig = next((a for a in orig.args[:2] if isinstance(a, (int, float))), None)
+            if k_orig is None:  # the original multiplied by a tensor there: the same op
+                return 0.0
+        sign = 1.0 if n.target in _MUL else -1.0
+        o = 0.0 if k_orig is None else sign * math.log(abs(k_orig))
+        return o - sign * math.log(abs(k))
 
     def _same(self, v: _Lin, where: str) -> _Lin:
         self.require(v, where)  # x + constant: only at factor 1
@@ -460,6 +484,11 @@ def _module_path(n: fx.Node, region: str) -> str:
     if not stack:
         return region
     return canonical_name(list(stack.values())[-1][0].split("@")[0])
+
+
+def _inserted(n: fx.Node) -> bool:
+    """A node the rewrite inserted (no source line of the model's own)."""
+    return not n.meta.get("stack_trace") and not n.meta.get("nn_module_stack")
 
 
 def _is_tensor(val: Any) -> bool:
