@@ -154,6 +154,25 @@ def test_resumed_run_continues_exactly(plain) -> None:
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
+def test_trainer_default_max_grad_norm_warns_that_it_clips_every_step(trainer_run) -> None:
+    """Trainer's default max_grad_norm=1.0 on unit-scale gradients: said once, not silent."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    ns = trainer_run
+    args = TrainingArguments(tempfile.mkdtemp(), max_steps=4, per_device_train_batch_size=2,
+                             report_to=[], save_strategy="no", use_cpu=True)
+    assert args.max_grad_norm == 1.0
+    trainer = Trainer(model=ns["hf"], args=args, optimizers=(umup_fx.AdamW(ns["hf"], lr=2**-6), None),
+                      train_dataset=[{"input_ids": r, "labels": r} for r in ns["rows"]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    found = [w for w in caught if issubclass(w.category, umup_fx.AlwaysClippedWarning)]
+    assert len(found) == 1 and "max_grad_norm" in str(found[0].message)
+
+
 def test_activation_checkpointing_recipe_keeps_loss_and_gradients(plain) -> None:
     """Last in the file: it wraps the shared model's blocks."""
     model = plain["model"]
