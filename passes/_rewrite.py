@@ -7,6 +7,7 @@ pointing at the right nodes and the before/after graphs line up name for name.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +64,29 @@ def getitem(gm: fx.GraphModule, before: fx.Node, tup: fx.Node, i: int, like: fx.
 def shape_of(node: Any) -> tuple[Any, ...]:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def example_size(size: Any) -> int | None:
+    """The example inputs' value of a (possibly symbolic) size: the *reference size* a
+    rewritten graph's scales are fixed at (rules §3). None when unknown (data-dependent)."""
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    try:
+        return int(hint if hint is not None else size)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def example_numel(node: Any) -> int | None:
+    """Number of elements of ``node``'s value at the example inputs (None if unknown)."""
+    sizes = [example_size(d) for d in shape_of(node)]
+    return None if None in sizes or not isinstance(node, fx.Node) else math.prod(sizes)
+
+
+def example_rows(node: Any) -> int | None:
+    """Rows of ``node``'s value at the example inputs: numel / last dim (B in the rules)."""
+    numel, shape = example_numel(node), shape_of(node)
+    last = example_size(shape[-1]) if shape else None
+    return None if numel is None or not last else numel // last
 
 
 def nodes_with_rule(gm: fx.GraphModule, *rule_names: str) -> list[fx.Node]:

@@ -2,7 +2,8 @@
 
 ``scaled_dot_product_attention`` becomes ``ops.scaled_dot_product_attention``: logits
 ``alpha_attn / d_head`` (muP's 1/d replaces the model's 1/sqrt(d) or ``scale=``), output
-and q/k/v gradients times ``s`` (rules §3). A hand-written attention keeps its own ops
+and q/k/v gradients times ``s`` (rules §3), with ``s`` at the reference key length (the
+example inputs'), a constant: a position's output does not depend on later positions. A hand-written attention keeps its own ops
 (mask, softmax, dropout): its logit constant becomes ``alpha_attn / d_head``, q, k^T and
 v get the backward scale ``s`` and the ``@ v`` output the forward scale ``s``, which is
 the same computation as the SDPA rule. Its mask is taken as causal (decoders' masks
@@ -40,6 +41,7 @@ from ._graph import ops as aten_ops
 from ._rewrite import (
     ancestors,
     arg,
+    example_size,
     insert_call,
     nodes_with_rule,
     shape_of,
@@ -49,12 +51,6 @@ from ._rewrite import (
 )
 
 _aten = torch.ops.aten
-
-
-def _hint(size: object) -> int:
-    """The example value behind a (possibly symbolic) size."""
-    hint = getattr(getattr(size, "node", None), "hint", None)
-    return int(hint if hint is not None else size)  # type: ignore[call-overload]
 
 
 _CPU = torch.device("cpu")
@@ -78,7 +74,7 @@ def mask_is_causal(gm: fx.GraphModule, mask: fx.Node) -> bool:
                 if any(u in needed and u.target is not _aten.sym_size.int for u in n.users):
                     return False  # the mask depends on this input's values
                 val = n.meta["val"]
-                env[n] = torch.empty([_hint(d) for d in val.shape], dtype=val.dtype)
+                env[n] = torch.empty([example_size(d) for d in val.shape], dtype=val.dtype)
             elif n.op == "call_function":
                 args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
                 # The capture's meta device stands for "the model's": evaluate on the CPU.
@@ -134,7 +130,8 @@ def scale_sdpa(gm: fx.GraphModule) -> PassResult:
         q, k, v = node.args[:3]
         dropout_p = arg(node, "dropout_p", 0.0)
         gqa = bool(arg(node, "enable_gqa", False))
-        kwargs = {"mult": mult, "enable_gqa": gqa, "kv_group": kv_group(q, k, gqa)}
+        kwargs = {"mult": mult, "enable_gqa": gqa, "kv_group": kv_group(q, k, gqa),
+                  "seq_len": _reference_len(v, -2)}
         mask, is_causal = arg(node, "attn_mask"), bool(arg(node, "is_causal", False))
         if isinstance(mask, fx.Node) and not is_causal and mask_is_causal(gm, mask):
             kwargs["causal_mask"] = True
@@ -169,8 +166,11 @@ def scale_manual_attention(gm: fx.GraphModule) -> PassResult:
         p = float(arg(dropout, "p", 0.0)) if dropout is not None else 0.0
         if dropout is not None:
             dropout.update_arg(2, training_flag(gm, arg(dropout, "train", True)))
-        # s from the key length (k^T's last axis), known before q @ k^T runs.
-        seq_len = insert_call(gm, qk, _aten.sym_size.int, (k_t, -1))
+        # s from the key length (k^T's last axis) at the example inputs; read at run
+        # time only where the capture has no example value for it.
+        seq_len = _reference_len(k_t, -1)
+        if seq_len is None:
+            seq_len = insert_call(gm, qk, _aten.sym_size.int, (k_t, -1))
         s = insert_call(
             gm, qk, ops.attention_output_scale, (d_head, seq_len),
             {"causal": pattern["masked"], "mult": mult, "dropout_p": p},
@@ -198,5 +198,13 @@ def scale_softmax(gm: fx.GraphModule) -> PassResult:
         dtype = arg(node, "dtype")
         if arg(node, "half_to_float", False):
             dtype = torch.float32
-        swap(node, ops.softmax, (x, dim), {"mult": mult, "dtype": dtype})
+        swap(node, ops.softmax, (x, dim), {"mult": mult, "dtype": dtype,
+                                           "n": _reference_len(x, dim)})
     return PassResult(gm, bool(nodes))
+
+
+def _reference_len(node: fx.Node, dim: int) -> int | None:
+    """The size of ``node``'s axis ``dim`` at the example inputs: the reference length
+    the rule's scale is fixed at (rules §3, "Reference sizes")."""
+    shape = shape_of(node)
+    return example_size(shape[dim]) if shape else None

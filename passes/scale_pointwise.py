@@ -4,9 +4,13 @@ Each becomes its ``umup_fx.runtime.ops`` counterpart with the multipliers of the
 ``HParams``: SiLU / GELU (also a hand-written tanh-GELU) take ``alpha_ffn_act``, a gated unit ``up * silu(gate)`` becomes
 one ``ops.silu_glu`` (the SiLU node is absorbed), dropout reads the graph's training
 flag, a matmul of two activations gets ``K^-1/2``, and ``cross_entropy`` takes
-``alpha_loss_softmax``, the ``V/sqrt(V-1)`` logit-gradient scale and a forward-only mean.
+``alpha_loss_softmax`` and the logit-gradient scale ``V/sqrt(V-1)`` (a mean's also times
+its rows at the example inputs, the reference rows). Logits that leave the graph with
+no loss consuming them get that same constant on their readout's backward, so a mean
+``F.cross_entropy`` outside the model trains as the in-graph loss would.
 
-Reads: ``umup.rule``, ``umup.gate``; graph key ``plan`` (hparams).
+Reads: ``umup.rule``, ``umup.gate``, ``umup.weight``, ``umup.moe``; ``val`` shapes; graph
+key ``plan`` (hparams, parameter roles).
 Writes: swaps the nodes' targets; erases the SiLU absorbed by each gated unit.
 Fails when: never. A cross-entropy with class weights is kept unscaled and listed.
 """
@@ -20,7 +24,18 @@ from umup_fx import meta, rules
 from umup_fx.runtime import ops
 
 from ._graph import ops as aten_ops
-from ._rewrite import arg, nodes_with_rule, swap, training_flag
+from ._rewrite import (
+    ancestors,
+    arg,
+    example_rows,
+    example_size,
+    nodes_with_rule,
+    shape_of,
+    swap,
+    training_flag,
+    wrap_output,
+)
+from .scale_weights import _use_role
 
 _SILU = aten_ops("silu")
 
@@ -113,7 +128,10 @@ def scale_picks(gm: fx.GraphModule) -> PassResult:
     """A head's pick of one sequence position: x grad * sqrt(n)."""
     nodes = nodes_with_rule(gm, rules.PICK)
     for node in nodes:
-        swap(node, ops.pick, tuple(node.args[:3]))
+        x, dim = node.args[:2]
+        shape = shape_of(x)
+        n = example_size(shape[dim]) if shape else None  # the reference length
+        swap(node, ops.pick, (*node.args[:3], n))
     return PassResult(gm, bool(nodes))
 
 
@@ -143,7 +161,40 @@ def scale_cross_entropy(gm: fx.GraphModule) -> PassResult:
                 "reduction": _REDUCTIONS[int(arg(node, "reduction", 1))],
                 "ignore_index": int(arg(node, "ignore_index", -100)),
                 "label_smoothing": float(arg(node, "label_smoothing", 0.0)),
+                "reference_rows": example_rows(node.args[0]),
             },
         )
+        changed = True
+    return PassResult(gm, changed)
+
+
+def scale_readout_outputs(gm: fx.GraphModule) -> PassResult:
+    """Readouts whose output leaves the graph and reaches no in-graph loss (the loss is
+    computed outside the model): backward-only ``* B_ref V/sqrt(V-1)`` on their output,
+    ``B_ref`` its rows at the example inputs, ``V`` its last axis. That is the constant
+    ``ops.cross_entropy`` gives the logit gradient beyond a standard mean, so a
+    mean-reduced ``F.cross_entropy`` (or ``umup_fx.cross_entropy``) on the returned
+    logits gives the gradients of the same loss inside the graph (rules §3).
+
+    Reads: ``umup.rule`` ("linear", "cross_entropy"), ``umup.weight``, ``umup.moe``;
+    graph key ``plan``. Writes: inserts one ``ops.scale_bwd`` after each such readout.
+    Fails when: never (a readout whose rows are unknown at the example is left as is).
+    """
+    plan = meta.graph_meta(gm)[meta.PLAN]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    consumed: set[fx.Node] = set()
+    for loss in nodes_with_rule(gm, rules.CROSS_ENTROPY):
+        consumed |= ancestors(loss)
+    returned = ancestors(output)
+    changed = False
+    for node in nodes_with_rule(gm, rules.LINEAR):
+        if (meta.get(node, meta.MOE) or node not in returned or node in consumed
+                or _use_role(plan, meta.get(node, meta.WEIGHT), node) != rules.OUTPUT):
+            continue
+        rows, shape = example_rows(node), shape_of(node)
+        vocab = example_size(shape[-1]) if shape else None
+        if rows is None or vocab is None:
+            continue
+        wrap_output(gm, node, ops.scale_bwd, rows * ops.loss_grad_scale(vocab))
         changed = True
     return PassResult(gm, changed)

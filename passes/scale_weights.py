@@ -5,11 +5,13 @@ the scales of the weight's role in *this* use (a tied embedding used as the LM h
 an "output" use there): hidden, input and fixed uses get ``fan_in^-1/2`` forward and
 backward (tied); output uses ``alpha_out / fan_in`` forward and ``fan_out^-1/2`` for the
 input gradient (cut edge). Fans are read from the weight operand's shape, so they are
-right whatever layout the model stores. FP8-eligible linears call ``umup_fx.runtime.fp8.linear``
+right whatever layout the model stores. Every weight-gradient scale gets its reference
+size (rows, looked-up indices, broadcast copies) from the example inputs' shapes
+(``val``), so it is a constant of the graph (rules §3, "Reference sizes"). FP8-eligible linears call ``umup_fx.runtime.fp8.linear``
 when ``Options.fp8`` is on.
 
-Reads: ``umup.rule``, ``umup.weight``, ``umup.transposed``, ``umup.fp8``; graph keys
-``plan``, ``options``.
+Reads: ``umup.rule``, ``umup.weight``, ``umup.transposed``, ``umup.fp8``; ``val`` shapes;
+graph keys ``plan``, ``options``.
 Writes: swaps those nodes' targets to ``umup_fx.runtime.ops.linear`` / ``umup_fx.runtime.fp8.linear`` /
 ``embedding``.
 Fails when: never (an ``addmm`` with beta/alpha != 1 is left as is and listed).
@@ -27,7 +29,16 @@ from umup_fx.runtime import fp8, ops
 
 from ._graph import ops as aten_ops
 from ._graph import where
-from ._rewrite import arg, insert_call, nodes_with_rule, shape_of, swap
+from ._rewrite import (
+    arg,
+    example_numel,
+    example_rows,
+    example_size,
+    insert_call,
+    nodes_with_rule,
+    shape_of,
+    swap,
+)
 
 _LINEAR = aten_ops("linear")
 _ADDMM = aten_ops("addmm")
@@ -71,7 +82,8 @@ def scale_linears(gm: fx.GraphModule) -> PassResult:
         transposed = bool(meta.get(node, meta.TRANSPOSED))  # the operand is [in, out]
         w_shape = shape_of(w)
         fan_in, fan_out = (w_shape[-2], w_shape[-1]) if transposed else (w_shape[1], w_shape[0])
-        kwargs = {**_scales(plan, node, fan_in, fan_out), "weight_transposed": transposed}
+        kwargs = {**_scales(plan, node, fan_in, fan_out), "weight_transposed": transposed,
+                  "rows": example_rows(x)}
         if options.fp8 != "off" and meta.get(node, meta.FP8):
             kwargs.update(mode=options.fp8, name=meta.get(node, meta.WEIGHT))
             swap(node, fp8.linear, (x, w, bias), kwargs)
@@ -96,7 +108,7 @@ def _scale_grouped(plan, options, node: fx.Node) -> None:
     twin), with per-expert fans; the op's other arguments pass through."""
     x, w, *rest = node.args
     shape = shape_of(w)
-    kwargs = {**_scales(plan, node, shape[-2], shape[-1]), **node.kwargs}
+    kwargs = {**_scales(plan, node, shape[-2], shape[-1]), "rows": example_rows(x), **node.kwargs}
     fn = ops.grouped_linear
     if options.fp8 != "off" and meta.get(node, meta.FP8):
         fn = fp8.grouped_linear
@@ -112,7 +124,10 @@ def _scale_einsum(plan, node: fx.Node) -> None:
     sizes = dict(zip(w_subs, shape_of(w), strict=True))
     fan_in = math.prod(sizes[c] for c in w_subs if c in x_subs and c not in out)
     fan_out = math.prod(sizes[c] for c in w_subs if c in out and c not in x_subs)
-    swap(node, ops.einsum_linear, (node.args[0], x, w, i == 0), _scales(plan, node, fan_in, fan_out))
+    uses = [example_size(n) for c, n in zip(x_subs, shape_of(x), strict=True) if c not in w_subs]
+    rows = None if None in uses else math.prod(uses)  # each weight entry's uses (B)
+    kwargs = {**_scales(plan, node, fan_in, fan_out), "rows": rows}
+    swap(node, ops.einsum_linear, (node.args[0], x, w, i == 0), kwargs)
 
 
 def scale_convs(gm: fx.GraphModule) -> PassResult:
@@ -132,6 +147,8 @@ def scale_convs(gm: fx.GraphModule) -> PassResult:
             dilation, groups = arg(node, "dilation", 1), arg(node, "groups", 1)
         shape = shape_of(w)
         scales = _scales(g[meta.PLAN], node, math.prod(shape[1:]), shape[0])
+        out = example_numel(node)  # [N, C_out, *positions]: B = numel / C_out
+        scales["rows"] = None if out is None else out // shape[0]
         swap(node, ops.conv, (x, w, arg(node, "bias"), stride, padding, dilation, groups), scales)
         changed = True
     return PassResult(gm, changed)
@@ -143,11 +160,14 @@ def scale_embeddings(gm: fx.GraphModule) -> PassResult:
     nodes = nodes_with_rule(gm, rules.EMBEDDING)
     for node in nodes:
         if node.target in _INDEX:  # W[ids]
-            swap(node, ops.embedding, (node.args[1][0], node.args[0], None))
+            indices = node.args[1][0]
+            swap(node, ops.embedding, (indices, node.args[0], None),
+                 {"num_indices": example_numel(indices)})
             continue
         weight, indices = node.args[:2]
         padding_idx = arg(node, "padding_idx", -1)
-        swap(node, ops.embedding, (indices, weight, None if padding_idx == -1 else padding_idx))
+        swap(node, ops.embedding, (indices, weight, None if padding_idx == -1 else padding_idx),
+             {"num_indices": example_numel(indices)})
     return PassResult(gm, bool(nodes))
 
 
@@ -163,10 +183,11 @@ def scale_direct_params(gm: fx.GraphModule) -> PassResult:
             continue
         op, operand = by_name[use["op"]], by_name[use["operand"]]
         if use["kind"] == "expand":
-            swap(op, ops.expand_param, (op.args[0], op.args[1]))
+            swap(op, ops.expand_param, (op.args[0], op.args[1], example_numel(op)))
         else:
             other = op.args[1] if op.args[0] is operand else op.args[0]
-            scaled = insert_call(gm, op, ops.broadcast_param, (operand, other), like=operand)
+            scaled = insert_call(gm, op, ops.broadcast_param, (operand, other, example_numel(op)),
+                                 like=operand)
             op.replace_input_with(operand, scaled)
         changed = True
     return PassResult(gm, changed)

@@ -235,6 +235,10 @@ def _measure(model: nn.Module, case: Case, result: Result) -> None:
     if loss is None or case.kind == "backbone":
         # A unit-scale gradient arriving at the output, as a unit-scaled loss gives.
         probe = torch.randn(main.shape, generator=torch.Generator().manual_seed(2))
+        if case.kind == "lm":  # returned logits expect a mean loss's gradient: their
+            # readout multiplies it by rows x V/sqrt(V-1) (rules §3, Cross-entropy)
+            v = main.shape[-1]
+            probe = probe / (main.numel() // v * umup_fx.runtime.ops.loss_grad_scale(v))
         loss = (main * probe).sum()
     loss.backward()
     plan = model.umup_plan

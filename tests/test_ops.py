@@ -368,8 +368,9 @@ def test_matmul_matches_reference(shape_a: tuple[int, ...], shape_b: tuple[int, 
 def test_cross_entropy_matches_reference(mult: float, reduction: str) -> None:
     logits = _randn(12, 40)
     target = torch.randint(0, 40, (12,), generator=torch.Generator().manual_seed(1))
+    # At the reference size (reference_rows = the 12 rows here) ours is the library's.
     _same(
-        lambda x: ops.cross_entropy(x, target, mult=mult, reduction=reduction),
+        lambda x: ops.cross_entropy(x, target, mult=mult, reduction=reduction, reference_rows=12),
         lambda x: U.cross_entropy(x, target, mult=mult, reduction=reduction),
         [logits],
     )
@@ -381,7 +382,8 @@ def test_cross_entropy_matches_reference(mult: float, reduction: str) -> None:
         return ref_scale_fwd(loss, 1 / 12) if reduction == "mean" else loss
 
     _same(
-        lambda x: ops.cross_entropy(x, target, mult=mult, reduction=reduction, label_smoothing=0.1),
+        lambda x: ops.cross_entropy(x, target, mult=mult, reduction=reduction, label_smoothing=0.1,
+                                    reference_rows=12),
         smoothed_ref,
         [logits],
     )
@@ -392,19 +394,49 @@ def test_cross_entropy_rule_numbers_and_ignore_index() -> None:
     logits = _randn(12, v).requires_grad_()
     target = torch.randint(0, v, (12,), generator=torch.Generator().manual_seed(1))
     target[:3] = -100
-    loss = ops.cross_entropy(logits, target)
+    loss = ops.cross_entropy(logits, target, reference_rows=12)
     loss.backward()
     # Value: PyTorch's mean over the 9 counted rows (the reference divides by all 12).
     torch.testing.assert_close(loss, F.cross_entropy(logits.detach(), target))
     ref = U.cross_entropy(logits.detach(), target)
     torch.testing.assert_close(ref, loss.detach() * 9 / 12)
-    # Gradient: (softmax - onehot) * V / sqrt(V - 1) on counted rows, no 1/rows.
+    # Gradient: the mean's (softmax - onehot) / 9 on counted rows, * V / sqrt(V - 1) and
+    # the 12 reference rows; the library (a sum) has 12/9 less when targets are ignored.
     want = torch.softmax(logits.detach(), -1) - F.one_hot(target.clamp(min=0), v)
     want[:3] = 0
-    torch.testing.assert_close(logits.grad, want * v / (v - 1) ** 0.5)
+    torch.testing.assert_close(logits.grad, want * v / (v - 1) ** 0.5 * 12 / 9)
     ref_logits = logits.detach().clone().requires_grad_()
     U.cross_entropy(ref_logits, target).backward()
-    torch.testing.assert_close(logits.grad, ref_logits.grad)
+    torch.testing.assert_close(logits.grad, ref_logits.grad * 12 / 9)
+    # Outside a model (no reference rows) the backward is F.cross_entropy's.
+    outside = logits.detach().clone().requires_grad_()
+    ops.cross_entropy(outside, target).backward()
+    plain = logits.detach().clone().requires_grad_()
+    F.cross_entropy(plain, target).backward()
+    torch.testing.assert_close(outside.grad, plain.grad)
+
+
+def test_reference_sizes_fix_the_scales() -> None:
+    """With reference sizes, the scales are those of the reference call at any size."""
+    x, w, g = _randn(8, 16), _randn(8, 16, seed=1), _randn(8, 8, seed=2)
+
+    def weight_grad(rows_of: slice, rows: int | None) -> Tensor:
+        wl = w.clone().requires_grad_()
+        ops.linear(x[rows_of], wl, out_scale=0.25, grad_input_scale=0.25, rows=rows).backward(
+            g[rows_of]
+        )
+        return wl.grad
+
+    # 8 rows at reference 4: the sum of both halves' gradients, each at its own 4 rows.
+    torch.testing.assert_close(
+        weight_grad(slice(0, 8), 4), weight_grad(slice(0, 4), None) + weight_grad(slice(4, 8), None)
+    )
+    # Causal attention at reference length 8: the first 8 positions of 16 equal those of 8.
+    q, k, v = (_randn(1, 2, 16, 4, seed=i) for i in range(3))
+    short = ops.scaled_dot_product_attention(q[..., :8, :], k[..., :8, :], v[..., :8, :],
+                                             is_causal=True, seq_len=8)
+    long = ops.scaled_dot_product_attention(q, k, v, is_causal=True, seq_len=8)
+    torch.testing.assert_close(long[..., :8, :], short, rtol=1e-6, atol=1e-6)
 
 
 # -- unit scale at init ----------------------------------------------------------------
@@ -527,7 +559,8 @@ def test_compile_cross_entropy_and_embedding() -> None:
     def fn(w: Tensor, idx: Tensor, target: Tensor) -> Tensor:
         h = ops.embedding(idx, w)
         logits = ops.linear(h, w, out_scale=1 / 8, grad_input_scale=20**-0.5)
-        return ops.cross_entropy(logits.flatten(0, 1), target.flatten(), mult=2.0)
+        return ops.cross_entropy(logits.flatten(0, 1), target.flatten(), mult=2.0,
+                                 reference_rows=12)
 
     gen = torch.Generator().manual_seed(0)
     sets = []

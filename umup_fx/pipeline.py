@@ -38,6 +38,7 @@ from umup_fx.passes.scale_pointwise import (
     scale_matmuls,
     scale_picks,
     scale_pooling,
+    scale_readout_outputs,
 )
 from umup_fx.passes.scale_residuals import scale_residuals
 from umup_fx.passes.scale_weights import (
@@ -92,7 +93,8 @@ def rewrite_passes(parametrization: str = "umup") -> list[Callable[[fx.GraphModu
         scale_pooling,
         scale_picks,
         scale_matmuls,
-        scale_cross_entropy,
+        scale_cross_entropy,  # the loss's backward: mean x reference rows (§3)
+        scale_readout_outputs,  # logits returned for a loss outside the model (§3)
     ]
 
 

@@ -171,7 +171,8 @@ def format_plan(plan: Plan) -> str:
     lines = [head, f"width-like dims: {dims('width') or '-'}",
              f"fixed dims: {dims('fixed') or '-'}"]
     if dims("data"):
-        lines.append(f"data dims (any size; example): {dims('data')}")
+        lines.append(f"data dims (any size; example = the reference size of every scale, "
+                     f"rules section 3): {dims('data')}")
     lines.append("")
     lines += _table([[name, *cells] for name, cells in grouped],
                     ["parameter", "shape", "role", "fan_in", "fan_out", "LR", "FP8"])

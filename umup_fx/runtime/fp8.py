@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from umup_fx.runtime.ops.linears import grouped_op, linear_grad_scales
-from umup_fx.runtime.ops.scaling import _dp, scale_bwd, scale_fwd
+from umup_fx.runtime.ops.scaling import _rows, scale_bwd, scale_fwd
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -127,9 +127,10 @@ def linear(
     weight_transposed: bool = False,
     mode: str = "auto",
     name: str = "linear",
+    rows: int | None = None,
 ) -> Tensor:
     """The linear rule of ``ops.linear`` with the matmul in FP8 (static scale 1)."""
-    x, w, bias = linear_grad_scales(x, weight, bias, grad_input_scale, weight_transposed)
+    x, w, bias = linear_grad_scales(x, weight, bias, grad_input_scale, weight_transposed, rows)
     real = resolve_path(mode, x, w, name) == "scaled_mm"
     out = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), w, real)
     out = out.reshape(*x.shape[:-1], w.shape[0])
@@ -168,6 +169,7 @@ def grouped_linear(
     grad_input_scale: float,
     mode: str = "auto",
     name: str = "experts",
+    rows: int | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """``ops.grouped_linear`` with the experts' matmul in FP8 at static scale 1. It runs
@@ -176,9 +178,9 @@ def grouped_linear(
     if mode == "scaled_mm" or (mode == "auto" and has_fp8_matmul(x.device)):
         _warn_once(name, "is a grouped (MoE) matmul: it runs the FP8 simulation, not FP8 "
                          "tensor cores, so it is slower than bf16 there.")
-    rows_per_expert = x.numel() // x.shape[-1] / weight.shape[0]
+    rows_per_expert = _rows(x, rows) / weight.shape[0]
     x = scale_bwd(x, grad_input_scale)
-    weight = scale_bwd(weight, rows_per_expert**-0.5 * _dp())
+    weight = scale_bwd(weight, rows_per_expert**-0.5)
     return scale_fwd(_Fp8Grouped.apply(op, kwargs, x, weight, *args), out_scale)
 
 

@@ -44,6 +44,7 @@ from umup_fx.runtime.ops.linears import (
 )
 from umup_fx.runtime.ops.loss import (
     cross_entropy,
+    loss_grad_scale,
 )
 from umup_fx.runtime.ops.normalization import (
     batch_norm,
@@ -91,6 +92,7 @@ __all__ = [
     "linear",
     "linear_grad_scales",
     "log_interp",
+    "loss_grad_scale",
     "matmul",
     "max_pool",
     "mean_over",

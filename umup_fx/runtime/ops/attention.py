@@ -50,23 +50,28 @@ def scaled_dot_product_attention(
     training: bool = True,
     causal_mask: bool = False,
     kv_group: int = 1,
+    seq_len: int | None = None,
 ) -> Tensor:
     """SDPA rule: logits * mult/d_head (muP 1/d), output * s, q, k, v grads * s.
 
-    ``training=False`` turns a captured ``dropout_p`` off (what models do in eval).
+    ``seq_len``: the reference key length S of ``s``, fixed at transform time, so a
+    position's output does not depend on how many keys follow it (None: this call's).
+    ``training=False`` turns a captured ``dropout_p`` off (what models do in eval);
+    ``s`` keeps its ``sqrt(1 - p)`` either way, so eval output = train output's mean.
     ``causal_mask=True`` says ``attn_mask`` is the causal mask: ``s`` is then the causal
     one (the reference keys it on ``is_causal`` only; an explicit causal mask is the
     same attention, so it gets the same scale). ``kv_group``: query heads per k/v
     head under grouped-query attention; the k/v gradients sum over the group, so they
     get a further ``kv_group^-1/2`` (1 gives the reference's op).
     """
-    if not training:
-        dropout_p = 0.0
     # d_head and S from v, as the reference. Standard models give q, k and v one head
     # size; were q/k's to differ (e.g. MLA), mult/d_head would still use v's, as there.
     logit_scale, s = attention_scales(
-        v.shape[-1], v.shape[-2], causal=is_causal or causal_mask, mult=mult, dropout_p=dropout_p
+        v.shape[-1], v.shape[-2] if seq_len is None else seq_len,
+        causal=is_causal or causal_mask, mult=mult, dropout_p=dropout_p,
     )
+    if not training:  # after s: dropout's sqrt(1-p) stays in eval (rules §3, Dropout)
+        dropout_p = 0.0
     kv_scale = s if kv_group == 1 else s * kv_group**-0.5
     q, k, v = scale_bwd(q, s), scale_bwd(k, kv_scale), scale_bwd(v, kv_scale)
     out = F.scaled_dot_product_attention(
@@ -83,12 +88,15 @@ def scaled_dot_product_attention(
 
 
 def softmax(
-    x: Tensor, dim: int, *, mult: float = 1.0, dtype: torch.dtype | None = None, tied: bool = True
+    x: Tensor, dim: int, *, mult: float = 1.0, dtype: torch.dtype | None = None, tied: bool = True,
+    n: int | None = None,
 ) -> Tensor:
-    """Softmax rule: softmax(mult x) * n^(1-a/2), a = 1/(1+4/mult^2); x grad tied (or (n/mult)^..)."""
+    """Softmax rule: softmax(mult x) * n^(1-a/2), a = 1/(1+4/mult^2); x grad tied (or (n/mult)^..).
+
+    ``n``: the reference size of ``dim`` fixed at transform time (None: this call's)."""
     # Default tied, as the reference (constraint="to_output_scale"): the rules table's
     # untied grad scale (n/mult)^(1-a/2) is what constraint=None gives (tied=False).
-    n = x.shape[dim]
+    n = x.shape[dim] if n is None else n
     a = 1 / (1 + 4 / mult**2)
     out_scale = log_interp(a, lower=n, upper=n**0.5)
     grad_scale = out_scale if tied else log_interp(a, lower=n / mult, upper=(n / mult) ** 0.5)

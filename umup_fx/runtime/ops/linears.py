@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from umup_fx.runtime.ops.scaling import (
-    _dp,
     _rows,
     _scale,
     scale_bwd,
@@ -39,8 +38,11 @@ def linear(
     out_scale: float,
     grad_input_scale: float,
     weight_transposed: bool = False,
+    rows: int | None = None,
 ) -> Tensor:
-    """Linear rule: F.linear(x, W, b) * out_scale; x grad * grad_input_scale, W, b grads * B^-1/2."""
+    """Linear rule: F.linear(x, W, b) * out_scale; x grad * grad_input_scale, W, b grads * B^-1/2.
+
+    ``rows``: the reference B fixed at transform time (None: this call's rows)."""
     # The forward scale is folded into the weight and bias: x (sW)^T + sb = s (x W^T + b).
     # It then multiplies the [out, in] weight instead of the [tokens, out] activation,
     # which costs nothing measurable (the activation multiply would be one more pass
@@ -48,7 +50,7 @@ def linear(
     # x's gradient (g sW), so x's backward scale is grad_input_scale / out_scale: 1, no
     # op at all, for hidden linears whose scales are tied. W's and b's gradients are
     # unchanged: B^-1/2 times the gradient at the unscaled output, as in U.linear.
-    param_scale = _rows(x) ** -0.5 * _dp()
+    param_scale = _rows(x, rows) ** -0.5
     x = scale_bwd(x, grad_input_scale / out_scale)
     weight = _scale(weight, out_scale, param_scale)
     if bias is not None:
@@ -67,15 +69,18 @@ def einsum_linear(
     *,
     out_scale: float,
     grad_input_scale: float,
+    rows: int | None = None,
 ) -> Tensor:
     """Linear rule for a weight used through ``torch.einsum(equation, x, W)`` (or W, x):
     the scale folded into W as in :func:`linear`; W's gradient * B^-1/2, where B is the
-    number of times each weight entry is used (the product of x's letters W lacks)."""
-    subs = equation.replace(" ", "").split("->")[0].split(",")
-    x_subs, w_subs = (subs[1], subs[0]) if weight_first else (subs[0], subs[1])
-    rows = math.prod(n for c, n in zip(x_subs, x.shape, strict=True) if c not in w_subs)
+    number of times each weight entry is used (the product of x's letters W lacks), or
+    the reference ``rows`` fixed at transform time."""
+    if rows is None:
+        subs = equation.replace(" ", "").split("->")[0].split(",")
+        x_subs, w_subs = (subs[1], subs[0]) if weight_first else (subs[0], subs[1])
+        rows = math.prod(n for c, n in zip(x_subs, x.shape, strict=True) if c not in w_subs)
     x = scale_bwd(x, grad_input_scale / out_scale)
-    weight = _scale(weight, out_scale, rows**-0.5 * _dp())
+    weight = _scale(weight, out_scale, rows**-0.5)
     return torch.einsum(equation, weight, x) if weight_first else torch.einsum(equation, x, weight)
 
 
@@ -93,15 +98,17 @@ def grouped_linear(
     *args: Any,
     out_scale: float,
     grad_input_scale: float,
+    rows: int | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """Linear rule for MoE experts, ``op(x[S, in], W[E, in, out], offs)``: each expert is
     a linear with its own fans, so the scales are :func:`linear`'s, folded into W; W's
-    gradient * (rows per expert)^-1/2, the S rows shared evenly by E experts (as routed
-    at init), since each expert's gradient sums over its own rows only."""
-    rows_per_expert = _rows(x) / weight.shape[0]
+    gradient * (rows per expert)^-1/2, the S rows (reference ``rows``, else this call's)
+    shared evenly by E experts (as routed at init), since each expert's gradient sums
+    over its own rows only."""
+    rows_per_expert = _rows(x, rows) / weight.shape[0]
     x = scale_bwd(x, grad_input_scale / out_scale)
-    weight = _scale(weight, out_scale, rows_per_expert**-0.5 * _dp())
+    weight = _scale(weight, out_scale, rows_per_expert**-0.5)
     return grouped_op(op)(x, weight, *args, **kwargs)
 
 
@@ -124,14 +131,15 @@ def combine_experts(
 
 
 def linear_grad_scales(
-    x: Tensor, weight: Tensor, bias: Tensor | None, grad_input_scale: float, transposed: bool
+    x: Tensor, weight: Tensor, bias: Tensor | None, grad_input_scale: float, transposed: bool,
+    rows: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The linear rule's backward-only scales on (x, W[out, in], b), for a matmul whose
     output is then scaled by ``scale_fwd`` (the FP8 linear: its casts need W at unit
     scale, so the forward scale cannot be folded into the weight there)."""
     # As U.linear: the bias sits inside the forward scale (the whole output is scaled)
     # and its gradient gets the weight's B^-1/2, not out_scale.
-    param_scale = _rows(x) ** -0.5 * _dp()
+    param_scale = _rows(x, rows) ** -0.5
     x = scale_bwd(x, grad_input_scale)
     weight = scale_bwd(weight, param_scale)
     if bias is not None:
@@ -140,40 +148,49 @@ def linear_grad_scales(
     return x, weight.t() if transposed else weight, bias
 
 
-def embedding(indices: Tensor, weight: Tensor, padding_idx: int | None = None) -> Tensor:
-    """Embedding rule: plain lookup; weight grad * (V / num_indices)^1/2."""
-    weight = scale_bwd(weight, (weight.shape[0] / indices.numel()) ** 0.5 * _dp())
+def embedding(
+    indices: Tensor, weight: Tensor, padding_idx: int | None = None, *, num_indices: int | None = None
+) -> Tensor:
+    """Embedding rule: plain lookup; weight grad * (V / num_indices)^1/2 (``num_indices``:
+    the reference count fixed at transform time, None: this call's)."""
+    n = indices.numel() if num_indices is None else num_indices
+    weight = scale_bwd(weight, (weight.shape[0] / n) ** 0.5)
     return F.embedding(indices, weight, padding_idx)
 
 
-def param_grad_scale(weight: Tensor, activation: Tensor) -> Tensor:
-    """Norm gain/bias rule: grad * (weight.numel() / activation.numel())^1/2 = (d / numel)^1/2."""
-    return scale_bwd(weight, (weight.numel() / activation.numel()) ** 0.5 * _dp())
+def param_grad_scale(weight: Tensor, activation: Tensor, numel: int | None = None) -> Tensor:
+    """Norm gain/bias rule: grad * (weight.numel() / activation.numel())^1/2 = (d / numel)^1/2
+    (``numel``: the activation's reference size fixed at transform time, None: this call's)."""
+    n = activation.numel() if numel is None else numel
+    return scale_bwd(weight, (weight.numel() / n) ** 0.5)
 
 
 def _norm_params(
-    weight: Tensor | None, bias: Tensor | None, x: Tensor
+    weight: Tensor | None, bias: Tensor | None, x: Tensor, numel: int | None = None
 ) -> tuple[Tensor | None, Tensor | None]:
     """A norm's gain and bias with their gradient scale (either may be None)."""
-    return (None if weight is None else param_grad_scale(weight, x),
-            None if bias is None else param_grad_scale(bias, x))
+    return (None if weight is None else param_grad_scale(weight, x, numel),
+            None if bias is None else param_grad_scale(bias, x, numel))
 
 
-def broadcast_param(param: Tensor, other: Tensor) -> Tensor:
+def broadcast_param(param: Tensor, other: Tensor, numel: int | None = None) -> Tensor:
     """A parameter added as is (a learned position table): grad * (numel / broadcast numel)^1/2.
 
     Broadcasting adds the gradients of every copy (each batch row); like the embedding
     rule's (V / indices)^1/2, this brings the sum of those unit gradients back to unit.
+    ``numel``: the broadcast size at the reference shapes (None: this call's).
     """
-    n = math.prod(torch.broadcast_shapes(param.shape, other.shape))
-    return scale_bwd(param, (param.numel() / n) ** 0.5 * _dp())
+    n = math.prod(torch.broadcast_shapes(param.shape, other.shape)) if numel is None else numel
+    return scale_bwd(param, (param.numel() / n) ** 0.5)
 
 
-def expand_param(param: Tensor, sizes: Sequence[int]) -> Tensor:
+def expand_param(param: Tensor, sizes: Sequence[int], numel: int | None = None) -> Tensor:
     """``param.expand(sizes)`` (a cls / register token copied over the batch); the copies'
-    gradients are scaled by (numel / expanded numel)^1/2 before they add up."""
+    gradients are scaled by (numel / expanded numel)^1/2 before they add up (``numel``:
+    the expanded size at the reference shapes, None: this call's)."""
     out = param.expand(*sizes)
-    return scale_bwd(out, (param.numel() / out.numel()) ** 0.5 * _dp())
+    n = out.numel() if numel is None else numel
+    return scale_bwd(out, (param.numel() / n) ** 0.5)
 
 
 
@@ -221,10 +238,12 @@ def conv(
     *,
     out_scale: float,
     grad_input_scale: float,
+    rows: int | None = None,
 ) -> Tensor:
     """Conv rule (1-3-D): conv(x, W, b) * out_scale; x grad * grad_input_scale; W, b grads * B^-1/2.
 
-    B = N * prod(output spatial sizes). Scales as a linear with fan_in = C_in/groups *
+    B = N * prod(output spatial sizes): the reference ``rows`` fixed at transform time,
+    None: this call's. Scales as a linear with fan_in = C_in/groups *
     prod(kernel) (e.g. ``hidden_linear_scales(fan_in)``).
     """
     nd = weight.dim() - 2
@@ -236,8 +255,10 @@ def conv(
     # As `linear`: a conv is a linear applied at every output position, each a row of
     # the rule. The forward scale is folded into W and b (one small multiply instead of
     # one over the activation), so x's backward scale is grad_input_scale / out_scale,
-    # and W's, b's gradients get B^-1/2 (times the data-parallel factor).
-    param_scale = _conv_rows(x, weight, stride, padding, dilation) ** -0.5 * _dp()
+    # and W's, b's gradients get B^-1/2.
+    if rows is None:
+        rows = _conv_rows(x, weight, stride, padding, dilation)
+    param_scale = rows**-0.5
     x = scale_bwd(x, grad_input_scale / out_scale)
     weight = _scale(weight, out_scale, param_scale)
     if bias is not None:

@@ -7,7 +7,6 @@ from torch import Tensor
 
 from umup_fx.runtime.ops.scaling import (
     _scale,
-    scale_fwd,
 )
 
 
@@ -20,30 +19,37 @@ def cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    reference_rows: int | None = None,
 ) -> Tensor:
-    """Cross-entropy rule: CE(mult logits); logits grad * V/sqrt(V-1); mean divides the value only."""
-    # As U.cross_entropy: the forward multiplier's gradient is not applied (scale_fwd),
-    # and the loss is a sum whose *value* is divided by the row count in the forward
-    # pass only, so d loss / d logit = (softmax - onehot) * V/sqrt(V-1), no 1/rows.
-    # One difference: the reference divides by all rows (logits.shape[0]), including
-    # rows whose target is ignore_index; here the divisor is PyTorch's (the number of
-    # non-ignored targets), so the loss value equals F.cross_entropy's at mult = 1.
-    # Identical numbers when no target is ignored.
+    """Cross-entropy rule: F.cross_entropy(mult logits), the multiplier forward-only.
+
+    In a rewritten graph (``reference_rows`` given: the loss's rows at the example
+    inputs) the logit gradient is also * V/sqrt(V-1), and a mean's * reference_rows: the
+    standard mean's gradient (1/count, in both directions) times constants, unit scale
+    at the reference batch and linear in the loss. Outside a model (None) the backward
+    is F.cross_entropy's: a transformed model whose logits leave it unconsumed carries
+    those constants in its readout (rules §3, Cross-entropy).
+    """
+    # As U.cross_entropy: the forward multiplier's gradient is not applied (scale_fwd)
+    # and the logit gradient gets V/sqrt(V-1). Unlike it, a mean is PyTorch's mean (over
+    # non-ignored targets) in the backward too, with the fixed reference_rows in place of
+    # the reference library's run-time rows: at the reference batch, with nothing ignored,
+    # the numbers are the library's; at any other size the gradient is the mean's, so
+    # micro-batches weighted by their share of the tokens add up to the full batch's.
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: unknown reduction {reduction!r}")
     # Classes sit on dim 1 for [N, C, ...] logits, as in F.cross_entropy.
     vocab = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
-    logits = _scale(logits, fwd_scale=mult, bwd_scale=vocab / (vocab - 1) ** 0.5)
-    loss = F.cross_entropy(
-        logits,
-        target,
-        ignore_index=ignore_index,
-        reduction="sum" if reduction == "mean" else reduction,
+    grad_scale = 1.0
+    if reference_rows is not None:
+        grad_scale = loss_grad_scale(vocab) * (reference_rows if reduction == "mean" else 1)
+    logits = _scale(logits, fwd_scale=mult, bwd_scale=grad_scale)
+    return F.cross_entropy(
+        logits, target, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing,
     )
-    if reduction != "mean":
-        return loss
-    if target.is_floating_point():  # class probabilities: every row counts
-        return scale_fwd(loss, 1 / (logits.numel() // vocab))
-    # Data-dependent count: the forward-only scale is a 0-d tensor here.
-    return scale_fwd(loss, (target != ignore_index).sum().to(loss.dtype).reciprocal())
+
+
+def loss_grad_scale(vocab: int) -> float:
+    """V/sqrt(V-1): makes softmax - onehot over V classes unit scale (1 for one class)."""
+    return vocab / (vocab - 1) ** 0.5 if vocab > 1 else 1.0

@@ -15,14 +15,15 @@ from umup_fx.runtime.ops.scaling import (
 )
 
 
-def pick(x: Tensor, dim: int, index: int) -> Tensor:
-    """Pick rule: ``x.select(dim, index)``; x grad * sqrt(n), n = x.shape[dim].
+def pick(x: Tensor, dim: int, index: int, n: int | None = None) -> Tensor:
+    """Pick rule: ``x.select(dim, index)``; x grad * sqrt(n), n = x.shape[dim] (``n``: its
+    reference size fixed at transform time, None: this call's).
 
     The gradient reaches one of n positions, so its RMS over x is 1/sqrt(n) of the
     output's; as for pooling this edge feeds a head (a cut edge), and the backward
     scale brings it back to unit.
     """
-    return scale_bwd(x, x.shape[dim] ** 0.5).select(dim, index)
+    return scale_bwd(x, (x.shape[dim] if n is None else n) ** 0.5).select(dim, index)
 
 
 def max_pool(x: Tensor, op: str, kernel_size: Any, stride: Any = None, *args: Any) -> Tensor:

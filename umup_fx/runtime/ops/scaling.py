@@ -7,13 +7,18 @@ the plain PyTorch op with these applied around it, so the unscaled numerics (ker
 dtypes, SDPA backends) stay PyTorch's own.
 
 Callers pass only numbers that are fixed for a model (fan-in, fan-out, tau, the alpha
-multipliers). Scales that depend on the batch (rows of a linear, number of looked-up
-indices, sequence length) are computed here from the tensors' shapes at run time, so a
-graph accepts any batch size / sequence length. Under ``torch.compile(dynamic=True)``
-those shapes are SymInts and the scales SymFloats; the scale arithmetic below therefore
-uses only ``**`` and log2 (``math.log2`` under Dynamo, torch's symbolic log2 under
-AOTAutograd / make_fx), which stay symbolic: ``math.log`` / ``math.exp`` would
-specialise the graph to one size and recompile for every new one.
+multipliers) and, for the scales the rules write with a data size (rows of a linear,
+looked-up indices, attention's key length, the loss's rows), a *reference size* fixed
+at transform time from the example inputs (rules §3, "Reference sizes"). A rewritten
+graph's scales are therefore constants: a graph accepts any batch size / sequence
+length, a position's output does not depend on how many positions follow it, and a
+weight gradient is linear in the loss, so any split of a batch adds up to the full
+batch's gradient. Called without a reference size (``rows=None`` etc.), an op reads
+the size from its tensors at run time, as the reference library does. Under
+``torch.compile(dynamic=True)`` those sizes are SymInts and the scales SymFloats; the
+scale arithmetic below therefore uses only ``**`` and log2 (``math.log2`` under Dynamo,
+torch's symbolic log2 under AOTAutograd / make_fx), which stay symbolic: ``math.log`` /
+``math.exp`` would specialise the graph to one size and recompile for every new one.
 
 Where the reference library (``unit-scaling`` 0.3.5, ``unit_scaling.functional``)
 differs from ``docs/rules.md``, the op's comment says which one it follows and why.
@@ -25,6 +30,7 @@ Outputs of :func:`scale_bwd` (and of ops whose forward scale is 1) may alias the
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -111,39 +117,29 @@ def _ln(n: float) -> float:
     return _log2(n) * _LN2  # ln n, symbolic-friendly (see log_interp)
 
 
-def _rows(x: Tensor) -> int:
-    """Rows a weight sees: every position of every batch element (B in the rules)."""
-    return x.numel() // x.shape[-1]
+def _rows(x: Tensor, reference: int | None = None) -> int:
+    """Rows a weight sees (B in the rules): the reference rows fixed at transform time,
+    else every position of every batch element of this call."""
+    return x.numel() // x.shape[-1] if reference is None else reference
 
 
-# -- data parallelism ----------------------------------------------------------------
-# A weight's gradient is scaled by B^-1/2 for the B rows it sums over. Under data
-# parallelism each rank sums over its own B/N rows and DDP / FSDP2 then *average* the
-# N gradients, which would leave the result N^-1/2 times the single-process gradient
-# on the same global batch. Every parameter-gradient scale is therefore multiplied by
-# N^1/2 (docs/rules.md, "Decisions where the rules are silent"; docs/distributed.md).
-_data_parallel_size: int | None = None
-
-
+# -- data parallelism (deprecated) --------------------------------------------------
+# Weight-gradient scales used to read the rows at run time, and were multiplied by
+# N^1/2 for N data-parallel ranks to undo DDP's average. With reference sizes fixed at
+# transform time every scale is a constant and the loss's backward is linear (rules
+# §3), so N ranks' averaged gradients equal one process's on the global batch without
+# any factor. These two functions stay for old callers and do nothing.
 def set_data_parallel_size(size: int | None) -> None:
-    """The number of ranks whose gradients DDP / FSDP2 average (default: the world size
-    of the default process group, 1 without one). Set it when tensor or pipeline
-    parallelism makes the data-parallel group smaller than the world; ``None`` resets."""
-    global _data_parallel_size
-    if size is not None and size < 1:
-        raise ValueError(f"data-parallel size must be >= 1, got {size}")
-    _data_parallel_size = size
+    """Deprecated, no effect: gradients no longer depend on the data-parallel size."""
+    warnings.warn(
+        "umup_fx.runtime.ops.set_data_parallel_size is deprecated and has no effect: "
+        "u-muP's gradient scales are fixed at transform time, so DDP / FSDP averaging "
+        "already gives the single-process gradient (docs/distributed.md).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
 
 
 def data_parallel_size() -> int:
-    if _data_parallel_size is not None:
-        return _data_parallel_size
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
+    """Deprecated: always 1 (no gradient scale depends on the data-parallel size)."""
     return 1
-
-
-def _dp() -> float:
-    """N^1/2: what averaging over N data-parallel ranks takes away from a weight grad."""
-    return data_parallel_size() ** 0.5
