@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+import torch.utils.checkpoint
 from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import (
@@ -55,10 +56,16 @@ class RegionError(UmupError):
     """The graph could not be cut at the block boundaries."""
 
 
-def call_block(root: torch.nn.Module, path: str, args: tuple, kwargs: dict) -> list[Any]:
+def call_block(root: torch.nn.Module, path: str, args: tuple, kwargs: dict,
+               checkpoint: dict[str, Any] | None = None) -> list[Any]:
     """Call the block at ``path`` of ``root`` as the model would (its ``__call__`` runs
-    hooks, checkpoint and compile wrappers); its output, flattened."""
-    return pytree.tree_leaves(root.get_submodule(path)(*args, **kwargs))
+    hooks, checkpoint and compile wrappers), under ``torch.utils.checkpoint`` with
+    ``checkpoint``'s options where the model's forward checkpointed it; its output,
+    flattened."""
+    block = root.get_submodule(path)
+    if checkpoint is None:
+        return pytree.tree_leaves(block(*args, **kwargs))
+    return pytree.tree_leaves(torch.utils.checkpoint.checkpoint(block, *args, **checkpoint, **kwargs))
 
 
 
@@ -313,8 +320,10 @@ def split_regions(
     block_paths: list[str],
     example_leaves: list[Any],
     name: str,
+    checkpointed: dict[str, dict[str, Any]] | None = None,
 ) -> Split:
-    """Cut ``gm`` (rewritten) into the root graph and one graph per kept block."""
+    """Cut ``gm`` (rewritten) into the root graph and one graph per kept block; the root
+    calls the blocks in ``checkpointed`` under ``torch.utils.checkpoint``."""
     by_name = {n.name: n for n in gm.graph.nodes}
     for old, new in meta.graph_meta(gm).get(meta.REPLACED, {}).items():
         by_name.setdefault(old, by_name[new])
@@ -350,8 +359,8 @@ def split_regions(
         r = region.get(node, "")
         if r and r in blocks:
             if node is last[r]:
-                call_nodes.append(
-                    (r, _emit_call(b, root_ph, r, calls[r].signature, by_name, entries[r])))
+                call_nodes.append((r, _emit_call(b, root_ph, r, calls[r].signature, by_name,
+                                                 entries[r], (checkpointed or {}).get(r))))
             continue
         if node.op == "output":
             b.graph.output(fx.node.map_arg(node.args[0], lambda n: b.env[n]))
@@ -404,11 +413,12 @@ def _drop_unused_placeholders(b: _Builder) -> None:
 
 
 def _emit_call(b: _Builder, root_ph: fx.Node, path: str, sig: Any, by_name: dict[str, fx.Node],
-               entries: dict[int, fx.Node]) -> fx.Node:
+               entries: dict[int, fx.Node], checkpoint: dict[str, Any] | None) -> fx.Node:
     leaves = [b.env[entries.get(i, v)] if isinstance(v, fx.Node) else v
               for i, v in enumerate(_leaf_nodes(sig.inputs, by_name))]
     args, kwargs = pytree.tree_unflatten(leaves, sig.in_spec)
-    call = b.graph.call_function(call_block, (root_ph, path, tuple(args), dict(kwargs)))
+    call = b.graph.call_function(call_block,
+                                 (root_ph, path, tuple(args), dict(kwargs), checkpoint))
     call.meta["umup_call"] = {"path": path, "in_spec": sig.in_spec, "leaves": leaves}
     for i, out in enumerate(_leaf_nodes(sig.outputs, by_name)):
         if isinstance(out, fx.Node):
@@ -422,7 +432,7 @@ def _chain(prev: fx.Node, cur: fx.Node) -> dict[int, int] | None:
     """{input leaf: output leaf of ``prev``} where ``cur`` reads ``prev``'s outputs, when
     every other input leaf is the same value for both calls; else None."""
     a, c = prev.meta["umup_call"]["leaves"], cur.meta["umup_call"]["leaves"]
-    if len(a) != len(c):
+    if len(a) != len(c) or prev.args[4] != cur.args[4]:  # checkpointed alike, too
         return None
     links = {}
     for i, (x, y) in enumerate(zip(a, c, strict=True)):
@@ -472,7 +482,7 @@ def unroll_calls(split: Split, path_of: list[str]) -> None:
         args, kwargs = pytree.tree_unflatten(leaves, template["in_spec"])
         with graph.inserting_after(max(items.values(), key=lambda n: list(graph.nodes).index(n))):
             call = graph.call_function(
-                call_block, (last.args[0], path, tuple(args), dict(kwargs))
+                call_block, (last.args[0], path, tuple(args), dict(kwargs), last.args[4])
             )
         call.meta["umup_call"] = {**template, "path": path, "leaves": leaves}
         anchor, prev = call, call

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import umup_fx
 from umup_fx.errors import CallError
@@ -205,3 +206,62 @@ def test_residual_add_in_the_parents_loop_keeps_blocks(monkeypatch) -> None:
     assert grads.keys() == grads1.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], grads1[name])
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.silu(self.fc1(x)))
+
+
+class _CheckpointingLM(nn.Module):
+    """Checkpoints its blocks from its own forward (``whole``) or a closure (not)."""
+
+    def __init__(self, how: str | None) -> None:
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.layers = nn.ModuleList(_Block() for _ in range(3))
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.how == "closure":
+            h = checkpoint(lambda t: self.emb(t), ids, use_reentrant=False)
+        else:
+            h = self.emb(ids)
+        for layer in self.layers:
+            h = checkpoint(layer, h, use_reentrant=False) if self.how == "whole" else layer(h)
+        return F.cross_entropy(self.out(h).flatten(0, 1), targets.flatten())
+
+
+def _run_checkpointing(how: str | None) -> tuple[nn.Module, list[int], dict]:
+    torch.manual_seed(0)
+    model = _CheckpointingLM(how)
+    x = _ids(seq=8)
+    torch.manual_seed(1)
+    umup_fx.transform(model, (x, x))
+    calls = [0]
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    loss = model(x, x)
+    counts = [calls[0]]
+    loss.backward()
+    counts.append(calls[0])
+    return model, counts, {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_checkpoint_in_forward_is_kept() -> None:
+    _, counts, grads = _run_checkpointing("whole")
+    assert counts == [3, 6]  # each block recomputed once in the backward
+    _, plain_counts, plain_grads = _run_checkpointing(None)
+    assert plain_counts == [3, 3]
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name])
+
+
+def test_checkpoint_of_a_closure_is_warned() -> None:
+    with pytest.warns(umup_fx.CheckpointWarning, match="lambda"):
+        _run_checkpointing("closure")

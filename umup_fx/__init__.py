@@ -21,6 +21,7 @@ from umup_fx.runtime.ops import cross_entropy
 from umup_fx.runtime.optim import DEFAULT_LR, AdamW, param_groups
 from umup_fx.transfer.sweep import sweep
 from umup_fx.transform import (
+    CheckpointWarning,
     OneGraphWarning,
     PostNormWarning,
     UmupModule,
@@ -42,6 +43,7 @@ __all__ = [
     "ExportError",
     "HParams",
     "HParamsError",
+    "CheckpointWarning",
     "OneGraphWarning",
     "PostNormWarning",
     "ScaleWarning",

@@ -41,7 +41,8 @@ from umup_fx.runtime.modules import (
 )
 from umup_fx.runtime.names import unwrap
 
-__all__ = ["OneGraphWarning", "PostNormWarning", "UmupModule", "UncoveredOpWarning", "transform"]
+__all__ = ["CheckpointWarning", "OneGraphWarning", "PostNormWarning", "UmupModule",
+           "UncoveredOpWarning", "transform"]
 
 
 TRANSFORMED_ATTR = "_umup_transformed"
@@ -57,6 +58,26 @@ class PostNormWarning(UserWarning):
 
 class OneGraphWarning(UserWarning):
     """The model runs as one graph: its blocks could not be kept as modules of their own."""
+
+
+class CheckpointWarning(UserWarning):
+    """A ``torch.utils.checkpoint`` call in the model's forward is not kept (its
+    activations are saved): only whole blocks checkpointed by their caller are."""
+
+
+def _warn_unkept_checkpoints(captured: Captured) -> None:
+    blocks = {b.block_path(i) for b in captured.blocks for i in range(len(b.names))}
+    unkept = captured.other_checkpoints + sorted(set(captured.checkpointed) - blocks)
+    if unkept:
+        warnings.warn(
+            f"umup_fx: {captured.model_name}'s forward calls torch.utils.checkpoint on "
+            f"{', '.join(unkept)}; the rewritten graph keeps checkpoints of whole blocks "
+            "only, so these activations are saved (more memory, same numbers). Checkpoint "
+            "the transformed model's blocks instead: checkpoint(block, x) in the parent's "
+            "loop, or torch's checkpoint_wrapper / apply_activation_checkpointing.",
+            CheckpointWarning,
+            stacklevel=3,
+        )
 
 
 def check_fresh(model: nn.Module) -> None:
@@ -106,7 +127,8 @@ def _build(captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
     parametrizations.apply(plan, opts.parametrization, opts.base, opts.sigma_init)
     rewrite_graph(gm, plan, opts)
     kept = [b.block_path(i) for b in captured.blocks for i in range(b.kept)]
-    split = split_regions(gm, captured.program, kept, leaves, captured.model_name)
+    split = split_regions(gm, captured.program, kept, leaves, captured.model_name,
+                          {p: o for p, o in captured.checkpointed.items() if p in kept})
     graphs: dict[str, RegionGraph] = {}  # every block path -> its (shared) graph
     for b in captured.blocks:
         by_print: dict[tuple, RegionGraph] = {}
@@ -185,6 +207,7 @@ def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Op
             f"{type(model).__name__} got a call structure it has no graph for ({what}) and "
             f"could not capture it: {exc}"
         ) from exc
+    _warn_unkept_checkpoints(captured)
     plan, taus, graphs, root, _ = built
     installed = model.umup_plan
     for name, p in plan.params.items():
@@ -305,6 +328,7 @@ def transform(
         return _as_written(model, example_inputs, example_kwargs, opts)
     captured, built, mode, first = _capture_build(
         model, example_inputs, example_kwargs, opts, ("prefix", "full", "one"))
+    _warn_unkept_checkpoints(captured)
     if mode == "one" and first is not None:
         warnings.warn(
             f"umup_fx: {captured.model_name} runs as one graph ({first}); its blocks "

@@ -16,6 +16,7 @@ model accepts other batch sizes and sequence lengths than the example's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import logging
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint as cp
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
@@ -61,6 +63,9 @@ class Captured:
     program: ExportedProgram | None = None
     model_name: str = "model"
     blocks: list[discovery.BlockList] = field(default_factory=list)
+    # torch.utils.checkpoint calls the forward made (the graph holds no recompute):
+    checkpointed: dict[str, dict[str, Any]] = field(default_factory=dict)  # whole modules
+    other_checkpoints: list[str] = field(default_factory=list)  # anything else
 
 
 def _user_frame(exc: BaseException) -> str | None:
@@ -245,6 +250,64 @@ def _named_kwargs(model: nn.Module, kwargs: dict) -> Any:
 
 
 @contextlib.contextmanager
+def _recording_checkpoints() -> Any:
+    """Record what ``torch.utils.checkpoint.checkpoint`` is asked to recompute while
+    exporting: non-strict export runs it as a plain call, so the graph holds no
+    recompute, and whoever installs the graph must put it back (or say it cannot)."""
+    seen: list[tuple[Any, dict[str, Any]]] = []
+    generator, reentrant = cp._checkpoint_without_reentrant_generator, cp.CheckpointFunction
+
+    def non_reentrant(fn: Any, preserve_rng_state: bool = True, *args: Any, **kwargs: Any) -> Any:
+        seen.append((fn, {"use_reentrant": False, "preserve_rng_state": preserve_rng_state}))
+        return generator(fn, preserve_rng_state, *args, **kwargs)
+
+    class Reentrant:
+        @staticmethod
+        def apply(fn: Any, preserve_rng_state: bool, *args: Any) -> Any:
+            seen.append((fn, {"use_reentrant": True, "preserve_rng_state": preserve_rng_state}))
+            return reentrant.apply(fn, preserve_rng_state, *args)
+
+    cp._checkpoint_without_reentrant_generator, cp.CheckpointFunction = non_reentrant, Reentrant
+    try:
+        yield seen
+    finally:
+        cp._checkpoint_without_reentrant_generator, cp.CheckpointFunction = generator, reentrant
+
+
+def _checkpointed_module(fn: Any) -> nn.Module | None:
+    """The module a checkpointed function calls whole: the module, its ``__call__`` or
+    ``forward``, or a ``functools.partial`` of those; else None."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if isinstance(fn, nn.Module):
+        return fn
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module) and getattr(fn, "__name__", "") in (
+            "__call__", "forward", "_call_impl", "_wrapped_call_impl"):
+        return owner
+    return None
+
+
+def _checkpoints(model: nn.Module, seen: list[tuple[Any, dict[str, Any]]]
+                 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """({module path: checkpoint options} of whole modules checkpointed by their
+    caller, [what else was checkpointed]). A module whose own ``__call__`` checkpoints
+    (HF's GradientCheckpointingLayer) still does so when installed: not listed."""
+    paths = {id(m): canonical_name(n) for n, m in model.named_modules()}
+    whole: dict[str, dict[str, Any]] = {}
+    other: list[str] = []
+    for fn, options in seen:
+        module = _checkpointed_module(fn)
+        if module is not None and id(module) in paths:
+            if type(module).__call__ is nn.Module.__call__:
+                whole[paths[id(module)]] = options
+            continue
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        other.append(f"{name} ({paths.get(id(module), '?')})" if module is not None else name)
+    return whole, other
+
+
+@contextlib.contextmanager
 def _no_kv_cache(model: nn.Module) -> Any:
     """Capture with an HF model's KV cache off (``config.use_cache``, True by default):
     the cache is an inference concern, and its object is no tensor a graph can return."""
@@ -334,22 +397,25 @@ def capture(
     for b in block_lists:
         discovery.choose_prefix(b, full)
     preserve = tuple(b.block_path(i) for b in block_lists for i in range(b.kept))
-    try:
-        program = _export(model, args, kwargs, block_lists, preserve, shadow=True)
-        _check_constants(model, program)
-    except CaptureError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - turned into a readable CaptureError
-        on_meta = any(p.is_meta for p in model.parameters())
-        if on_meta:
-            raise _explain_failure(model, args, kwargs, exc) from exc
-        # Models that make tensors on the CPU without device= fail next to meta weights,
-        # and torch._grouped_mm's fake kernel takes bf16 only (not the float64 stand-ins):
-        # they capture on their real weights (device and dtype then baked in).
+    with _recording_checkpoints() as seen:
         try:
-            program = _export(model, args, kwargs, block_lists, preserve, shadow=False)
-        except Exception as exc2:  # noqa: BLE001
-            raise _explain_failure(model, args, kwargs, exc2) from exc2
+            program = _export(model, args, kwargs, block_lists, preserve, shadow=True)
+            _check_constants(model, program)
+        except CaptureError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - turned into a readable CaptureError
+            on_meta = any(p.is_meta for p in model.parameters())
+            if on_meta:
+                raise _explain_failure(model, args, kwargs, exc) from exc
+            # Models that make tensors on the CPU without device= fail next to meta weights,
+            # and torch._grouped_mm's fake kernel takes bf16 only (not the float64
+            # stand-ins): they capture on their real weights (device and dtype baked in).
+            seen.clear()
+            try:
+                program = _export(model, args, kwargs, block_lists, preserve, shadow=False)
+            except Exception as exc2:  # noqa: BLE001
+                raise _explain_failure(model, args, kwargs, exc2) from exc2
+    checkpointed, other_checkpoints = _checkpoints(model, seen)
 
     gm = program.graph_module
     _portable_histc(gm)
@@ -379,7 +445,8 @@ def capture(
             params[canonical].node = node.name
     meta.graph_meta(gm)[meta.PARAMS] = params
     return Captured(gm=gm, params=params, program=program, model_name=type(model).__name__,
-                    blocks=block_lists)
+                    blocks=block_lists, checkpointed=checkpointed,
+                    other_checkpoints=sorted(set(other_checkpoints)))
 
 
 def _portable_histc(gm: fx.GraphModule) -> None:
