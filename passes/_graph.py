@@ -96,9 +96,21 @@ def source(node: Any) -> Any:
     return node
 
 
+SPLITS = ops("split.Tensor", "split_with_sizes", "chunk", "unbind.int")
+
+
+def split_part_of(node: Any) -> Any:
+    """The value ``node`` is one part of (``getitem(split(x), i)``), else ``node``."""
+    if (isinstance(node, fx.Node) and getattr(node.target, "__name__", "") == "getitem"
+            and isinstance(node.args[0], fx.Node) and node.args[0].target in SPLITS):
+        return source(node.args[0].args[0])
+    return node
+
+
 def param_of(node: Any) -> str | None:
-    """The parameter a value is (through transparent ops), if any."""
-    return param_name(source(node))
+    """The parameter a value is (through transparent ops), if any; one part of a split
+    parameter counts as it (nn.MultiheadAttention's in_proj_weight for cross-attention)."""
+    return param_name(split_part_of(source(node)))
 
 
 def consumers(node: fx.Node) -> list[fx.Node]:

@@ -23,7 +23,18 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, rules
 from umup_fx.errors import AnalysisError
 
-from ._graph import ADDS, MULS, consumers, op_name, ops, param_name, where
+from ._graph import (
+    ADDS,
+    MULS,
+    SPLITS,
+    consumers,
+    op_name,
+    ops,
+    param_name,
+    source,
+    split_part_of,
+    where,
+)
 from .dims import WIDTH
 
 _ADDMM = ops("addmm")
@@ -66,6 +77,12 @@ def _weight_use(op: fx.Node, solver) -> ParamRole:
     else:  # linear(x, W): W is [out, in]
         dims = meta.get(op.args[1], meta.DIMS)
         fan_in, fan_out = dims[1], dims[0]
+        whole = split_part_of(source(op.args[1]))
+        if whole is not source(op.args[1]):  # a part of a split weight (q | kv of in_proj):
+            # width-like when the whole's out axis is, as for a fused QKV projection
+            width_out = solver.kind_of(meta.get(whole, meta.DIMS)[0]) == WIDTH
+            role = rules.weight_role(solver.kind_of(fan_in) == WIDTH, width_out)
+            return ParamRole(role, fan_in, fan_out)
     return _role(fan_in, fan_out, solver)
 
 
@@ -151,6 +168,18 @@ def advice(name: str, shape: tuple[int, ...], op: fx.Node) -> str:
             "value, 'unused' keeps the model's init.")
 
 
+def _through_splits(ops_: list[fx.Node]) -> list[fx.Node]:
+    """A parameter split into parts (q and kv of nn.MultiheadAttention's in_proj_weight)
+    is used by what reads each part."""
+    out = []
+    for op in ops_:
+        if op.target in SPLITS:
+            out += _through_splits([u for part in op.users for u in consumers(part)])
+        else:
+            out.append(op)
+    return out
+
+
 def assign_roles(gm: fx.GraphModule, overrides: dict[str, str] | None = None) -> PassResult:
     """Give every parameter a role and its fans; see the module docstring."""
     overrides = dict(overrides or {})
@@ -165,7 +194,7 @@ def assign_roles(gm: fx.GraphModule, overrides: dict[str, str] | None = None) ->
         if meta.get(node, meta.DIRECT):
             found = _direct_role(node, solver)
             found.uses.append(Use(meta.get(node, meta.DIRECT)["op"], "direct", found.role))
-        for op in [] if found else consumers(node):
+        for op in [] if found else _through_splits(consumers(node)):
             use = _use_of(node, op, name, solver)
             if use is None:
                 if name in overrides:

@@ -16,30 +16,30 @@ D, VOCAB = 64, 96
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, inner: float) -> None:
         super().__init__()
         self.norm, self.up, self.down = nn.LayerNorm(D), nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+        self.inner = inner
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.down(torch.relu(self.up(self.norm(h))))
+        return h + self.down(torch.relu(self.up(self.norm(h))) * self.inner)  # broken if != 1
 
 
 class TinyLM(nn.Module):
-    """Embedding, two pre-norm MLP blocks, a readout; ``logit_divisor`` breaks it the way
-    a model's own constant no rule knows does (pattern: logits divided by a constant)."""
+    """Embedding, two pre-norm MLP blocks, a readout; ``inner`` breaks it the way a
+    model's own constant that no rule knows does (a multiplier inside the MLP)."""
 
-    def __init__(self, logit_divisor: float = 1.0) -> None:
+    def __init__(self, inner: float = 1.0) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, D)
-        self.blocks = nn.ModuleList(Block() for _ in range(2))
+        self.blocks = nn.ModuleList(Block(inner) for _ in range(2))
         self.head = nn.Linear(D, VOCAB, bias=False)
-        self.logit_divisor = logit_divisor
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)
         for block in self.blocks:
             h = block(h)
-        return self.head(h) / self.logit_divisor  # the broken line when divisor != 1
+        return self.head(h)
 
 
 def _ids() -> torch.Tensor:
@@ -48,7 +48,7 @@ def _ids() -> torch.Tensor:
 
 def broken() -> tuple[nn.Module, tuple]:
     torch.manual_seed(0)
-    return TinyLM(logit_divisor=100.0), (_ids(),)
+    return TinyLM(inner=30.0), (_ids(),)
 
 
 def test_a_right_model_passes() -> None:
@@ -65,18 +65,19 @@ def test_a_right_model_passes() -> None:
 
 def test_check_flags_a_broken_model_with_its_source_line() -> None:
     model, inputs = broken()
-    with pytest.warns(umup_fx.ScaleWarning, match="logit_divisor") as caught:
+    with pytest.warns(umup_fx.ScaleWarning, match="self.inner") as caught:
         model = umup_fx.transform(model, inputs)
     assert len([w for w in caught if w.category is umup_fx.ScaleWarning]) == 1  # once
     report = umup_fx.check(model, inputs)
     assert not report.ok
-    # the logits are 100x below a readout's fan_in^-1/2, and every gradient 100x low
-    assert report.output_rms == pytest.approx(D ** -0.5 / 100, rel=0.3)
-    assert "model output RMS" in report.lines()[-1]
+    # each block's MLP output is 30x unit, and so are the gradients reaching its up-projection
     whats = {(f.op.weight, f.what) for f in report.flags}
-    assert ("head.weight", "weight grad") in whats and ("blocks.0.up.weight", "output grad") in whats
+    assert {("blocks.0.down.weight", "output"), ("blocks.1.down.weight", "output"),
+            ("blocks.0.up.weight", "output grad")} <= whats
+    down = next(f for f in report.flags if f.op.weight == "blocks.0.down.weight")
+    assert 10 < down.value < 90 and "self.inner" in down.op.source
     assert all(f.op.weight and "test_check.py" in f.op.source for f in report.flags), report.lines()
-    assert "head.weight" in str(report)
+    assert "blocks.1.down.weight" in str(report)
 
 
 def test_check_changes_nothing() -> None:
@@ -103,6 +104,6 @@ def test_cli_check_exit_status_and_plot(tmp_path, capsys) -> None:
     png = tmp_path / "scales.png"
     assert main(["check", "tests.test_check:broken", "--plot", str(png)]) == 1
     out = capsys.readouterr().out
-    assert "head.weight" in out and "outside" in out
+    assert "blocks.0.down.weight" in out and "outside" in out
     assert png.stat().st_size > 1000
     assert main(["check", "tests.test_check:TinyLM", "--input", f"long:4x16:{VOCAB}"]) == 0
