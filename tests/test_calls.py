@@ -8,6 +8,7 @@ by full forwards, the untransformed class's signature.
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 
 import pytest
@@ -237,9 +238,22 @@ class _CheckpointingLM(nn.Module):
         return F.cross_entropy(self.out(h).flatten(0, 1), targets.flatten())
 
 
+class _CheckpointWrapper(nn.Module):
+    """A user's own checkpoint wrapper around a block."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
 def _run_checkpointing(how: str | None) -> tuple[nn.Module, list[int], dict]:
     torch.manual_seed(0)
-    model = _CheckpointingLM(how)
+    model = _CheckpointingLM(None if how == "wrapper" else how)
+    if how == "wrapper":
+        model.layers = nn.ModuleList(_CheckpointWrapper(b) for b in model.layers)
     x = _ids(seq=8)
     torch.manual_seed(1)
     umup_fx.transform(model, (x, x))
@@ -253,13 +267,18 @@ def _run_checkpointing(how: str | None) -> tuple[nn.Module, list[int], dict]:
     return model, counts, {n: p.grad for n, p in model.named_parameters()}
 
 
-def test_checkpoint_in_forward_is_kept() -> None:
-    _, counts, grads = _run_checkpointing("whole")
+@pytest.mark.parametrize("how", ["whole", "wrapper"])
+def test_checkpoint_in_forward_is_kept(how: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.CheckpointWarning)
+        _, counts, grads = _run_checkpointing(how)
     assert counts == [3, 6]  # each block recomputed once in the backward
     _, plain_counts, plain_grads = _run_checkpointing(None)
     assert plain_counts == [3, 3]
-    for name in grads:
-        torch.testing.assert_close(grads[name], plain_grads[name])
+    for name, grad in plain_grads.items():
+        if how == "wrapper":  # the wrapper adds a segment: layers.0.block.fc1.weight
+            name = re.sub(r"^layers\.(\d+)", r"layers.\1.block", name)
+        torch.testing.assert_close(grads[name], grad)
 
 
 def test_checkpoint_of_a_closure_is_warned() -> None:

@@ -294,12 +294,19 @@ def _checkpoints(model: nn.Module, seen: list[tuple[Any, dict[str, Any]]]
     caller, [what else was checkpointed]). A module whose own ``__call__`` checkpoints
     (HF's GradientCheckpointingLayer) still does so when installed: not listed."""
     paths = {id(m): canonical_name(n) for n, m in model.named_modules()}
+    parents = {id(c): m for m in model.modules() for c in m.children()}
     whole: dict[str, dict[str, Any]] = {}
     other: list[str] = []
     for fn, options in seen:
         module = _checkpointed_module(fn)
         if module is not None and id(module) in paths:
             if type(module).__call__ is nn.Module.__call__:
+                # A user's checkpoint wrapper (no tensors of its own, one child, which it
+                # checkpoints): checkpointing the wrapper's call recomputes the same.
+                parent = parents.get(id(module))
+                if (parent is not None and len(parent._modules) == 1
+                        and not parent._parameters and not parent._buffers):
+                    module = parent
                 whole[paths[id(module)]] = options
             continue
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
