@@ -273,7 +273,8 @@ class UmupModule(UmupRegion):
         return self.__dict__["_umup_original"]
 
     def region_graphs(self) -> dict[str, fx.GraphModule]:
-        """Every rewritten graph by module path ("" for the root), blocks included."""
+        """Every region's rewritten graph by module path ("" for the root), blocks
+        included, for the transform's call (``graphs_of(module)``: every structure's)."""
         return {
             canonical_name(name): m.__dict__["_umup_region"].gm
             for name, m in self.named_modules()
