@@ -171,6 +171,7 @@ class _Solver:
         self.canonical: dict[str, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self.canonical[canonical_name(name)] = first.setdefault(id(p), canonical_name(name))
+        self.shift = self.dropped_constants()
         self.unknowns: list[str] = []
         self.rows: list[tuple[_Lin, str]] = []  # each must be 0
         # (param path, log factor, op, path of the module whose forward runs the op)
@@ -190,6 +191,34 @@ class _Solver:
     def fold(self, ref: Any, expr: _Lin, op: str) -> None:
         if isinstance(ref, _Param):
             self.uses.append((ref.path, expr, op, self.current))
+
+    def dropped_constants(self) -> dict[str, float]:
+        """{node name: log of the constant O multiplies it by that T dropped}: a model's
+        own embedding multiplier (Gemma's sqrt(d)) or readout-input scale (T5's
+        d^-1/2), which u-muP's rules replace (passes/model_scales.py)."""
+        kept = {n.name for gm in self.model.region_graphs().values() for n in gm.graph.nodes}
+        buffers = {"b_" + canonical_name(name).replace(".", "_"): b
+                   for name, b in self.model.named_buffers()}
+        shift: dict[str, float] = {}
+        for d in self.original.values():
+            if d.op != "call_function" or d.name in kept or not (d.target in _MUL or d.target in _DIV):
+                continue
+            xs = [a for a in d.args[:2] if isinstance(a, fx.Node) and a.name in kept
+                  and a.op != "placeholder" and _numel(a) != 1]
+            users = [u for u in d.users if "_assert" not in str(u.target)]
+            if (len(xs) != 1 or len(xs[0].users) != 1 or not users
+                    or any(u.name not in kept for u in users)):
+                continue  # not replaced by its operand (an erased gain, a dead op)
+            other = next(a for a in d.args[:2] if a is not xs[0])
+            if isinstance(other, fx.Node) and _numel(other) != 1:
+                continue  # a tensor, not a constant (a norm's gain)
+            k = _constant_value(other, buffers)
+            if k is None or k <= 0:
+                raise ExportError(
+                    f"export cannot read the constant that u-muP dropped at {_where(d, '')} "
+                    "(not a number or a one-element buffer); the plain model multiplies by it.")
+            shift[xs[0].name] = (1.0 if d.target in _MUL else -1.0) * math.log(k)
+        return shift
 
     # -- one region -----------------------------------------------------------------
     def region(self, module: nn.Module, path: str, inputs: list[Any]) -> list[Any]:
@@ -226,6 +255,8 @@ class _Solver:
                 self.quiet = n in inside
                 memo[n] = self.node(n, get, path, module)
                 self.quiet = False
+                if n.name in self.shift and isinstance(memo[n], _Lin):
+                    memo[n] = memo[n] + self.shift[n.name]  # O multiplies it by its constant
         out = next(n for n in rg.gm.graph.nodes if n.op == "output")
         results = list(out.args[0])
         user = [get(r) for r, (kind, _) in zip(results, rg.outputs, strict=True) if kind == "user"]
@@ -484,6 +515,18 @@ def _module_path(n: fx.Node, region: str) -> str:
     if not stack:
         return region
     return canonical_name(list(stack.values())[-1][0].split("@")[0])
+
+
+def _constant_value(a: Any, buffers: dict[str, torch.Tensor]) -> float | None:
+    """A number, or a one-element buffer (through dtype casts and views), else None."""
+    if isinstance(a, (int, float)):
+        return float(a)
+    while isinstance(a, fx.Node) and a.op == "call_function" and a.target in _CARRY:
+        a = a.args[0]
+    if isinstance(a, fx.Node) and a.op == "placeholder" and a.name in buffers:
+        b = buffers[a.name]
+        return float(b) if b.numel() == 1 and not b.is_meta else None
+    return None
 
 
 def _inserted(n: fx.Node) -> bool:
