@@ -6,19 +6,23 @@ least one weight-bearing op. The branch is every node between the two; it is an
 "mlp". Branch i (forward order) gets tau_i from ``rules.residual_taus``. Parameters
 used inside a branch are depth-scaled (their LR gets L^-1/2). Other adds of two
 activations are plain adds (rule ``add``), except sums of products with constants
-(RoPE's ``q*cos + rotate(q)*sin``), which keep scale and pass through.
+(RoPE's ``q*cos + rotate(q)*sin``), which keep scale and pass through, and a linear's
+low-rank update ``W x + s * B(A(x))`` (LoRA's adapter: a change of the weight, not a
+second branch), which passes through too: with ``B = 0`` the model is the base model.
 
 Reads: ``umup.rule``, ``umup.param``; ``gm.meta["umup"]["hparams"]``.
 Writes: ``umup.rule = "residual_add"`` and ``umup.residual`` (a ``Branch``) on residual
-adds, ``umup.rule = "add"`` on plain adds; graph keys ``branches``, ``depth_scaled``, and
-a ``notes`` line when some adds are post-norm (``Branch.post_norm``: the add feeds only a
-norm, as in BERT; rules §4 says what u-muP assumes there).
+adds, ``umup.rule = "add"`` on plain adds (none on rotations and low-rank updates);
+graph keys ``branches``, ``depth_scaled``, and a ``notes`` line when some adds are
+post-norm (``Branch.post_norm``: the add feeds only a norm, as in BERT;
+rules §4 says what u-muP assumes there).
 Fails when: never.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 from torch import fx
@@ -37,6 +41,7 @@ from ._graph import (
     is_tensor,
     param_dependent,
     param_of,
+    source,
 )
 
 _ATTENTION_RULES = {rules.SDPA, rules.ATTENTION, rules.SOFTMAX}
@@ -80,6 +85,37 @@ def _is_rotary_mix(add: fx.Node, active: set[fx.Node]) -> bool:
     return True
 
 
+def _linear_input(node: fx.Node) -> Any:
+    """The activation a linear reads, through transparent ops and dropout."""
+    x = source(node.args[0])
+    while isinstance(x, fx.Node) and x.op == "call_function":
+        if x.target in DROPOUTS:
+            x = source(x.args[0])
+        elif (getattr(x.target, "__name__", "") == "getitem" and isinstance(x.args[0], fx.Node)
+              and x.args[0].target in DROPOUTS):
+            x = source(x.args[0].args[0])  # native_dropout's (output, mask)
+        else:
+            break
+    return x
+
+
+def _is_low_rank_update(add: fx.Node) -> bool:
+    """``linear(x, W) + s * linear(linear(x, A), B)`` with A's output narrower than B's
+    (LoRA; ``s`` a Python number, ``x`` seen through dropout): rules, "LoRA adapters"."""
+    for base, update in (add.args[:2], add.args[1::-1]):
+        base, up = source(base), source(update)
+        while isinstance(up, fx.Node) and up.target in MULS and not isinstance(up.args[1], fx.Node):
+            up = source(up.args[0])
+        if not (meta.get(base, meta.RULE) == rules.LINEAR == meta.get(up, meta.RULE)):
+            continue
+        down = _linear_input(up)
+        if (meta.get(down, meta.RULE) == rules.LINEAR
+                and down.meta["val"].shape[-1] < up.meta["val"].shape[-1]
+                and _linear_input(down) is _linear_input(base)):
+            return True
+    return False
+
+
 def find_residuals(gm: fx.GraphModule) -> PassResult:
     """Find residual branches and plain adds; see the module docstring."""
     hp: HParams = meta.graph_meta(gm).get(meta.HPARAMS) or HParams()
@@ -111,7 +147,7 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
         if residual and not (residual[1] & claimed):
             found.append((node, residual[0], residual[1]))
             claimed |= residual[1]
-        elif not _is_rotary_mix(node, active):
+        elif not (_is_rotary_mix(node, active) or _is_low_rank_update(node)):
             meta.node_meta(node)[meta.RULE] = rules.ADD
 
     kinds = [

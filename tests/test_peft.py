@@ -48,22 +48,97 @@ def test_any_replaced_module_is_an_error_but_wrappers_and_root_heads_are_not(tra
     del transformed.value_head
 
 
-def _frozen_lora_model() -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    model = peft.get_peft_model(hf_llama(), _lora())
-    return model, {n: p.detach().clone() for n, p in model.named_parameters()}
+def _lora_model(seed: int = 0, b_std: float = 0.0) -> peft.PeftModel:
+    model = peft.get_peft_model(hf_llama(seed=seed), _lora())
+    if b_std:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, b_std, generator=torch.Generator().manual_seed(2))
+    return model
 
 
-@pytest.mark.parametrize("which", ["peft_model", "inner_model"])
-def test_transform_of_a_model_with_adapters_is_an_error_and_touches_no_weight(which: str) -> None:
-    model, before = _frozen_lora_model()
+@pytest.mark.parametrize("which", ["peft_model", "inner_without_pretrained"])
+def test_unsupported_ways_to_transform_adapters_are_errors_and_touch_no_weight(which: str) -> None:
+    model = _lora_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     target = model if which == "peft_model" else model.base_model.model
     ids = _ids()
-    with pytest.raises(AdapterError, match="PEFT adapter layer|PeftModel") as err:
+    with pytest.raises(AdapterError, match="pretrained=True") as err:
         umup_fx.transform(target, (ids,), {"labels": ids})
-    assert "merge_and_unload" in str(err.value)
+    assert "base_model.model" in str(err.value)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert not umup_fx.runtime.modules.is_transformed(model.base_model.model)
+
+
+def test_lora_on_embeddings_is_refused() -> None:
+    model = peft.get_peft_model(hf_llama(), peft.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    ids = _ids()
+    with pytest.raises(AdapterError, match="only LoRA on nn.Linear"):
+        umup_fx.transform(model.base_model.model, (ids,), {"labels": ids}, pretrained=True)
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def test_a_zero_adapter_leaves_the_transformed_model_as_the_base() -> None:
+    ids = _ids()
+    base = umup_fx.transform(hf_llama(), (ids,), {"labels": ids}, pretrained=True)
+    lora = _lora_model().base_model.model
+    umup_fx.transform(lora, (ids,), {"labels": ids}, pretrained=True)
+    torch.testing.assert_close(_logits(lora), _logits(base), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lora_run() -> dict:
+    """A LoRA model with a non-zero adapter, its logits before transform, then transformed."""
+    model = _lora_model(b_std=0.05)
+    inner = model.base_model.model
+    want = _logits(inner)
+    frozen = {n: p.detach().clone() for n, p in inner.named_parameters() if not p.requires_grad}
+    ids = _ids()
+    umup_fx.transform(inner, (ids,), {"labels": ids}, pretrained=True)
+    return {"peft": model, "inner": inner, "want": want, "frozen": frozen}
+
+
+def test_transformed_lora_model_computes_what_it_computed(lora_run) -> None:
+    got = _logits(lora_run["inner"])
+    torch.testing.assert_close(got, lora_run["want"], rtol=1e-2, atol=1e-2)  # export's fold
+    adds = [n for gm in lora_run["inner"].region_graphs().values() for n in gm.graph.nodes
+            if n.op == "call_function" and "adds_add" in str(n.target)]
+    assert not adds  # the base + adapter sums stay plain sums (no unit-scaled add)
+
+
+def test_lora_learning_rates_follow_width_and_rank(lora_run) -> None:
+    params = lora_run["inner"].umup_plan.params
+    prefix = "model.layers.0.self_attn.q_proj."
+    base = params[prefix + "base_layer.weight"].lr_factor
+    assert params[prefix + "lora_A.default.weight"].lr_factor == pytest.approx(base)  # fan-in d
+    d, r = 64, 4
+    assert params[prefix + "lora_B.default.weight"].lr_factor == pytest.approx(base * (d / r) ** 0.5)
+
+
+def test_lora_trains_adapters_only_and_the_peft_wrapper_runs_it(lora_run) -> None:
+    inner, model, ids = lora_run["inner"], lora_run["peft"], _ids()
+    opt = umup_fx.AdamW(inner, lr=2**-4)
+    named = dict(inner.named_parameters())
+    grouped = {n for g in opt.param_groups for n in g["names"]}
+    assert grouped and all("lora_" in n for n in grouped)
+    for n, loaded in lora_run["frozen"].items():  # converted by one factor, not re-initialised
+        p = named[n].detach()
+        torch.testing.assert_close(p, loaded * (p.norm() / loaded.norm()), msg=n)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    for n in lora_run["frozen"]:
+        assert torch.equal(named[n], before[n]), n  # frozen: never trained
+    lora_before = {n: before[n] for n in named if "lora_" in n}
+    assert any(not torch.equal(named[n], lora_before[n]) for n in lora_before if "lora_B" in n)
 
 
 def test_merged_adapters_transform_as_a_plain_model() -> None:

@@ -36,7 +36,8 @@ def run(*names: str, namespace: dict | None = None) -> dict:
 
 
 def test_every_recipe_named_on_the_page_is_run_here() -> None:
-    tested = {"plain", "accumulation", "clipping", "trainer", "frozen", "checkpointing", "resume"}
+    tested = {"plain", "accumulation", "clipping", "trainer", "lora", "frozen", "checkpointing",
+              "resume"}
     assert set(recipes()) == tested
 
 
@@ -124,6 +125,16 @@ def test_trainer_gradient_norm_is_the_models_own(trainer_run) -> None:
     logged = [h["grad_norm"] for h in ns["trainer"].state.log_history if "grad_norm" in h]
     rms = [v / umup_fx.max_grad_norm(ns["hf"], 1.0) for v in logged]
     assert all(0.2 < v < 5 for v in rms), rms  # unit-scale gradients, as in a plain call
+
+
+def test_lora_recipe_trains_the_adapters_of_the_transformed_model(plain) -> None:
+    pytest.importorskip("peft")
+    ns = run("lora", namespace=plain)
+    inner = ns["lora"].base_model.model
+    names = {n for g in ns["lora_opt"].param_groups for n in g["names"]}
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    assert umup_fx.runtime.modules.is_transformed(inner)
+    assert any(p.abs().sum() > 0 for n, p in inner.named_parameters() if "lora_B" in n)  # trained
 
 
 def test_frozen_parameters_stay_and_get_no_group(plain) -> None:

@@ -80,10 +80,11 @@ def _warn_unkept_checkpoints(captured: Captured) -> None:
         )
 
 
-def check_fresh(model: nn.Module) -> None:
+def check_fresh(model: nn.Module, pretrained: bool = False) -> None:
     """Raise unless ``model`` is untouched by umup_fx (not transformed, not prepared)
-    and holds no LoRA / PEFT adapters (``runtime/adapters.py``)."""
-    refuse_adapters(model)
+    and holds no LoRA / PEFT adapters but the supported kind under ``pretrained=True``
+    (``runtime/adapters.py``)."""
+    refuse_adapters(model, pretrained)
     for name, module in model.named_modules():
         if is_transformed(module) or getattr(module, "umup_plan", None) is not None:
             where = f"its submodule {name!r}" if name else "it"
@@ -318,8 +319,10 @@ def transform(
     Raises:
         AlreadyTransformedError: ``model`` (or a submodule) was transformed before.
         CaptureError / AnalysisError: the model cannot be captured or analysed.
+        AdapterError: PEFT adapters that are not LoRA on linears, or LoRA without
+            ``pretrained=True`` (docs/training.md, "LoRA / PEFT").
     """
-    check_fresh(model)
+    check_fresh(model, pretrained=bool(options.get("pretrained")))
     if isinstance(options.get("base"), nn.Module):  # baselines: analyse the base model too
         options["base"] = parametrizations.base_shapes(
             options["base"], example_inputs, example_kwargs)

@@ -1,19 +1,25 @@
-"""Adapters (LoRA / PEFT) and a transformed model: refused both ways, never ignored.
+"""Adapters (LoRA / PEFT) and a transformed model: one supported path, the others refused.
 
-Not supported yet (docs/rules.md, "LoRA adapters"), and each way round would go wrong
-without a word:
+Supported (docs/rules.md, "LoRA adapters"): LoRA on linears, added *before* transform,
+with ``transform(model, ..., pretrained=True)``: the adapter's add passes through
+unscaled (``passes/residuals.py``: a zero adapter leaves the model as it was), no
+weight is re-initialised (``lora_B`` stays zero, the frozen base stays as loaded) and
+the weights are converted so the model computes what it computed before.
+
+Refused with ``AdapterError``, because each would go wrong without a word:
 
 - *adapters added after transform*: the installed graphs run the captured computation
   and read parameters by path, so an adapter module that PEFT puts in place of a
   linear is never called (the loss ignores it, and backward fails once only adapters
   train). ``guard_tree`` marks a transformed model's modules; a global module
-  registration hook then raises ``AdapterError`` when one of them is replaced by
-  anything but a wrapper of itself (activation checkpointing, ``torch.compile``) or
-  gains a child below the root.
-- *transform of a model holding adapters*: the adapter's ``base + scale * B(A(x))``
-  would become a unit-scaled plain add (a zero adapter would change the function) and
-  unit init would re-initialise ``lora_B`` and the frozen base weights.
-  ``refuse_adapters`` raises before anything is touched.
+  registration hook then raises when one of them is replaced by anything but a
+  wrapper of itself (activation checkpointing, ``torch.compile``) or gains a child
+  below the root.
+- *transform of a model holding adapters without* ``pretrained=True``: unit init would
+  re-initialise ``lora_B`` (a non-zero adapter) and the frozen base weights;
+- other PEFT tuners, LoRA on embeddings or convolutions, DoRA: their graphs are not
+  the low-rank update the rule recognises; and a ``PeftModel`` itself (export cannot
+  capture its wrapper; transform the model it wraps).
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ _MARK = "_umup_tree"  # module.__dict__ key: the transformed model's class name
 _hook_installed = False
 
 SUPPORTED = (
-    "Supported today: full fine-tuning of the transformed model (umup_fx.AdamW; freeze "
-    "parameters with requires_grad_(False) before building the optimizer), or LoRA on the "
-    "untransformed model; merge adapters into the base (peft's merge_and_unload()) before "
-    "umup_fx.transform. See docs/training.md, 'LoRA / PEFT'."
+    "Supported: LoRA on linear layers, added before transform, with "
+    "umup_fx.transform(peft_model.base_model.model, ..., pretrained=True) (the model inside "
+    "the PeftModel); or full fine-tuning of the transformed model. See docs/training.md, "
+    "'LoRA / PEFT'."
 )
 
 
@@ -50,25 +56,36 @@ def _qualname(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def refuse_adapters(model: nn.Module) -> None:
-    """Raise ``AdapterError`` if ``model`` is a PEFT model or holds PEFT adapter layers."""
+def refuse_adapters(model: nn.Module, pretrained: bool = False) -> None:
+    """Raise ``AdapterError`` unless ``model``'s PEFT adapters (if any) are the supported
+    kind (LoRA on ``nn.Linear``, no DoRA) and ``pretrained`` is set; a ``PeftModel``
+    always raises (transform the model it wraps)."""
     tuner = _tuner_layer_type()
     if tuner is None:
         return
     from peft import PeftModel
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
     if isinstance(model, PeftModel):
-        where = "it is a PeftModel"
-    else:
-        hit = next((name for name, m in model.named_modules() if isinstance(m, tuner)), None)
-        if hit is None:
-            return
-        where = f"its module {hit!r} is a PEFT adapter layer ({_qualname(model.get_submodule(hit))})"
-    raise AdapterError(
-        f"umup_fx cannot transform {type(model).__name__}: {where}. u-muP would scale the "
-        "adapter's add as a plain add (a zero adapter would change the model) and "
-        "re-initialise lora_B and the frozen base weights. " + SUPPORTED
-    )
+        raise AdapterError(
+            f"umup_fx cannot capture the PeftModel wrapper ({type(model).__name__}); "
+            "transform the model it wraps, peft_model.base_model.model, with "
+            "pretrained=True (the wrapper then runs the transformed model). " + SUPPORTED)
+    for name, m in model.named_modules():
+        if not isinstance(m, tuner):
+            continue
+        what = f"its module {name!r} is a PEFT adapter layer ({_qualname(m)})"
+        if not isinstance(m, LoraLinear) or not isinstance(m.get_base_layer(), nn.Linear):
+            why = "only LoRA on nn.Linear layers is supported (its add is a low-rank update)"
+        elif any(getattr(m, "use_dora", {}).values()):
+            why = "DoRA rescales the base weight's output, which is not a low-rank update"
+        elif not pretrained:
+            why = ("without pretrained=True unit init would re-initialise lora_B (the "
+                   "adapter would no longer start at zero) and the frozen base weights")
+        else:
+            continue
+        raise AdapterError(
+            f"umup_fx cannot transform {type(model).__name__}: {what}; {why}. " + SUPPORTED)
 
 
 def guard_tree(model: nn.Module) -> None:
