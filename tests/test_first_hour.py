@@ -43,7 +43,7 @@ def test_readme_cli_command_works(capsys) -> None:
         (["inspect", "examples.llama:Llama", "--arg", "d_model=abc", "--input", "long:2x8"],
          "Llama(d_model='abc') raised TypeError"),
         (["sweep", "examples.llama:Llama", "--width-arg", "dmodel", "--widths", "32", "--lrs",
-          "1", "--steps", "1", "--json", "no_such_dir/s.json"], "--width-arg does not fit"),
+          "1", "--steps", "1", "--json", "no_such_dir/s.json"], "--width-arg / --arg does not fit"),
         (["coord-check", "examples.mlp:MLPClassifier", "--width-arg", "hidden", "--widths", "32",
           "64", "--json", "no_such_dir/c.json"], "coord-check trains examples.mlp:MLPClassifier on byte tokens"),
     ],

@@ -75,7 +75,8 @@ def test_baselines_need_a_base_and_a_known_name() -> None:
 
 def test_sweep_cli_writes_json_resumes_and_plots(tmp_path, capsys) -> None:
     out = tmp_path / "sweep.json"
-    argv = ["sweep", "examples.llama:Llama", "--width-arg", "d_model", "--widths", "32", "64",
+    argv = ["sweep", "examples.llama:Llama", "--width-arg", "d_model", "--arg", "n_layers=2",
+            "--widths", "32", "64",
             "--lrs", "0.5", "--steps", "3", "--parametrization", "umup", "sp", "--seeds", "0",
             "--batch", "2", "--seq", "16", "--json", str(out)]
     assert main(argv) == 0
@@ -167,7 +168,8 @@ def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:
 
 def test_search_cli_tunes_eta_then_one_multiplier_and_checks_the_target(tmp_path, capsys) -> None:
     out = tmp_path / "search.json"
-    argv = ["search", "examples.llama:Llama", "--width-arg", "d_model", "--proxy-width", "32",
+    argv = ["search", "examples.llama:Llama", "--width-arg", "d_model", "--arg", "n_layers=2",
+            "--proxy-width", "32",
             "--target-width", "64", "--lrs", "0.25", "1", "--steps", "2", "--mults", "2",
             "--fields", "output_mult", "--batch", "2", "--seq", "16", "--json", str(out)]
     assert main(argv) == 0

@@ -226,14 +226,7 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict[str, A
     """The model and one call's inputs from FACTORY, --arg and --input."""
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    factory_kwargs = {}
-    for item in args.arg:
-        name, _, value = item.partition("=")
-        try:
-            factory_kwargs[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            factory_kwargs[name] = value
-    built = _build(_load(args.target), factory_kwargs)
+    built = _build(_load(args.target), _factory_kwargs(args.arg))
     example_kwargs: dict[str, Any] = {}
     if isinstance(built, tuple):
         model, example_inputs, *rest = built
@@ -266,16 +259,30 @@ def _width_tool_args(p: argparse.ArgumentParser) -> None:
     """The arguments sweep, coord-check and search share."""
     p.add_argument("target", help="MODULE:FACTORY, called as FACTORY(NAME=width)")
     p.add_argument("--width-arg", required=True, help="the factory's width argument NAME")
+    p.add_argument("--arg", action="append", default=[],
+                   help="NAME=VALUE passed to the factory at every width (e.g. n_layers=2)")
     p.add_argument("--data", help="a text file, read as bytes (default: the stdlib corpus)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
 
 
-def _width_factory(target: str) -> Any:
-    factory = _load(target)
+def _factory_kwargs(items: list[str]) -> dict[str, Any]:
+    """``--arg NAME=VALUE`` items; values are Python literals, else strings."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            kwargs[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[name] = value
+    return kwargs
+
+
+def _width_factory(target: str, fixed: list[str]) -> Any:
+    factory, given = _load(target), _factory_kwargs(fixed)
 
     def build(**kwargs: Any) -> Any:
-        built = _build(factory, kwargs, "--width-arg")
+        built = _build(factory, {**given, **kwargs}, "--width-arg / --arg")
         return built[0] if isinstance(built, tuple) else built
 
     return build
@@ -284,7 +291,7 @@ def _width_factory(target: str) -> Any:
 def _coord_check(args: argparse.Namespace) -> int:
     from umup_fx.transfer.coord_check import coord_check
 
-    result = coord_check(_width_factory(args.target), width_arg=args.width_arg,
+    result = coord_check(_width_factory(args.target, args.arg), width_arg=args.width_arg,
                          widths=args.widths, steps=args.steps,
                          parametrizations=args.parametrization, lr=args.lr, data=args.data,
                          json_path=args.json, plot=args.plot, batch=args.batch, seq=args.seq)
@@ -298,7 +305,7 @@ def _coord_check(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from umup_fx.transfer.search import FIELDS, search
 
-    result = search(_width_factory(args.target), width_arg=args.width_arg,
+    result = search(_width_factory(args.target, args.arg), width_arg=args.width_arg,
                     proxy_width=args.proxy_width, target_width=args.target_width,
                     lrs=args.lrs, steps=args.steps, multipliers=args.mults,
                     fields=args.fields or FIELDS, seeds=args.seeds, data=args.data,
@@ -313,7 +320,7 @@ def _search(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from umup_fx.transfer.sweep import sweep, verdict
 
-    build = _width_factory(args.target)
+    build = _width_factory(args.target, args.arg)
 
     result = sweep(build, width_arg=args.width_arg, widths=args.widths, lrs=args.lrs,
                    steps=args.steps, parametrizations=args.parametrization, seeds=args.seeds,
