@@ -203,9 +203,9 @@ class _ParentLoopResidual(nn.Module):
         return F.cross_entropy(self.out(h).flatten(0, 1), targets.flatten())
 
 
-def _loss_and_grads(one_graph: bool, monkeypatch) -> tuple[nn.Module, torch.Tensor, dict]:
+def _loss_and_grads(cls: type, one_graph: bool, monkeypatch) -> tuple[nn.Module, torch.Tensor, dict]:
     torch.manual_seed(0)
-    model = _ParentLoopResidual()
+    model = cls()
     x = _ids(seq=8)
     with monkeypatch.context() as m:
         if one_graph:  # how it ran before: no blocks found, one graph
@@ -220,10 +220,10 @@ def _loss_and_grads(one_graph: bool, monkeypatch) -> tuple[nn.Module, torch.Tens
 def test_residual_add_in_the_parents_loop_keeps_blocks(monkeypatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", umup_fx.OneGraphWarning)
-        model, loss, grads = _loss_and_grads(False, monkeypatch)
+        model, loss, grads = _loss_and_grads(_ParentLoopResidual, False, monkeypatch)
     assert all(isinstance(b, modules.UmupBlock) for b in model.blocks)
     assert len({id(graphs_of(b)[0]) for b in model.blocks}) == 1  # one graph, shared
-    _, loss1, grads1 = _loss_and_grads(True, monkeypatch)
+    _, loss1, grads1 = _loss_and_grads(_ParentLoopResidual, True, monkeypatch)
     torch.testing.assert_close(loss, loss1)
     assert grads.keys() == grads1.keys()
     for name in grads:
@@ -305,3 +305,26 @@ def test_checkpoint_in_forward_is_kept(how: str) -> None:
 def test_checkpoint_of_a_closure_is_warned() -> None:
     with pytest.warns(umup_fx.CheckpointWarning, match="lambda"):
         _run_checkpointing("closure")
+
+
+class _IndexedBlocks(nn.Module):
+    """Calls its blocks by index, so a capture of a prefix of them cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.layers = nn.ModuleList(_Block() for _ in range(3))
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        h = self.layers[2](self.layers[1](self.layers[0](self.emb(ids))))
+        return F.cross_entropy(self.out(h).flatten(0, 1), targets.flatten())
+
+
+def test_forward_that_indexes_its_blocks_keeps_them(monkeypatch) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.OneGraphWarning)
+        model, loss, _ = _loss_and_grads(_IndexedBlocks, False, monkeypatch)
+    assert all(isinstance(b, modules.UmupBlock) for b in model.layers)
+    _, loss1, _ = _loss_and_grads(_IndexedBlocks, True, monkeypatch)
+    torch.testing.assert_close(loss, loss1)

@@ -20,7 +20,7 @@ from umup_fx import parametrizations
 from umup_fx.capture import blocks as discovery
 from umup_fx.capture.trace import Captured, capture
 from umup_fx.diagnose import unit_check
-from umup_fx.errors import AlreadyTransformedError, CallError, UmupError
+from umup_fx.errors import AlreadyTransformedError, CallError, CaptureError, UmupError
 from umup_fx.export import import_pretrained
 from umup_fx.options import Options
 from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
@@ -170,7 +170,12 @@ def _capture_build(model: nn.Module, args: Any, kwargs: dict | None, opts: Optio
     for mode in modes:
         if mode == "full" and captured and all(b.kept == len(b.names) for b in captured.blocks):
             continue  # the prefix held every block already
-        captured = capture(model, args, kwargs, blocks=mode != "one", full=mode == "full")
+        try:
+            captured = capture(model, args, kwargs, blocks=mode != "one", full=mode == "full")
+        except CaptureError:
+            if mode != "prefix" or "full" not in modes:
+                raise
+            continue  # a forward that indexes its blocks (self.layers[2]) needs them all
         try:
             return captured, _build(captured, opts, leaves), mode, first
         except RegionError as exc:
