@@ -127,3 +127,14 @@ def test_capture_errors_print_nothing_before_the_message(capfd) -> None:
         umup_fx.transform(_llama(), (torch.randint(0, 256, (2, 3, 4)),))
     captured = capfd.readouterr()
     assert captured.err.strip() == "" and captured.out.strip() == ""
+
+
+def test_adamw_defaults_to_the_parametrizations_eta() -> None:
+    """No lr given: eta = 2^0 for u-muP (each group's rate its factor), 2^-9 for SP."""
+    model = umup_fx.transform(_llama(), _batch(), check=False)
+    opt = umup_fx.AdamW(model)
+    factors = {g["umup_lr_factor"]: g["lr"] for g in opt.param_groups}
+    assert umup_fx.DEFAULT_LR["umup"] == 1.0 and opt.defaults["lr"] == 1.0
+    assert all(lr == pytest.approx(f) for f, lr in factors.items())
+    sp = umup_fx.transform(_llama(), _batch(), parametrization="sp")
+    assert {g["lr"] for g in umup_fx.AdamW(sp).param_groups} == {2.0**-9}
