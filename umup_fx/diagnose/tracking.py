@@ -56,6 +56,7 @@ class OpScale:
     fan_in: int | None = None  # the first input's last size (a readout's fan_in)
     key_len: int | None = None  # q / k projections: the key length of their attention
     source: str = ""  # the user's source line
+    shape: tuple[int, ...] = ()  # the output's shape
 
 
 def rms(x: Tensor) -> float:
@@ -144,6 +145,7 @@ class _Recorder(fx.Interpreter):
             role=role,
             fan_in=int(first.shape[-1]) if first is not None and first.dim() else None,
             source=where(n),
+            shape=tuple(out.shape),
         )
         if n.target in _EMBEDDING:  # ATen's embedding is (W, indices)
             rec.weight_rms = rms(tensors[0])
@@ -153,6 +155,22 @@ class _Recorder(fx.Interpreter):
         if out.requires_grad:
             out.register_hook(lambda g, rec=rec: setattr(rec, "grad_rms", rms(g)))
         return out
+
+
+def _output_grad(y: Tensor, records: Any) -> Tensor:
+    """The gradient a training loss sends to the model's output ``y``: a scalar loss's
+    1; for logits a readout returns, a mean cross-entropy's against random targets (the
+    rewrite scales a returned readout's backward for a loss outside the model, rules §3);
+    for any other tensor a unit-Gaussian one, as a unit-scaled loss would send."""
+    if y.numel() == 1:
+        return torch.ones_like(y)
+    gen = torch.Generator(device=y.device).manual_seed(0)
+    if any(r.role == "output" and r.shape == tuple(y.shape) for r in records) and y.dim() > 1:
+        logits = y.detach().flatten(0, -2).float().requires_grad_()
+        targets = torch.randint(0, y.shape[-1], logits.shape[:1], generator=gen, device=y.device)
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets), logits)
+        return grad.reshape(y.shape).to(y.dtype)
+    return torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
 
 
 @dataclass
@@ -170,9 +188,9 @@ def measure(
     """One forward (and backward) of ``model(*args, **kwargs)``; RMS per rewritten op,
     and per weight op the RMS of its parameter's gradient.
 
-    The backward starts from the model's output: a scalar loss as is, any other output
-    with a unit-RMS random gradient (seeded), as unit scaling assumes. Parameters'
-    ``.grad`` are not touched.
+    The backward starts from the model's output with what a loss sends it
+    (``_output_grad``: a scalar loss as is, logits a mean cross-entropy's gradient, any
+    other output a unit-RMS random one; seeded). Parameters' ``.grad`` are not touched.
     """
     if not isinstance(model, UmupModule):
         raise TypeError("op_scales takes the module umup_fx.transform rewrote.")
@@ -199,11 +217,7 @@ def measure(
             y = out if isinstance(out, Tensor) else next(
                 t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)
             )
-            if y.numel() == 1:
-                grad = torch.ones_like(y)
-            else:
-                gen = torch.Generator(device=y.device).manual_seed(0)
-                grad = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
+            grad = _output_grad(y, records.values())
             # Gradients w.r.t. the parameters run the whole backward (firing the
             # hooks) without touching their .grad.
             if named and y.requires_grad:

@@ -140,8 +140,9 @@ def check(
     Args:
         model: the module ``umup_fx.transform`` returned (at init: before training).
         example_inputs / example_kwargs: one call, as given to ``transform``. The
-            backward starts from the model's first output: a scalar loss as is, any
-            other tensor with a unit-Gaussian gradient (what a unit-scaled loss sends).
+            backward starts from the model's first output with what a loss sends it:
+            a scalar loss as is, returned logits a mean cross-entropy's gradient
+            (against random targets), any other tensor a unit-Gaussian gradient.
         band: the unit band (default ``BAND`` = [1/5, 5]).
 
     Returns:
