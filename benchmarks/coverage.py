@@ -8,7 +8,10 @@ Each family is a tiny random-init model (``tests/families.py``: width 64, 2 laye
 vocab 128, seeded). For each: ``umup_fx.transform``; one forward + backward (the model's
 own loss, or for a backbone a unit-Gaussian gradient at its output); the RMS of every
 trainable weight's gradient; the logits' RMS against the readout's fan_in^-1/2; one
-``umup_fx.AdamW`` step, checked finite. A family whose library is not importable here
+``umup_fx.AdamW`` step, checked finite; one call at another batch (+1) and sequence
+length (+8). The verdict: right (all of these in their bands), warned (transform named
+what is off: ScaleWarning, UncoveredOpWarning, PostNormWarning), refused (a UmupError
+saying what to do), or silently wrong. A family whose library is not importable here
 is listed as such.
 """
 
@@ -36,7 +39,7 @@ def _row(r: Result, seconds: float) -> str:
     if r.status in ("refused", "crashed", "unavailable"):
         what = {"refused": "refused (UmupError)", "crashed": "**crashed**",
                 "unavailable": "not run"}[r.status]
-        return f"| {r.family} | {what} | - | - | - | - | {r.message[:160]} |"
+        return f"| {r.family} | {r.verdict} | {what} | - | - | - | - | - | {r.message[:160]} |"
     qk = {n for n in r.grad_rms if is_qk(n)}
     grads = [v for n, v in r.grad_rms.items() if n not in qk]
     span = f"{min(grads):.2f} .. {max(grads):.2f}" if grads else "-"
@@ -49,10 +52,10 @@ def _row(r: Result, seconds: float) -> str:
     unit = _cell(r.unit_scale) + (f" (outside: {outside})" if outside else "")
     notes = "; ".join(filter(None, [
         "uncovered: " + ", ".join(sorted(set(r.uncovered))) if r.uncovered else "",
-        "PostNormWarning" if "post-norm" in r.message else "",
+        ", ".join(w for w in r.warned if w != "UncoveredOpWarning"),
     ]))
-    return (f"| {r.family} | yes ({seconds:.1f} s) | {_cell(r.step_finite)} | {span} | {unit} "
-            f"| {logits} | {notes or '-'} |")
+    return (f"| {r.family} | {r.verdict} | yes ({seconds:.1f} s) | {_cell(r.step_finite)} "
+            f"| {_cell(r.other_sizes)} | {span} | {unit} | {logits} | {notes or '-'} |")
 
 
 def main() -> None:
@@ -72,17 +75,19 @@ def main() -> None:
         rows.append(_row(result, time.perf_counter() - start))
         print(rows[-1], flush=True)
     covered = sum("| yes (" in r for r in rows)
-    unit = sum("| yes (" in r and r.split("|")[5].strip().startswith("yes") for r in rows)
+    verdicts = [r.split("|")[2].strip() for r in rows]
+    count = {k: sum(v.startswith(k) for v in verdicts)
+             for k in ("right", "warned", "refused", "**silently wrong**", "**crashed**", "not run")}
     body = "\n".join([
         f"Machine: {machine()}. Command: `{command()}`.",
         "",
-        f"{covered} of {len(rows)} families transform; {unit} of them with every weight "
-        "gradient at init inside [1/5, 5] (q/k projections may be lower, as in the "
-        "reference decoder).",
+        f"{len(rows)} families: {covered} transform. Verdicts: {count['right']} right, "
+        f"{count['warned']} warned, {count['refused']} refused, {count['**crashed**']} crashed, "
+        f"{count['**silently wrong**']} silently wrong, {count['not run']} not run.",
         "",
-        "| family | transform | AdamW step finite | weight grad RMS at init (q/k) | unit scale | "
-        "logits RMS | notes |",
-        "|---|---|---|---|---|---|---|",
+        "| family | verdict | transform | AdamW step finite | other sizes | weight grad RMS at "
+        "init (q/k) | unit scale | logits RMS | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
     if args.no_write or args.families:

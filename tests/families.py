@@ -158,7 +158,12 @@ def _moe_lm(moe: Callable[[int], nn.Module], dtype: torch.dtype) -> Case:
 
 def is_qk(name: str) -> bool:
     """A query / key projection (their gradients sit lower at init, as in the reference)."""
-    return any(t in name for t in ("q_proj", "k_proj", "query", "key", ".q.", ".k."))
+    return any(t in name for t in ("q_proj", "k_proj", "query", "key", ".q.", ".k.", "q_lin",
+                                   "k_lin"))
+
+
+# Warnings that name what is off: a row that carries one is not silently wrong.
+NAMED_WARNINGS = ("ScaleWarning", "UncoveredOpWarning", "PostNormWarning")
 
 
 @dataclass
@@ -171,6 +176,8 @@ class Result:
     grad_rms: dict[str, float] = field(default_factory=dict)  # weight -> RMS of its grad
     logits_rms: float | None = None
     readout_fan_in: int | None = None
+    warned: list[str] = field(default_factory=list)  # warning classes transform raised
+    other_sizes: bool | None = None  # runs at another batch and sequence length
 
     def low_grads(self, lo: float = 0.2, hi: float = 5.0) -> list[str]:
         """Weights whose gradient RMS is outside [lo, hi] (q/k projections allowed lower)."""
@@ -183,6 +190,20 @@ class Result:
     @property
     def unit_scale(self) -> bool:
         return bool(self.grad_rms) and not self.low_grads()
+
+    @property
+    def verdict(self) -> str:
+        """right / warned (the warnings) / refused (the error) / **silently wrong**."""
+        if self.status != "ok":
+            return {"refused": f"refused ({self.message.split(':')[0]})",
+                    "crashed": "**crashed**", "unavailable": "not run"}[self.status]
+        logits = self.logits_rms is None or not self.readout_fan_in or (
+            0.5 <= self.logits_rms * self.readout_fan_in ** 0.5 <= 2)
+        named = [w for w in self.warned if w in NAMED_WARNINGS]
+        if self.unit_scale and logits and self.step_finite and self.other_sizes and not (
+                {"ScaleWarning", "UncoveredOpWarning"} & set(named)):
+            return "right"  # (a post-norm model is right at init; its warning is about depth)
+        return f"warned ({', '.join(named)})" if named else "**silently wrong**"
 
 
 def _output(out: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -223,6 +244,8 @@ def check(family: str, build: Callable[[], Case] | None = None) -> Result:
         str(w.message).split(".")[0] for w in caught
         if not issubclass(w.category, (DeprecationWarning, umup_fx.UncoveredOpWarning))
     )
+    result.warned = sorted({w.category.__name__ for w in caught
+                            if w.category.__module__.startswith("umup_fx")})
     try:
         _measure(model, case, result)
     except Exception as e:  # noqa: BLE001 - a crash is what this check reports
@@ -257,6 +280,29 @@ def _measure(model: nn.Module, case: Case, result: Result) -> None:
     opt = umup_fx.AdamW(model, lr=1e-2)
     opt.step()
     result.step_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    try:
+        args, kwargs = _other_sizes(case.args), _other_sizes(case.kwargs)
+        _, main = _output(model(*args, **kwargs))
+        result.other_sizes = main is not None and bool(torch.isfinite(main).all())
+    except Exception:  # noqa: BLE001 - what this check reports
+        result.other_sizes = False
+
+
+def _other_sizes(tree: Any) -> Any:
+    """The same call at batch + 1 and, for token inputs, sequence + 8."""
+    gen = torch.Generator().manual_seed(3)
+
+    def resize(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        shape = [t.shape[0] + 1, *t.shape[1:]]
+        if t.is_floating_point():
+            return torch.randn(shape, generator=gen, dtype=t.dtype)
+        if t.dim() == 2:
+            shape[1] += 8
+        return torch.randint(0, int(t.max()) + 1, shape, generator=gen)
+
+    return torch.utils._pytree.tree_map(resize, tree)
 
 
 # -- small hand-written models in the styles the families use ---------------------------
@@ -276,3 +322,151 @@ class ConvNet(nn.Module):
         x = x + F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# -- families for the forms the rules had to learn (docs/rules.md "Decisions") ----------
+def _pixels(size: int = 32, channels: int = 3) -> torch.Tensor:
+    return torch.randn(BATCH, channels, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _built(cls_name: str, config_name: str, inputs: Callable[[Any], tuple[tuple, dict]],
+           kind: str, **cfg: Any) -> Callable[[], Case]:
+    """A transformers model from its config's own argument names, called with ``inputs``."""
+
+    def build() -> Case:
+        import transformers
+
+        config = getattr(transformers, config_name)(**cfg)
+        args, kwargs = inputs(config)
+        return Case(getattr(transformers, cls_name)(config), args, kwargs, kind)
+
+    return build
+
+
+def _lm_inputs(config: Any) -> tuple[tuple, dict]:
+    ids = _ids(config.vocab_size)
+    return (ids,), {"labels": ids}
+
+
+def _class_inputs(config: Any) -> tuple[tuple, dict]:
+    return (_ids(config.vocab_size),), {"labels": torch.tensor([0, 1])}
+
+
+def _pixel_inputs(config: Any) -> tuple[tuple, dict]:
+    return (_pixels(),), {}
+
+
+class TorchEncoderLM(nn.Module):
+    """torch.nn's own pre-norm encoder (causal) with an embedding and a readout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        layer = nn.TransformerEncoderLayer(D, 4, 4 * D, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(D, VOCAB, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1])
+        return self.head(self.encoder(self.embed(ids), mask=mask, is_causal=True))
+
+
+class TorchSeq2Seq(nn.Module):
+    """nn.Transformer (encoder + decoder with nn.MultiheadAttention cross-attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.transformer = nn.Transformer(D, 4, 2, 2, 4 * D, dropout=0.0, batch_first=True,
+                                          norm_first=True)
+        self.head = nn.Linear(D, VOCAB, bias=False)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.head(self.transformer(self.embed(src), self.embed(tgt), tgt_mask=mask,
+                                          tgt_is_causal=True))
+
+
+class HandLayerNormLM(nn.Module):
+    """A LayerNorm written by hand (mean / var), as older code bases do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.up, self.down = nn.Embedding(VOCAB, D), nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+        self.gain, self.shift = nn.Parameter(torch.ones(D)), nn.Parameter(torch.zeros(D))
+        self.head = nn.Linear(D, VOCAB, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        mu, var = h.mean(-1, keepdim=True), h.var(-1, keepdim=True, unbiased=False)
+        n = (h - mu) / torch.sqrt(var + 1e-5) * self.gain + self.shift
+        return self.head(h + self.down(F.gelu(self.up(n))))
+
+
+_TEXT = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=4 * D, max_position_embeddings=64)
+_SEQ2SEQ = dict(vocab_size=VOCAB, d_model=D, encoder_layers=2, decoder_layers=2,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=4 * D,
+                decoder_ffn_dim=4 * D, max_position_embeddings=64, decoder_start_token_id=2,
+                pad_token_id=1, use_cache=False)
+
+FAMILIES.update({
+    "Granite (model multipliers)": _hf("GraniteForCausalLM", "GraniteConfig", num_key_value_heads=2,
+                                       embedding_multiplier=12.0, residual_multiplier=0.22,
+                                       logits_scaling=8.0, attention_multiplier=0.25),
+    "Cohere (logit_scale)": _hf("CohereForCausalLM", "CohereConfig", num_key_value_heads=2,
+                                logit_scale=0.0625),
+    "Persimmon": _hf("PersimmonForCausalLM", "PersimmonConfig"),
+    "Bloom (ALiBi)": _built("BloomForCausalLM", "BloomConfig", _lm_inputs, "lm", vocab_size=VOCAB,
+                            hidden_size=D, n_layer=2, n_head=4, use_cache=False),
+    "MPT": _built("MptForCausalLM", "MptConfig", _lm_inputs, "lm", vocab_size=VOCAB, d_model=D,
+                  n_heads=4, n_layers=2, max_seq_len=64, use_cache=False),
+    "DistilBERT classifier": _built("DistilBertForSequenceClassification", "DistilBertConfig",
+                                    _class_inputs, "loss", vocab_size=VOCAB, dim=D, n_layers=2,
+                                    n_heads=4, hidden_dim=4 * D, max_position_embeddings=64),
+    "ELECTRA classifier (cls, dropout, dense)": _built(
+        "ElectraForSequenceClassification", "ElectraConfig", _class_inputs, "loss",
+        embedding_size=D, **_TEXT),
+    "ELECTRA discriminator (BCE)": _built(
+        "ElectraForPreTraining", "ElectraConfig",
+        lambda c: ((_ids(),), {"labels": _ids(2)}), "loss", embedding_size=D, **_TEXT),
+    "DeBERTa-v2 (relative positions through LayerNorm)": _built(
+        "DebertaV2ForMaskedLM", "DebertaV2Config", _lm_inputs, "lm", relative_attention=True,
+        position_buckets=8, norm_rel_ebd="layer_norm", pos_att_type=["p2c", "c2p"],
+        max_relative_positions=16, **_TEXT),
+    "BART (post-norm encoder-decoder)": _built("BartForConditionalGeneration", "BartConfig",
+                                               _lm_inputs, "lm", **_SEQ2SEQ),
+    "Whisper (audio encoder-decoder)": _built(
+        "WhisperForConditionalGeneration", "WhisperConfig",
+        lambda c: ((torch.randn(BATCH, 16, 32, generator=torch.Generator().manual_seed(1)),),
+                   {"labels": _ids()}),
+        "lm", num_mel_bins=16, max_source_positions=16, max_target_positions=64,
+        **{k: v for k, v in _SEQ2SEQ.items() if k != "max_position_embeddings"}),
+    "Wav2Vec2 (audio, LayerDrop)": _built(
+        "Wav2Vec2Model", "Wav2Vec2Config",
+        lambda c: ((torch.randn(BATCH, 1600, generator=torch.Generator().manual_seed(1)),), {}),
+        "backbone", hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=4 * D, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, layerdrop=0.1),
+    "ConvNeXt (depthwise conv, LayerScale)": _built(
+        "ConvNextForImageClassification", "ConvNextConfig",
+        lambda c: ((_pixels(),), {"labels": torch.tensor([1, 7])}), "loss", hidden_sizes=[16, 32],
+        depths=[1, 1], num_stages=2, num_labels=10, image_size=32),
+    "DINOv2 (LayerScale)": _built("Dinov2Model", "Dinov2Config", _pixel_inputs, "backbone",
+                                  hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8),
+    "Swin (shifted windows)": _built("SwinModel", "SwinConfig", _pixel_inputs, "backbone",
+                                     image_size=32, patch_size=4, embed_dim=16, depths=[2],
+                                     num_heads=[2], window_size=4),
+    "Mamba (state space)": _built("MambaForCausalLM", "MambaConfig", _lm_inputs, "lm",
+                                  vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2,
+                                  state_size=8, use_cache=False),
+    "Bamba (hybrid SSM + attention)": _hf(
+        "BambaForCausalLM", "BambaConfig", num_key_value_heads=2, mamba_n_heads=4,
+        mamba_d_head=32, mamba_d_state=8, mamba_n_groups=1, attn_layer_indices=[1]),
+    "nn.TransformerEncoder (torch.nn)": lambda: Case(TorchEncoderLM(), (_ids(),), {}, "lm"),
+    "nn.Transformer encoder-decoder (torch.nn)": lambda: Case(
+        TorchSeq2Seq(), (_ids(), _ids()), {}, "lm"),
+    "LayerNorm by hand (mean / var)": lambda: Case(HandLayerNormLM(), (_ids(),), {}, "lm"),
+})

@@ -203,3 +203,19 @@ def test_multihead_cross_attention_splits_its_in_proj() -> None:
     linears = [n for n in graph_nodes(model) if n.target is ops.linear]
     assert len(linears) == 3 + 2 + 3 + 2  # in / mem / head, self qkv / out, cross q / kv / out, MLP
     assert model(torch.randn(3, 5, 8), torch.randn(3, 7, 8)).shape == (3, 5, 8)
+
+
+@pytest.mark.parametrize(("family", "verdict"), [
+    ("LayerNorm by hand (mean / var)", "right"),
+    ("ELECTRA discriminator (BCE)", "warned"),  # no BCE rule yet: the check names it
+])
+def test_coverage_verdicts(family: str, verdict: str) -> None:
+    pytest.importorskip("transformers")
+    from tests.families import check
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = check(family)
+    assert result.verdict.startswith(verdict), (result.verdict, result.message[:300])
+    if verdict == "warned":
+        assert "ScaleWarning" in result.warned
