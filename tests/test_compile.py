@@ -160,9 +160,9 @@ def test_backend_takes_new_batch_and_sequence_sizes_and_has_a_plan() -> None:
     fresh = _llama(layers=1)
     fresh.load_state_dict(model.state_dict())  # the unit-initialised weights, unmarked
     reference = umup_fx.transform(fresh, x, reinit=False, check=False)
-    for b in (3, 5):  # new batch sizes: the same numbers
-        xb = _batch(seed=b, b=b, s=32)
-        torch.testing.assert_close(compiled(*xb), reference(*xb))
-    for s in (16, 8):  # new lengths run; scales that read the length differ by < 1%
-        xb = _batch(seed=s, b=2, s=s)  # until both routes fix them at one reference length
-        torch.testing.assert_close(compiled(*xb), reference(*xb), rtol=1e-2, atol=0)
+    xb = _batch(seed=3, b=3, s=32)  # a new batch size: the same numbers
+    torch.testing.assert_close(compiled(*xb), reference(*xb))
+    # A new length runs; scales that read the length differ by < 1% until both routes
+    # fix them at one reference length.
+    xb = _batch(seed=5, b=3, s=16)
+    torch.testing.assert_close(compiled(*xb), reference(*xb), rtol=1e-2, atol=0)
