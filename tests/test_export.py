@@ -206,3 +206,33 @@ def test_pretrained_refuses_frozen_norms() -> None:
     with pytest.raises(umup_fx.UmupError, match="pretrained=True keeps"):
         umup_fx.transform(model, (torch.zeros(1, 4, dtype=torch.long),), pretrained=True,
                           trainable_norms=False)
+
+
+@pytest.mark.parametrize("family", ["Gemma", "Mixtral (MoE)"])
+def test_hf_constants_and_moe(family: str) -> None:
+    # Gemma: sqrt(d) embedding buffer and 1 + w gains u-muP dropped; Mixtral: experts,
+    # router (a readout), the top-k combine.
+    pytest.importorskip("transformers")
+    from tests.families import FAMILIES
+
+    torch.manual_seed(0)
+    case = FAMILIES[family]()
+    cls = type(case.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        umup_fx.transform(case.model, case.args)
+    case.model.eval()
+    exported = umup_fx.export(case.model)
+    _plain_class(exported, cls)
+    _assert_same(case.model, exported, 128)
+
+
+def test_example_gpt_hand_written_attention() -> None:
+    from examples.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_embd=64, n_layer=2, n_head=4, block_size=64))
+    _transform(model, 64).eval()
+    exported = umup_fx.export(model)
+    _plain_class(exported, GPT)
+    _assert_same(model, exported, 64)

@@ -358,7 +358,7 @@ class _Solver:
             return None  # finfo(dtype).min / max: a number, the same in both models
         if t is ops.combine_experts:
             e, g = self.actual(args[0], n, path), self.actual(args[1], n, path)
-            return e + g + math.log(float(n.kwargs["scale"]))
+            return e + g - math.log(float(n.kwargs["scale"]))  # T = scale e g
         if t is ops.cross_entropy:
             mult = float(n.kwargs.get("mult", 1.0))
             self.require(self.actual(args[0], n, path) - math.log(mult), where)
