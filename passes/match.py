@@ -55,6 +55,7 @@ _SDPA = ops("scaled_dot_product_attention")
 _SILU = ops("silu")
 _GELU = ops("gelu")
 _CE = ops("cross_entropy_loss")
+_BCE = ops("binary_cross_entropy_with_logits")
 _TANH = ops("tanh")
 _POW = ops("pow.Tensor_Scalar")
 _MASKING = ops("masked_fill.Scalar", "masked_fill.Tensor", "where.self", "add.Tensor")
@@ -334,6 +335,8 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             _set(node, rules.DROPOUT)
         elif t in _CE:
             _set(node, rules.CROSS_ENTROPY)
+        elif t in _BCE:
+            _set(node, rules.BCE_LOGITS)
     by_name = {n.name: n for n in gm.graph.nodes}
     solver = meta.graph_meta(gm)[meta.SOLVER]
     for node in gm.graph.nodes:

@@ -27,6 +27,7 @@ from ._graph import ops as aten_ops
 from ._rewrite import (
     ancestors,
     arg,
+    example_numel,
     example_rows,
     example_size,
     nodes_with_rule,
@@ -144,7 +145,8 @@ def scale_matmuls(gm: fx.GraphModule) -> PassResult:
 
 
 def scale_cross_entropy(gm: fx.GraphModule) -> PassResult:
-    """Cross-entropy: logits x alpha_loss_softmax, logit grads x V/sqrt(V-1)."""
+    """Cross-entropy: logits x alpha_loss_softmax, logit grads x V/sqrt(V-1); binary
+    cross-entropy with logits as its two-class case (logit grads x 2)."""
     g = meta.graph_meta(gm)
     mult = g[meta.PLAN].hparams.loss_softmax_mult
     changed = False
@@ -165,6 +167,15 @@ def scale_cross_entropy(gm: fx.GraphModule) -> PassResult:
             },
         )
         changed = True
+    for node in nodes_with_rule(gm, rules.BCE_LOGITS):
+        if arg(node, "weight") is not None or arg(node, "pos_weight") is not None:
+            g[meta.UNCOVERED].append((node.name, "BCE with (pos_)weight", "unscaled"))
+            continue
+        swap(node, ops.binary_cross_entropy_with_logits, tuple(node.args[:2]), {
+            "reduction": _REDUCTIONS[int(arg(node, "reduction", 1))],
+            "reference_rows": example_numel(node.args[0]),
+        })
+        changed = True
     return PassResult(gm, changed)
 
 
@@ -183,7 +194,7 @@ def scale_readout_outputs(gm: fx.GraphModule) -> PassResult:
     plan = meta.graph_meta(gm)[meta.PLAN]
     output = next(n for n in gm.graph.nodes if n.op == "output")
     consumed: set[fx.Node] = set()
-    for loss in nodes_with_rule(gm, rules.CROSS_ENTROPY):
+    for loss in nodes_with_rule(gm, rules.CROSS_ENTROPY, rules.BCE_LOGITS):
         consumed |= ancestors(loss)
     returned = ancestors(output)
     changed = False

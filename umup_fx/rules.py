@@ -75,6 +75,7 @@ ROUTER = "router"  # an MoE router's softmax / sigmoid: gate weights, kept as th
 MOE_COMBINE = "moe_combine"  # experts' outputs x gates: x 1 / (g0 sqrt(k)), tied (§10)
 MATMUL = "matmul"
 CROSS_ENTROPY = "cross_entropy"
+BCE_LOGITS = "bce_logits"  # binary cross-entropy with logits: the two-class cross-entropy
 
 
 def interp(alpha: float, lower: float, upper: float) -> float:

@@ -43,6 +43,7 @@ from umup_fx.runtime.ops.linears import (
     readout_linear_scales,
 )
 from umup_fx.runtime.ops.loss import (
+    binary_cross_entropy_with_logits,
     cross_entropy,
     loss_grad_scale,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "combine_experts",
     "conv",
     "cross_entropy",
+    "binary_cross_entropy_with_logits",
     "data_parallel_size",
     "dropout",
     "einsum_linear",

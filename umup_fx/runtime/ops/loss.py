@@ -50,6 +50,23 @@ def cross_entropy(
     )
 
 
+def binary_cross_entropy_with_logits(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    reduction: str = "mean",
+    reference_rows: int | None = None,
+) -> Tensor:
+    """Binary cross-entropy with logits as the two-class cross-entropy on (0, z): its
+    logit gradient sigmoid(z) - y (RMS 1/2 at init) gets V/sqrt(V-1) = 2 at V = 2, and a
+    mean's * reference_rows (the logits' elements at the example inputs), as
+    ``cross_entropy`` (rules.md, "Binary cross-entropy")."""
+    if reference_rows is not None:
+        scale = loss_grad_scale(2) * (reference_rows if reduction == "mean" else 1)
+        logits = _scale(logits, bwd_scale=scale)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
+
+
 def loss_grad_scale(vocab: int) -> float:
     """V/sqrt(V-1): makes softmax - onehot over V classes unit scale (1 for one class)."""
     return vocab / (vocab - 1) ** 0.5 if vocab > 1 else 1.0
