@@ -150,8 +150,8 @@ def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:
     μP runs ATen's own linears, and its readout's multiplier is part of the output."""
     out = tmp_path / "cc.json"
     argv = ["coord-check", "examples.llama:Llama", "--width-arg", "d_model", "--widths", "32",
-            "128", "--steps", "3", "--parametrization", "umup", "mup", "sp", "--batch", "4",
-            "--seq", "32", "--json", str(out)]
+            "128", "--steps", "3", "--parametrization", "umup", "mup", "sp", "--batch", "2",
+            "--seq", "16", "--json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     record = result["records"][0]
