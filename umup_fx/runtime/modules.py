@@ -130,7 +130,7 @@ MAX_CALL_STRUCTURES = 8
 def call_key(args: tuple, kwargs: dict) -> tuple[pytree.TreeSpec, list[Any]]:
     """A call's structure: its argument tree (keywords in name order) and the values of
     its non-tensor leaves (tensors, of any size, stand as ``TENSOR``)."""
-    flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+    flat, spec = pytree.tree_flatten((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))
     return spec, [TENSOR if isinstance(x, torch.Tensor) or x is TENSOR else x for x in flat]
 
 
