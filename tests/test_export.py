@@ -236,3 +236,29 @@ def test_example_gpt_hand_written_attention() -> None:
     exported = umup_fx.export(model)
     _plain_class(exported, GPT)
     _assert_same(model, exported, 64)
+
+
+def test_cli_exports_a_dcp_checkpoint_tensor_by_tensor(tmp_path) -> None:
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    safetensors = pytest.importorskip("safetensors.torch")
+    cfg = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=2)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**cfg))
+    _transform(model, 256)
+    _train(model, 256, steps=2)
+    model.eval()
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "ck"))
+    args = [f"--arg={k}={v}" for k, v in cfg.items()]
+    run = subprocess.run(
+        [sys.executable, "-m", "umup_fx", "export", "examples.llama:Llama", *args,
+         "--input", "long:2x16:256", "--checkpoint", str(tmp_path / "ck"),
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == len(index["weight_map"])  # one per file
+    state = {}
+    for shard in set(index["weight_map"].values()):
+        state.update(safetensors.load_file(str(tmp_path / "out" / shard)))
+    plain = Llama(LlamaConfig(**cfg)).eval()
+    plain.load_state_dict(state)  # strict: every key, nothing extra
+    _assert_same(model, plain, 256)

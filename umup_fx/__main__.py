@@ -21,6 +21,11 @@ python -m umup_fx search MODULE:FACTORY --width-arg NAME --proxy-width W --targe
 --lrs ETA... --steps N [--mults M...] [--fields F...] --json OUT tunes eta, then each
 u-muP multiplier alone, on the proxy, and checks the combination at the target width.
 
+python -m umup_fx export MODULE:FACTORY [--arg ...] [--input ...] --checkpoint DIR --out
+DIR turns a u-muP torch.distributed.checkpoint of that model into a plain safetensors
+checkpoint (Hugging Face layout: shards + index, and config.json for HF models), one
+tensor in memory at a time; the model is built on meta (docs/deploy.md).
+
 python -m umup_fx sweep MODULE:FACTORY --width-arg NAME --widths W... --steps N
 [--lrs ETA...] [--parametrization P...] [--seeds S...] [--data FILE] --json OUT
 [--plot PNG] sweeps the learning rate across widths (umup_fx.sweep): FACTORY(NAME=width)
@@ -203,7 +208,16 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--fields", nargs="+", help="multipliers to tune (default: all six)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--json", required=True, help="results file (resumed if it exists)")
+    p = sub.add_parser("export", help="a u-muP DCP checkpoint to a plain safetensors one")
+    p.add_argument("target", help="MODULE:FACTORY of the model the checkpoint was trained as")
+    p.add_argument("--input", action="append", default=[], help="dtype:shape[:high], once per input")
+    p.add_argument("--arg", action="append", default=[], help="NAME=VALUE passed to the factory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", required=True, help="torch.distributed.checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory (safetensors shards + index)")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     tools = {"search": _search, "sweep": _sweep, "coord-check": _coord_check}
     if args.command in tools:
         try:
@@ -239,6 +253,21 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict[str, A
             )
         example_inputs = tuple(parse_input(s, generator) for s in args.input)
     return model, example_inputs, example_kwargs
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Build the model on meta (no weights in memory), transform it as it was trained,
+    and convert the checkpoint tensor by tensor (umup_fx.export_checkpoint)."""
+    import umup_fx
+    from umup_fx.export_checkpoint import export_checkpoint
+
+    with torch.device("meta"):
+        model, inputs, kwargs = _model_and_inputs(args)
+    umup_fx.transform(model, inputs, kwargs)
+    index = export_checkpoint(model, args.checkpoint, args.out)
+    print(f"wrote {len(index['weight_map'])} tensors "
+          f"({index['metadata']['total_size'] / 2**30:.2f} GiB) to {args.out}")
+    return 0
 
 
 def _check(args: argparse.Namespace, model: Any, inputs: tuple, kwargs: dict[str, Any]) -> int:

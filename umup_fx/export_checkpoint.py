@@ -1,0 +1,107 @@
+"""Export a u-muP DCP checkpoint to a plain one, tensor by tensor.
+
+``export_checkpoint(model, checkpoint, out)`` takes the transformed model (its weights
+may be on ``meta``: only its graphs are read), finds the factors ``umup_fx.export``
+folds (``export_scales.solve_folding``) and then, for one tensor at a time, loads it from
+the torch.distributed.checkpoint (DCP) directory, multiplies it and writes it as its own
+safetensors shard, with Hugging Face's ``model.safetensors.index.json`` (and the model's
+config, for a Hugging Face model). Peak memory is about the largest tensor, twice (the
+loaded one and the written copy), beyond the process itself: never a copy of the model.
+``python -m umup_fx export`` is the command line for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from umup_fx.export import _aliases, _untie_config
+from umup_fx.export_scales import ExportError, solve_folding
+from umup_fx.runtime.names import canonical_name
+
+
+def _targets(model: nn.Module) -> dict[str, list[tuple[str, float | None]]]:
+    """Canonical parameter -> [(name to write, factor or None for "its frozen value")]."""
+    folding = solve_folding(model)
+    aliases = _aliases(model)
+    out: dict[str, list[tuple[str, float | None]]] = {}
+    for name, uses in folding.factors.items():
+        distinct: list[tuple[float, str]] = []
+        for f, _, owner in uses:
+            if not any(math.isclose(f, g, rel_tol=1e-9) for g, _ in distinct):
+                distinct.append((f, owner))
+        names = aliases.get(name, [name])
+        if len(distinct) == 1:
+            out[name] = [(name, distinct[0][0])]
+            continue
+        if len(distinct) > len(names):
+            raise ExportError(f"parameter {name!r} needs {len(distinct)} different scales "
+                              "and has one name: it cannot be exported")
+        placed: list[tuple[str, float | None]] = []
+        for f, owner in distinct:
+            free = [n for n in names if n not in {p for p, _ in placed}]
+            match = [n for n in free if n.rpartition(".")[0] == owner or n.startswith(owner + ".")]
+            placed.append(((match or free)[0], f))
+        out[name] = placed
+    for name in folding.frozen:
+        out[name] = [(name, None)]
+    return out
+
+
+def export_checkpoint(model: nn.Module, checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the plain checkpoint of the u-muP DCP ``checkpoint`` of transformed ``model``
+    to ``out`` (safetensors shards + index; config for HF models). Returns the index."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = dcp.FileSystemReader(str(checkpoint))
+    stored = reader.read_metadata().state_dict_metadata
+    by_canonical = {canonical_name(k): k for k in stored}
+    folding = solve_folding(model)
+    targets = _targets(model)
+    aliases = _aliases(model)
+    params = {canonical_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    jobs: list[tuple[str, str | None, float | None, Any]] = []  # (out name, key, factor, meta)
+    for name in sorted(params & set(aliases)):
+        key = next((by_canonical[a] for a in aliases[name] if a in by_canonical), None)
+        for write_as, factor in targets.get(name, [(name, 1.0)]):
+            if key is None and factor is not None:
+                raise ExportError(f"the checkpoint has no tensor for parameter {name!r}")
+            jobs.append((write_as, key, factor, stored.get(key) if key else None))
+    for key, md in stored.items():  # persistent buffers, as saved
+        if canonical_name(key) not in params and hasattr(md, "size"):
+            jobs.append((canonical_name(key), key, 1.0, md))
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, (write_as, key, factor, md) in enumerate(jobs):
+        if factor is None:  # a norm parameter u-muP froze: its neutral value
+            shape = dict(model.named_parameters())[write_as].shape
+            tensor = torch.full(shape, folding.frozen[write_as])
+        else:
+            tensor = torch.empty(md.size, dtype=md.properties.dtype)
+            dcp.load({key: tensor}, storage_reader=reader)
+            if factor != 1.0:
+                tensor.mul_(factor)
+        shard = f"model-{i + 1:05d}-of-{len(jobs):05d}.safetensors"
+        save_file({write_as: tensor.contiguous()}, str(out / shard), metadata={"format": "pt"})
+        weight_map[write_as] = shard
+        total += tensor.numel() * tensor.element_size()
+        del tensor
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        holder = nn.Module()
+        holder.config = copy.deepcopy(config)
+        if any(len(t) > 1 for t in targets.values()):
+            _untie_config(holder)  # the readout was written under its own name
+        holder.config.save_pretrained(str(out))
+    return index
