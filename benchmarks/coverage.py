@@ -9,7 +9,7 @@ vocab 128, seeded). For each: ``umup_fx.transform``; one forward + backward (the
 own loss, or for a backbone a unit-Gaussian gradient at its output); the RMS of every
 trainable weight's gradient; the logits' RMS against the readout's fan_in^-1/2; one
 ``umup_fx.AdamW`` step, checked finite; one call at another batch (+1) and sequence
-length (+8). The verdict: right (all of these in their bands), warned (transform named
+length (half). The verdict: right (all of these in their bands), warned (transform named
 what is off: ScaleWarning, UncoveredOpWarning, PostNormWarning), refused (a UmupError
 saying what to do), or silently wrong. A family whose library is not importable here
 is listed as such.

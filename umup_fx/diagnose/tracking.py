@@ -66,8 +66,8 @@ def rms(x: Tensor) -> float:
 def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
     """{weight op node name: its attention node's name} for the ops that make q and k.
 
-    Walks back from an attention's q and k operands (through reshapes, RoPE, casts) to
-    the first weight op on each path; their gradients sit near ``S^-1/2`` (rules §8).
+    Walks back from an attention's q and k operands (through reshapes, RoPE, casts, q / k
+    norms; never past a residual add) to the first weight op on each path; their gradients sit near ``S^-1/2`` (rules §8).
     """
     by_name = {n.name: n for n in gm.graph.nodes}
     found: dict[str, str] = {}
@@ -87,7 +87,7 @@ def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
             seen.add(n)
             if meta.get(n, meta.WEIGHT):
                 found[n.name] = node.name
-            elif meta.get(n, meta.RULE) not in (rules.NORM_OP, rules.NORM_GAIN, rules.RESIDUAL_ADD):
+            elif meta.get(n, meta.RULE) != rules.RESIDUAL_ADD:  # through q/k norms (Qwen3)
                 stack.extend(n.all_input_nodes)
     return found
 
