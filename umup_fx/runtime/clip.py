@@ -97,7 +97,7 @@ def clip_grad_norm_(
     The same clip as ``torch.nn.utils.clip_grad_norm_(params, max_rms * sqrt(n))``
     (one factor for every gradient, so the update's direction is kept), with ``n`` the
     gradient elements; the threshold means the same at every width. Unit-scale
-    gradients start near RMS 1. Works on FSDP2 (DTensor) gradients as torch's does.
+    gradients have RMS of order 1. Works on FSDP2 (DTensor) gradients as torch's does.
 
     Args:
         parameters: a model, a tensor or an iterable of tensors (those with a grad count).
@@ -189,7 +189,7 @@ def warn_if_always_clipped(optimizer: torch.optim.Optimizer) -> None:
     warnings.warn(
         f"umup_fx: the gradients of the first {_CHECKED_STEPS} optimizer steps all had global "
         f"norm {norms[0]:.4g}: something clips every step (HF Trainer's max_grad_norm=1.0 does). "
-        f"u-muP gradients are unit scale (RMS ~1, global norm ~sqrt({n}) = {math.sqrt(n):.0f} "
+        f"u-muP gradients are unit scale (RMS of order 1, global norm ~sqrt({n}) = {math.sqrt(n):.0f} "
         f"here), so this threshold means gradient RMS {norms[0] / math.sqrt(n):.2g} and turns "
         "clipping into a rescale of every step. Clip by RMS instead: "
         "umup_fx.clip_grad_norm_(model, max_rms), or max_grad_norm=umup_fx.max_grad_norm(model, "
