@@ -258,12 +258,12 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict[str, A
 def _export(args: argparse.Namespace) -> int:
     """Build the model on meta (no weights in memory), transform it as it was trained,
     and convert the checkpoint tensor by tensor (umup_fx.export_checkpoint)."""
-    import umup_fx
     from umup_fx.export_checkpoint import export_checkpoint
+    from umup_fx.transform import transform
 
     with torch.device("meta"):
         model, inputs, kwargs = _model_and_inputs(args)
-    umup_fx.transform(model, inputs, kwargs)
+    transform(model, inputs, kwargs)
     index = export_checkpoint(model, args.checkpoint, args.out)
     print(f"wrote {len(index['weight_map'])} tensors "
           f"({index['metadata']['total_size'] / 2**30:.2f} GiB) to {args.out}")
