@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from umup_fx.diagnose.tracking import op_scales
 from umup_fx.errors import UmupError
 from umup_fx.runtime.modules import UmupModule
 from umup_fx.runtime.optim import DEFAULT_LR, AdamW
 from umup_fx.transfer.corpus import get_batch, load_corpus, load_file, train_val_split
 from umup_fx.transfer.plots import panels, save
 from umup_fx.transfer.sweep import _LossModel, _takes_targets
-from umup_fx.diagnose.tracking import op_scales
 from umup_fx.transform import transform
 
 
