@@ -147,3 +147,14 @@ def test_merged_adapters_transform_as_a_plain_model() -> None:
     ids = _ids()
     umup_fx.transform(merged, (ids,), {"labels": ids})
     assert torch.isfinite(merged(ids, labels=ids).loss)
+
+
+def test_the_adapter_add_is_recognised_through_dropout_and_in_the_mlp() -> None:
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                             lora_dropout=0.1)
+    inner = peft.get_peft_model(hf_llama(), config).base_model.model
+    ids = _ids()
+    umup_fx.transform(inner, (ids,), {"labels": ids}, pretrained=True)
+    nodes = [n for gm in inner.region_graphs().values() for n in gm.graph.nodes]
+    assert any("dropout" in str(n.target) for n in nodes)
+    assert not [n for n in nodes if n.op == "call_function" and "adds_add" in str(n.target)]
