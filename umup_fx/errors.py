@@ -28,7 +28,9 @@ class GraphRunError(UmupError, RuntimeError):
 
 
 class CallError(UmupError, TypeError):
-    """A transformed model was called with arguments its graph was not captured for."""
+    """A transformed model got a call it cannot run: a new call structure that cannot be
+    captured or analyses unlike the model's plan, more structures than it keeps, or
+    inference state (a KV cache)."""
 
 
 class AdapterError(UmupError):
