@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,11 +25,19 @@ from benchmarks._doc import command, machine, write_section  # noqa: E402
 from examples.data import get_batch, load_corpus  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "training.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "training.md"
 
 
-def run(width: int, umup: bool, steps: int, batch: int, seq: int, lr: float) -> list[float]:
-    """Every step's global gradient norm (unclipped)."""
+def revision() -> str:
+    """The commit measured, "-dirty" when the working tree had uncommitted changes."""
+    out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                         text=True, cwd=ROOT, check=False)
+    return out.stdout.strip() or "unknown"
+
+
+def run(width: int, umup: bool, steps: int, batch: int, seq: int, lr: float) -> tuple[list[float], int]:
+    """Every step's global gradient norm (unclipped), and the trainable elements."""
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=256, d_model=width, n_layers=2, n_heads=4))
     data = load_corpus(500_000)
@@ -81,7 +90,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Machine: {machine()}. Command: `{command()}`.",
+        f"Machine: {machine()}. Code: {revision()}. Command: `{command()}`.",
     ])
     write_section("grad-rms", body, DOC)
 
