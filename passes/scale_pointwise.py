@@ -23,6 +23,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, rules
 from umup_fx.runtime import ops
 
+from ._graph import DIVS
 from ._graph import ops as aten_ops
 from ._rewrite import (
     ancestors,
@@ -164,6 +165,7 @@ def scale_cross_entropy(gm: fx.GraphModule) -> PassResult:
                 "ignore_index": int(arg(node, "ignore_index", -100)),
                 "label_smoothing": float(arg(node, "label_smoothing", 0.0)),
                 "reference_rows": example_rows(node.args[0]),
+                "divided": _divided_later(node),
             },
         )
         changed = True
@@ -177,6 +179,12 @@ def scale_cross_entropy(gm: fx.GraphModule) -> PassResult:
         })
         changed = True
     return PassResult(gm, changed)
+
+
+def _divided_later(loss: fx.Node) -> bool:
+    """A loss whose one use divides it (HF's ``sum / num_items_in_batch``): a mean."""
+    users = list(loss.users)
+    return (len(users) == 1 and users[0].target in DIVS and users[0].args[0] is loss)
 
 
 def scale_readout_outputs(gm: fx.GraphModule) -> PassResult:

@@ -145,3 +145,29 @@ def test_dropout_eval_equals_the_mean_of_train(kind: str) -> None:
     assert ratio.item() == pytest.approx(1.0, abs=0.01)  # 0.885 for SDPA before
     assert (mean - want).abs().mean() < 0.05 * want.abs().mean()
 
+
+
+class _SumOverItems(nn.Module):
+    """HF's loss under Trainer: a sum divided by the batch's item count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _llama()
+
+    def forward(self, idx: Tensor, targets: Tensor, num_items: Tensor) -> Tensor:
+        logits = self.model(idx)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        return loss / num_items
+
+
+def test_a_sum_divided_by_the_item_count_is_a_mean() -> None:
+    idx, tgt = _ids(4, T, seed=8), _ids(4, T, seed=9)
+    mean = umup_fx.transform(_llama(), (idx, tgt))
+    summed = umup_fx.transform(_SumOverItems(), (idx, tgt, torch.tensor(float(tgt.numel()))))
+    summed.model.load_state_dict(mean.state_dict())
+    mean(idx, tgt).backward()
+    summed(idx, tgt, torch.tensor(float(tgt.numel()))).backward()
+    for name, p in summed.model.named_parameters():
+        want = dict(mean.named_parameters())[name].grad
+        if want is not None:
+            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)

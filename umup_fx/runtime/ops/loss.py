@@ -20,6 +20,7 @@ def cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reference_rows: int | None = None,
+    divided: bool = False,
 ) -> Tensor:
     """Cross-entropy rule: F.cross_entropy(mult logits), the multiplier forward-only.
 
@@ -28,7 +29,9 @@ def cross_entropy(
     standard mean's gradient (1/count, in both directions) times constants, unit scale
     at the reference batch and linear in the loss. Outside a model (None) the backward
     is F.cross_entropy's: a transformed model whose logits leave it unconsumed carries
-    those constants in its readout (rules §3, Cross-entropy).
+    those constants in its readout (rules §3, Cross-entropy). ``divided``: a sum the
+    graph then divides by a count (HF's ``sum / num_items_in_batch``), a mean whose
+    divisor comes later: it gets the mean's * reference_rows too.
     """
     # As U.cross_entropy: the forward multiplier's gradient is not applied (scale_fwd)
     # and the logit gradient gets V/sqrt(V-1). Unlike it, a mean is PyTorch's mean (over
@@ -42,7 +45,8 @@ def cross_entropy(
     vocab = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
     grad_scale = 1.0
     if reference_rows is not None:
-        grad_scale = loss_grad_scale(vocab) * (reference_rows if reduction == "mean" else 1)
+        mean = reduction == "mean" or (divided and reduction == "sum")
+        grad_scale = loss_grad_scale(vocab) * (reference_rows if mean else 1)
     logits = _scale(logits, fwd_scale=mult, bwd_scale=grad_scale)
     return F.cross_entropy(
         logits, target, ignore_index=ignore_index, reduction=reduction,
