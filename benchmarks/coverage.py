@@ -18,6 +18,7 @@ is listed as such.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -35,11 +36,18 @@ def _cell(ok: bool | None) -> str:
     return "-" if ok is None else ("yes" if ok else "**no**")
 
 
+def _one_line(message: str, limit: int = 200) -> str:
+    """A table cell: one line, no pipes, files named by their last two path parts (no
+    path of the machine that ran it)."""
+    text = re.sub(r'"/[^"]*/([^/"]+/[^/"]+\.py)"', r'"\1"', " ".join(message.split()))
+    return text.replace("|", "/")[:limit]
+
+
 def _row(r: Result, seconds: float) -> str:
     if r.status in ("refused", "crashed", "unavailable"):
         what = {"refused": "refused (UmupError)", "crashed": "**crashed**",
                 "unavailable": "not run"}[r.status]
-        return f"| {r.family} | {r.verdict} | {what} | - | - | - | - | - | {r.message[:160]} |"
+        return f"| {r.family} | {r.verdict} | {what} | - | - | - | - | - | {_one_line(r.message)} |"
     qk = {n for n in r.grad_rms if is_qk(n)}
     grads = [v for n, v in r.grad_rms.items() if n not in qk]
     span = f"{min(grads):.2f} .. {max(grads):.2f}" if grads else "-"
