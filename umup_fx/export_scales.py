@@ -131,6 +131,7 @@ _DIV = _packets("div") | {operator.truediv}
 _ADD = _packets("add", "sub")
 _SDPA = _packets("scaled_dot_product_attention")
 _NORMS = {ops.rms_norm, ops.layer_norm, ops.group_norm}
+_NORM_OPS = _packets("layer_norm", "rms_norm")
 _WEIGHT_OPS: dict[Callable, tuple[int, int, int | None]] = {
     # op -> (activation arg, weight arg, bias arg)
     ops.linear: (0, 1, 2),
@@ -178,6 +179,9 @@ class _Solver:
         self.uses: list[tuple[str, _Lin, str, str]] = []
         self.current = ""  # the op being read (its module path)
         self.quiet = False  # reading an op whose value only feeds a norm's statistics
+        self.template = self.prefix = ""
+        self.frozen = {name for name, p in model.umup_plan.params.items() if p.frozen_by_umup}
+        self.gains: list[tuple[str, _Lin, float]] = []  # (frozen gain, its log value, offset)
 
     # -- bookkeeping --------------------------------------------------------------
     def unknown(self, label: str) -> _Lin:
@@ -191,6 +195,37 @@ class _Solver:
     def fold(self, ref: Any, expr: _Lin, op: str) -> None:
         if isinstance(ref, _Param):
             self.uses.append((ref.path, expr, op, self.current))
+
+    def frozen_gain(self, n: fx.Node) -> tuple[str, float] | None:
+        """(this region's name of the frozen gain the original model multiplies norm
+        ``n`` by, 1 for a ``1 + w`` gain else 0), or None."""
+        orig = self.original.get(n.name)
+        if orig is None:
+            return None
+        gain = None
+        if orig.target in _NORM_OPS:  # F.layer_norm / F.rms_norm(x, shape, weight, ...)
+            gain = orig.args[2] if len(orig.args) > 2 else orig.kwargs.get("weight")
+        else:  # x * rsqrt(...), then (through casts) * gain
+            node = orig
+            while len(node.users) == 1 and next(iter(node.users)).target in _CARRY:
+                node = next(iter(node.users))
+            for u in node.users:
+                if u.target in _MUL:
+                    gain = next((a for a in u.args if a is not node), None)
+        offset = 0.0
+        while isinstance(gain, fx.Node) and gain.op == "call_function":
+            if gain.target in _ADD and 1 in gain.args:  # Gemma's (1 + w)
+                offset = 1.0
+                gain = next(a for a in gain.args if isinstance(a, fx.Node))
+            elif gain.target in _CARRY:
+                gain = gain.args[0]
+            else:
+                return None
+        name = meta.get(gain, meta.PARAM) if isinstance(gain, fx.Node) else None
+        if not name or not name.startswith(self.template):
+            return None
+        full = self.canonical.get(self.prefix + name[len(self.template):])
+        return (full, offset) if full in self.frozen else None
 
     def dropped_constants(self) -> dict[str, float]:
         """{node name: log of the constant O multiplies it by that T dropped}: a model's
@@ -228,7 +263,12 @@ class _Solver:
         values: dict[fx.Node, Any] = {}
         placeholders = [n for n in rg.gm.graph.nodes if n.op == "placeholder"]
         prefix = f"{path}." if path else ""
+        outer = self.template, self.prefix  # restored on return (a block inside the root)
+        self.template, self.prefix = "", prefix  # where the shared graph was captured
         for node, (kind, target) in zip(placeholders, rg.inputs, strict=True):
+            captured = meta.get(node, meta.PARAM)
+            if kind == "param" and captured and captured.endswith(target):
+                self.template = captured[: len(captured) - len(target)]
             if kind == "input":
                 values[node] = inputs[target]
             elif kind == "param":
@@ -263,6 +303,7 @@ class _Solver:
         if rg.out_leaves:
             it = iter(user)
             user = [next(it) if v is TENSOR else None for v in rg.out_leaves]
+        self.template, self.prefix = outer
         return user
 
     def actual(self, v: Any, node: fx.Node, path: str) -> _Lin | None:
@@ -286,7 +327,14 @@ class _Solver:
             block = unwrap(module.get_submodule(sub))
             return self.region(block, canonical_name(f"{path}.{sub}" if path else sub), flat)
         if t in _NORMS or meta.get(n, meta.RULE) == rules.NORM_OP:
-            return ZERO  # scale-invariant: the input's factor is forgotten (not even read)
+            # Scale-invariant: the input's factor is forgotten (not even read). A gain
+            # u-muP froze is the plain model's to set: its value is the output's factor.
+            gain = self.frozen_gain(n)
+            if gain is None:
+                return ZERO
+            out = self.unknown(where + " (gain)")
+            self.gains.append((gain[0], out, gain[1]))
+            return out
         args = [get(a) for a in n.args]
         kwargs = {k: get(v) for k, v in n.kwargs.items()}
         if t is operator.getitem and isinstance(args[0], (list, tuple)):
@@ -618,5 +666,11 @@ def solve_folding(model: nn.Module, tied: bool = False) -> Folding:
     for name, p in plan.params.items():
         if p.frozen_by_umup:
             folding.frozen[name] = 1.0 if p.init == "ones" else 0.0
+    values: dict[str, float] = {}
+    for name, expr, offset in solver.gains:  # one value per gain (shared graphs agree)
+        value = math.exp(expr.const + sum(c * x[j] for j, c in expr.coef.items())) - offset
+        if name in values and not math.isclose(values[name], value, rel_tol=1e-9):
+            raise ExportError(f"the frozen gain {name!r} would need two values")
+        values[name] = folding.frozen[name] = value
     return folding
 
