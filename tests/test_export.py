@@ -263,3 +263,25 @@ def test_cli_exports_a_dcp_checkpoint_tensor_by_tensor(tmp_path) -> None:
     plain = Llama(LlamaConfig(**cfg)).eval()
     plain.load_state_dict(state)  # strict: every key, nothing extra
     _assert_same(model, plain, 256)
+
+
+def test_t5_encoder_decoder() -> None:
+    # u-muP's dropout scale before the encoder output lands in the final norm's gain.
+    pytest.importorskip("transformers")
+    from tests.families import FAMILIES
+
+    torch.manual_seed(0)
+    case = FAMILIES["T5"]()
+    cls = type(case.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        umup_fx.transform(case.model, case.args, case.kwargs)
+    case.model.eval()
+    exported = umup_fx.export(case.model)
+    _plain_class(exported, cls)
+    for seq in (8, 24):
+        ids = torch.randint(0, 128, (3, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            want = case.model(ids, labels=ids).logits
+            got = exported(ids, labels=ids).logits
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
