@@ -39,7 +39,7 @@ def _cell(ok: bool | None) -> str:
 def _one_line(message: str, limit: int = 200) -> str:
     """A table cell: one line, no pipes, files named by their last two path parts (no
     path of the machine that ran it)."""
-    text = re.sub(r'"/[^"]*/([^/"]+/[^/"]+\.py)"', r'"\1"', " ".join(message.split()))
+    text = re.sub(r'/[^\s"]*/([^/\s"]+/[^/\s"]+\.py)', r"\1", " ".join(message.split()))
     return text.replace("|", "/")[:limit]
 
 
