@@ -113,9 +113,6 @@ def test_num_items_in_batch_divides_the_summed_loss(llama) -> None:
     torch.testing.assert_close(summed, mean)
 
 
-@pytest.mark.xfail(reason="the loss rule (engineer A's scale_cross_entropy) scales a summed "
-                   "cross-entropy divided by num_items_in_batch unlike the mean: gradients "
-                   "are smaller by the number of rows", strict=False)
 def test_num_items_in_batch_keeps_unit_gradients(llama) -> None:
     model, _ = llama
     x = _ids(seed=6)

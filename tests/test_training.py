@@ -68,9 +68,6 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.xfail(strict=False, reason="needs weight-gradient scales fixed at transform time "
-                   "(static scales, in progress): today each micro-batch's gradient is scaled by "
-                   "its own size")
 def test_accumulated_gradients_equal_one_batch_of_all_micro_batches(plain) -> None:
     ns = run("accumulation", namespace=plain)
     model, gen, data = ns["model"], ns["gen"], ns["data"]
@@ -117,9 +114,6 @@ def test_trainer_recipe_trains_with_u_mup_groups_and_an_rms_threshold(trainer_ru
     assert not [w for w in ns["caught"] if issubclass(w.category, umup_fx.AlwaysClippedWarning)]
 
 
-@pytest.mark.xfail(strict=False, reason="Trainer passes num_items_in_batch (a sum-reduced loss): "
-                   "its gradients come out ~num_items times smaller than the same model's call "
-                   "without it (HF loss kwargs, in progress)")
 def test_trainer_gradient_norm_is_the_models_own(trainer_run) -> None:
     ns = trainer_run
     logged = [h["grad_norm"] for h in ns["trainer"].state.log_history if "grad_norm" in h]

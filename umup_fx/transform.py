@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from umup_fx import parametrizations
 from umup_fx.capture import blocks as discovery
+from umup_fx.capture.reference import at_reference_sizes, reference_shapes
 from umup_fx.capture.trace import Captured, capture
 from umup_fx.diagnose import unit_check
 from umup_fx.errors import AlreadyTransformedError, CallError, CaptureError, UmupError
@@ -41,7 +42,8 @@ from umup_fx.runtime.modules import (
 )
 from umup_fx.runtime.names import unwrap
 
-__all__ = ["CheckpointWarning", "OneGraphWarning", "PostNormWarning", "UmupModule",
+__all__ = ["CheckpointWarning", "OneGraphWarning", "PostNormWarning", "ReferenceSizeWarning",
+           "UmupModule",
            "UncoveredOpWarning", "transform"]
 
 
@@ -63,6 +65,11 @@ class OneGraphWarning(UserWarning):
 class CheckpointWarning(UserWarning):
     """A ``torch.utils.checkpoint`` call in the model's forward is not kept (its
     activations are saved): only whole blocks checkpointed by their caller are."""
+
+
+class ReferenceSizeWarning(UserWarning):
+    """A call structure first seen after ``transform`` was captured at its own sizes, not
+    the transform's reference sizes (rules §3): its gradient scales may differ."""
 
 
 def _warn_unkept_checkpoints(captured: Captured) -> None:
@@ -187,8 +194,13 @@ def _capture_build(model: nn.Module, args: Any, kwargs: dict | None, opts: Optio
 _PARAM_FACTS = ("role", "lr_factor", "init", "init_std", "trainable", "frozen_by_umup")
 
 
+def _reference_of(model: nn.Module, example_inputs: Any, example_kwargs: dict | None) -> dict:
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return reference_shapes(model.forward, args, dict(example_kwargs or {}))
+
+
 def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Options,
-                        mode: str) -> None:
+                        mode: str, reference: dict | None = None) -> None:
     """The first call of a structure the model has no graph for: capture it on the
     model's own code, analyse and rewrite it with the same passes and options, and
     add its root graph (and the block graphs of block calls not seen before) to the
@@ -205,9 +217,27 @@ def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Op
             "before sharding, or call it as at transform."
         )
     modes = {"prefix": ("prefix", "full"), "full": ("full",), "one": ("one",)}[mode]
+    # Captured at the transform's reference sizes (capture.reference), so this graph's
+    # scales are the model's; if that call cannot be captured, at the call's own sizes.
+    resized = at_reference_sizes(model.forward, reference or {}, args, kwargs)
     try:
         with as_written(model):
-            captured, built, _, _ = _capture_build(model, args, kwargs, opts, modes)
+            try:
+                if resized is None:
+                    raise CaptureError("no reference-size call")
+                captured, built, _, _ = _capture_build(model, *resized, opts, modes)
+            except UmupError:
+                captured, built, _, _ = _capture_build(model, args, kwargs, opts, modes)
+                if resized is not None or reference:
+                    warnings.warn(
+                        f"umup_fx: the call of {type(model).__name__} with {what} could not "
+                        "be captured at the transform's example sizes; its graph's reference "
+                        "sizes (rules section 3) are this call's, so its gradient scales may "
+                        "differ from the transform's call. Transform with this call's "
+                        "structure as the example to avoid it.",
+                        ReferenceSizeWarning,
+                        stacklevel=4,
+                    )
     except UmupError as exc:
         raise CallError(
             f"{type(model).__name__} got a call structure it has no graph for ({what}) and "
@@ -366,11 +396,12 @@ def transform(
             stacklevel=2,
         )
     _install(model, captured, built,
-             functools.partial(_add_call_structure, opts=opts, mode=mode))
+             functools.partial(_add_call_structure, opts=opts, mode=mode,
+                               reference=_reference_of(model, example_inputs, example_kwargs)))
     initialise(model, plan, opts.reinit)
-    guard_tree(model)  # adapters (or any module) put in later would never be called
     if opts.pretrained:  # the inverse of export: the same function, u-muP's weights
         import_pretrained(model)
+    guard_tree(model)  # adapters (or any module) put in later would never be called
     for p in model.parameters():
         setattr(p, TRANSFORMED_ATTR, True)  # the "umup" backend must not rewrite it again
     if opts.check and opts.parametrization == "umup" and opts.reinit and unit_check.cheap(model):

@@ -37,7 +37,25 @@ from umup_fx.runtime.names import canonical_name, unwrap
 if TYPE_CHECKING:
     from umup_fx.plan import Plan  # the compiler's data; read here, never built
 
-TENSOR = object()  # a flattened call leaf that the graph takes as a placeholder
+class _TensorLeaf:
+    """The marker of a flattened call leaf that the graph takes as a placeholder. One
+    object that copies and pickles as itself: a deep-copied model's call keys still
+    match its calls (a fresh ``object()`` per copy made every call a new structure)."""
+
+    def __repr__(self) -> str:
+        return "TENSOR"
+
+    def __reduce__(self) -> str:
+        return "TENSOR"
+
+    def __copy__(self) -> _TensorLeaf:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> _TensorLeaf:
+        return self
+
+
+TENSOR = _TensorLeaf()
 
 
 @dataclass
