@@ -285,3 +285,24 @@ def test_t5_encoder_decoder() -> None:
             want = case.model(ids, labels=ids).logits
             got = exported(ids, labels=ids).logits
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
+def test_fp8_model_exports_in_its_dtype_as_without_fp8() -> None:
+    # FP8 casts are numerics only: the FP8 model exports to the weights its twin without
+    # FP8 exports to (same init), and the export tracks the FP8 model to FP8's precision.
+    cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    exported = []
+    for fp8 in (True, False):
+        torch.manual_seed(0)
+        model = Llama(cfg)
+        torch.manual_seed(0)
+        umup_fx.transform(model, (ids,), fp8=fp8)
+        exported.append((model.eval(), umup_fx.export(model)))
+    (fp8_model, from_fp8), (_, from_plain) = exported
+    for (name, a), (_, b) in zip(from_fp8.state_dict().items(), from_plain.state_dict().items(),
+                                 strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    with torch.no_grad():
+        got, want = from_fp8(ids), fp8_model(ids)
+    assert float((got - want).norm() / want.norm()) < 0.1

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from umup_fx.errors import UmupError
 from umup_fx.export import _aliases, _untie_config
 from umup_fx.export_scales import ExportError, solve_folding
 from umup_fx.runtime.names import canonical_name
@@ -58,7 +59,13 @@ def export_checkpoint(model: nn.Module, checkpoint: str | Path, out: str | Path)
     """Write the plain checkpoint of the u-muP DCP ``checkpoint`` of transformed ``model``
     to ``out`` (safetensors shards + index; config for HF models). Returns the index."""
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
+    try:
+        from safetensors.torch import save_file
+    except ImportError as exc:
+        raise UmupError(
+            "Writing a plain checkpoint needs safetensors: pip install 'umup_fx[export]' "
+            "(or pip install safetensors)."
+        ) from exc
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
@@ -49,7 +48,7 @@ from torch import fx, nn
 from umup_fx import meta, rules
 from umup_fx.errors import UmupError
 from umup_fx.passes.cut_regions import call_block
-from umup_fx.runtime import ops
+from umup_fx.runtime import fp8, ops
 from umup_fx.runtime.modules import TENSOR, UmupModule, dtype_limit
 from umup_fx.runtime.names import canonical_name, unwrap
 from umup_fx.runtime.ops import activations as _act
@@ -138,6 +137,10 @@ _WEIGHT_OPS: dict[Callable, tuple[int, int, int | None]] = {
     ops.conv: (0, 1, 2),
     ops.einsum_linear: (1, 2, None),
     ops.grouped_linear: (1, 2, None),
+    # FP8's linears: the same scales around a matmul whose casts are numerics only, so
+    # export (in the model's dtype) folds them as the plain ones.
+    fp8.linear: (0, 1, 2),
+    fp8.grouped_linear: (1, 2, None),
 }
 _PASS_PARAM = {ops.param_grad_scale, ops.broadcast_param, ops.scale_bwd}
 _LOG_SQRT2 = 0.5 * math.log(2.0)
@@ -615,26 +618,31 @@ def _static_size(a: Any, dim: int) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def _solve(solver: _Solver) -> np.ndarray:
+def _solve(solver: _Solver) -> list[float]:
+    """Least squares over the log factors (float64, torch: numpy is not a dependency);
+    every constraint must then hold exactly, else the plain code cannot express it."""
     m, k = len(solver.rows), len(solver.unknowns)
-    a = np.zeros((max(m, 1), max(k, 1)))
-    b = np.zeros(max(m, 1))
+    a = torch.zeros((max(m, 1), max(k, 1)), dtype=torch.float64)
+    b = torch.zeros(max(m, 1), dtype=torch.float64)
     for i, (expr, _) in enumerate(solver.rows):
         for j, c in expr.coef.items():
             a[i, j] += c
         b[i] = -expr.const
-    x = np.linalg.lstsq(a, b, rcond=None)[0] if k else np.zeros(0)
-    resid = a @ (x if k else np.zeros(1)) - b if k else -b
-    bad = np.nonzero(np.abs(resid) > 1e-9)[0]
-    if len(bad) and m:
+    if k:
+        x = torch.linalg.lstsq(a, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        resid = a @ x - b
+    else:
+        x, resid = torch.zeros(0, dtype=torch.float64), -b
+    bad = torch.nonzero(resid.abs() > 1e-9).flatten().tolist()
+    if bad and m:
         i = int(bad[0])
         raise ExportError(
             f"export cannot express the transformed model's scale at {solver.rows[i][1]}: "
-            f"the plain model's code would compute it {math.exp(resid[i]):.6g} times "
+            f"the plain model's code would compute it {math.exp(float(resid[i])):.6g} times "
             "off, and no choice of its weights fixes that (the op sits where a scale "
             "would have to pass through a nonlinearity). Keep the transformed model for "
             "inference there.")
-    return x[:k]
+    return x[:k].tolist()
 
 
 def solve_folding(model: nn.Module, tied: bool = False) -> Folding:
