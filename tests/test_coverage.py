@@ -22,8 +22,16 @@ def _targets(model: nn.Module) -> list:
     return [n.target for n in graph_nodes(model) if n.op == "call_function"]
 
 
-def _grad_rms(model: nn.Module, out: torch.Tensor) -> dict[str, float]:
-    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+def _grad_rms(model: nn.Module, out: torch.Tensor, logits: bool = False) -> dict[str, float]:
+    """Weight-gradient RMS after a unit-scale gradient arrives at ``out``; for returned
+    ``logits``, a mean cross-entropy's (their readout scales its backward for a loss
+    outside the model, rules §3)."""
+    gen = torch.Generator().manual_seed(3)
+    if logits:
+        targets = torch.randint(0, out.shape[-1], out.shape[:-1], generator=gen)
+        F.cross_entropy(out.flatten(0, -2), targets.flatten()).backward()
+    else:
+        (out * torch.randn(out.shape, generator=gen)).sum().backward()
     return {n: float(p.grad.pow(2).mean().sqrt()) for n, p in model.named_parameters()
             if p.grad is not None and p.dim() > 1}
 
@@ -108,7 +116,7 @@ def test_weights_used_by_hand_get_linear_and_embedding_rules() -> None:
     assert ops.broadcast_param in targets and targets.count(ops.linear) == 2
     out = model(ids)
     assert out.pow(2).mean().sqrt().item() == pytest.approx(32**-0.5, rel=0.2)
-    grads = _grad_rms(model, out)
+    grads = _grad_rms(model, out, logits=True)
     assert all(0.2 < g < 5 for g in grads.values()), grads
 
 
@@ -141,7 +149,7 @@ def test_cls_token_position_table_and_patch_conv() -> None:
     assert p["cls"].init == "normal" and model.cls.std() > 0.5  # unit init, not zeros
     targets = _targets(model)
     assert {ops.expand_param, ops.broadcast_param, ops.conv, ops.pick} <= set(targets)
-    grads = _grad_rms(model, model(x))
+    grads = _grad_rms(model, model(x), logits=True)
     assert all(0.2 < g < 5 for g in grads.values()), grads
 
 

@@ -263,7 +263,9 @@ class _IndexedBlock(torch.nn.Module):
         self.fc = torch.nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc(x) / self.position
+        # Inside the branch: a constant on its output is the model's own branch
+        # multiplier, which u-muP drops (rules §3), leaving the blocks alike.
+        return x + self.fc(torch.relu(x) / self.position)
 
 
 @pytest.mark.parametrize("indexed", [True, False])
