@@ -44,6 +44,8 @@ def test_any_replaced_module_is_an_error_but_wrappers_and_root_heads_are_not(tra
     with pytest.raises(AdapterError, match="new submodule 'adapter'"):
         attn.adapter = nn.Linear(64, 4)
     attn.q_proj = attn.q_proj  # the same module again
+    with pytest.raises(AdapterError, match="wraps it. A wrapper module of your own"):
+        attn.q_proj = nn.Sequential(attn.q_proj)  # a wrapper of one's own, after transform
     transformed.value_head = nn.Linear(64, 1)  # a head your own code calls on the root
     del transformed.value_head
 

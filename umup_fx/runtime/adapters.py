@@ -109,6 +109,16 @@ def _check_registration(parent: nn.Module, name: str, child: nn.Module | None) -
         return  # a checkpoint / compile wrapper of the same module
     else:
         what = f"submodule {name!r} was replaced by a {_qualname(child)}"
+        is_peft = type(child).__module__.split(".")[0] == "peft"
+        if child is not None and not is_peft and any(m is old for m in child.modules()):
+            raise AdapterError(
+                f"{type(parent).__name__} belongs to a model that umup_fx.transform rewrote "
+                f"({owner}), and {what} that wraps it. A wrapper module of your own is "
+                "understood when it is there before transform (the block is then called "
+                "through it); after transform, wrap blocks with torch's checkpoint_wrapper / "
+                "apply_activation_checkpointing or torch.compile, which umup_fx reads "
+                "through, or transform the model with the wrapper in place."
+            )
     raise AdapterError(
         f"{type(parent).__name__} belongs to a model that umup_fx.transform rewrote "
         f"({owner}), and {what}. The rewritten graphs were captured before it and read "
