@@ -29,8 +29,8 @@ from benchmarks._doc import command as run_command  # noqa: E402
 from benchmarks._doc import machine, write_section  # noqa: E402
 from examples.data import get_batch, load_corpus, train_val_split  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402
-from umup_fx.runtime import fp8  # noqa: E402
 from umup_fx.diagnose.tracking import op_scales  # noqa: E402
+from umup_fx.runtime import fp8  # noqa: E402
 
 # Smallest normal and largest finite values of the formats.
 RANGES = {
