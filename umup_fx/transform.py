@@ -8,6 +8,7 @@ model's own modules (``umup_fx.runtime.modules``), initialise to unit scale.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Any
@@ -222,13 +223,13 @@ def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Op
     resized = at_reference_sizes(model.forward, reference or {}, args, kwargs)
     try:
         with as_written(model):
-            try:
-                if resized is None:
-                    raise CaptureError("no reference-size call")
-                captured, built, _, _ = _capture_build(model, *resized, opts, modes)
-            except UmupError:
-                captured, built, _, _ = _capture_build(model, args, kwargs, opts, modes)
-                if resized is not None or reference:
+            found = None
+            if resized is not None:
+                with contextlib.suppress(UmupError):  # then at the call's own sizes
+                    found = _capture_build(model, *resized, opts, modes)
+            if found is None:
+                found = _capture_build(model, args, kwargs, opts, modes)
+                if reference:
                     warnings.warn(
                         f"umup_fx: the call of {type(model).__name__} with {what} could not "
                         "be captured at the transform's example sizes; its graph's reference "
@@ -238,6 +239,7 @@ def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Op
                         ReferenceSizeWarning,
                         stacklevel=4,
                     )
+            captured, built, _, _ = found
     except UmupError as exc:
         raise CallError(
             f"{type(model).__name__} got a call structure it has no graph for ({what}) and "

@@ -24,12 +24,13 @@ import torch.utils._pytree as pytree
 def _bound(forward: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
     """Arguments by parameter name (``**kwargs`` entries by their own names)."""
     try:
+        params = inspect.signature(forward).parameters
         bound = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
         return {**{f"#{i}": a for i, a in enumerate(args)}, **kwargs}
     out: dict[str, Any] = {}
     for name, value in bound.items():
-        kind = inspect.signature(forward).parameters[name].kind
+        kind = params[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         elif kind is inspect.Parameter.VAR_POSITIONAL:
