@@ -209,6 +209,14 @@ def test_pretrained_refuses_frozen_norms() -> None:
                           trainable_norms=False)
 
 
+def test_pretrained_refuses_meta_weights_before_changing_the_model() -> None:
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2))
+    with pytest.raises(umup_fx.ExportError, match="on meta: load the checkpoint first"):
+        umup_fx.transform(model, (torch.zeros(1, 4, dtype=torch.long),), pretrained=True)
+    assert type(model) is Llama and not hasattr(model, "umup_plan")  # left as it was
+
+
 @pytest.mark.parametrize("family", ["Gemma", "Mixtral (MoE)"])
 def test_hf_constants_and_moe(family: str) -> None:
     # Gemma: sqrt(d) embedding buffer and 1 + w gains u-muP dropped; Mixtral: experts,

@@ -27,7 +27,7 @@ from umup_fx.export_scales import ExportError, Folding, solve_folding
 from umup_fx.runtime.modules import UmupModule, UmupRegion
 from umup_fx.runtime.names import canonical_name
 
-__all__ = ["ExportError", "export", "import_pretrained"]
+__all__ = ["ExportError", "check_importable", "export", "import_pretrained"]
 
 _TRANSFORMED_ATTR = "_umup_transformed"  # umup_fx.transform marks every parameter
 
@@ -119,6 +119,28 @@ def _untie_config(plain: nn.Module) -> None:
             cfg.tie_word_embeddings = False
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter is a DTensor (FSDP2's fully_shard, tensor parallel)."""
+    return any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
+               for p in model.parameters())
+
+
+def check_importable(model: nn.Module) -> None:
+    """``transform(..., pretrained=True)`` converts the weights the model holds: they must
+    be there, whole, before anything is captured or installed (else ``ExportError``)."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ExportError(
+            "transform(..., pretrained=True) converts the weights the model holds, and "
+            "they are on meta: load the checkpoint first (or transform without "
+            "pretrained and load a u-muP checkpoint).")
+    if _is_sharded(model):
+        raise ExportError(
+            "transform(..., pretrained=True) converts the weights the model holds, and "
+            "they are sharded (DTensor: fully_shard / tensor parallel was applied first). "
+            "Load the checkpoint into the unsharded model, transform it with "
+            "pretrained=True, then fully_shard it.")
+
+
 def export(model: nn.Module) -> nn.Module:
     """A new module of ``model``'s original class with u-muP's scales folded into its weights.
 
@@ -129,9 +151,21 @@ def export(model: nn.Module) -> nn.Module:
     Hugging Face config says ``tie_word_embeddings=False``). ``model`` is not changed.
 
     Raises:
-        ExportError: ``model`` is not transformed, or the original code cannot express one
-            of its scales (the error names the op and its source line).
+        ExportError: ``model`` is not transformed, its parameters are sharded (DTensor:
+            save a DCP checkpoint and export that, docs/deploy.md), or the original code
+            cannot express one of its scales (the error names the op and its source line).
     """
+    if _is_sharded(model):
+        # Gathering here would be a collective every rank must join, and the usual
+        # ``if rank == 0: export(model)`` would hang instead of failing.
+        raise ExportError(
+            f"umup_fx.export copies the whole model into this process, and "
+            f"{type(model).__name__}'s parameters are sharded (DTensor: fully_shard / tensor "
+            "parallel). On every rank, save its state with torch.distributed.checkpoint "
+            "(dcp.save(get_model_state_dict(model), checkpoint_id=DIR), or your training "
+            "checkpoint), then in one plain process run: python -m umup_fx export "
+            "MODULE:FACTORY --input ... --checkpoint DIR --out PLAIN_DIR (docs/deploy.md, "
+            "'At scale').")
     folding = solve_folding(model)
     plain = _plain_copy(model)  # type: ignore[arg-type]
     if _apply(plain, folding):
@@ -150,13 +184,10 @@ def import_pretrained(model: nn.Module) -> None:
     function); a tied weight keeps one tensor, so its uses share one factor.
 
     Raises:
-        ExportError: the weights are on ``meta``, or a scale cannot be carried over.
+        ExportError: the weights are on ``meta`` or sharded, or a scale cannot be carried
+            over.
     """
-    if any(p.is_meta for p in model.parameters()):
-        raise ExportError(
-            "transform(..., pretrained=True) converts the weights the model holds, and "
-            "they are on meta: load the checkpoint first (or transform without "
-            "pretrained and load a u-muP checkpoint).")
+    check_importable(model)
     folding = solve_folding(model, tied=True)
     params = {canonical_name(n): p for n, p in model.named_parameters()}
     for name, uses in folding.factors.items():

@@ -55,6 +55,23 @@ def _targets(model: nn.Module) -> dict[str, list[tuple[str, float | None]]]:
     return out
 
 
+def _model_keys(stored: dict[str, Any], params: list[str]) -> dict[str, str]:
+    """Canonical model name -> its key in the checkpoint. A training checkpoint often
+    nests the model's state dict under a key (``{"model": ..., "optim": ...}``, stored as
+    ``model.<name>``): the prefix is the one under which the most parameters are stored
+    (none when the model's state dict was saved alone). Other keys (optimizer state) are
+    not the model's and are never read."""
+    tensors = {canonical_name(k): k for k, md in stored.items() if hasattr(md, "size")}
+    if not params:
+        return tensors
+    first = params[0]
+    prefixes = {""} | {k[: len(k) - len(first)] for k in tensors
+                       if k.endswith("." + first)}
+    found = {p: sum(p + n in tensors for n in params) for p in prefixes}
+    prefix = max(sorted(found), key=lambda p: found[p])
+    return {k[len(prefix):]: key for k, key in tensors.items() if k.startswith(prefix)}
+
+
 def export_checkpoint(model: nn.Module, checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the plain checkpoint of the u-muP DCP ``checkpoint`` of transformed ``model``
     to ``out`` (safetensors shards + index; config for HF models). Returns the index."""
@@ -71,11 +88,11 @@ def export_checkpoint(model: nn.Module, checkpoint: str | Path, out: str | Path)
     out.mkdir(parents=True, exist_ok=True)
     reader = dcp.FileSystemReader(str(checkpoint))
     stored = reader.read_metadata().state_dict_metadata
-    by_canonical = {canonical_name(k): k for k in stored}
     folding = solve_folding(model)
     targets = _targets(model)
     aliases = _aliases(model)
     params = {canonical_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    by_canonical = _model_keys(stored, sorted(params))
     jobs: list[tuple[str, str | None, float | None, Any]] = []  # (out name, key, factor, meta)
     for name in sorted(params & set(aliases)):
         key = next((by_canonical[a] for a in aliases[name] if a in by_canonical), None)
@@ -83,9 +100,9 @@ def export_checkpoint(model: nn.Module, checkpoint: str | Path, out: str | Path)
             if key is None and factor is not None:
                 raise ExportError(f"the checkpoint has no tensor for parameter {name!r}")
             jobs.append((write_as, key, factor, stored.get(key) if key else None))
-    for key, md in stored.items():  # persistent buffers, as saved
-        if canonical_name(key) not in params and hasattr(md, "size"):
-            jobs.append((canonical_name(key), key, 1.0, md))
+    buffers = {canonical_name(n) for n in model.state_dict()} - params
+    for name in sorted(buffers & set(by_canonical)):  # persistent buffers, as saved
+        jobs.append((name, by_canonical[name], 1.0, stored[by_canonical[name]]))
     weight_map: dict[str, str] = {}
     total = 0
     for i, (write_as, key, factor, md) in enumerate(jobs):

@@ -55,7 +55,9 @@ from umup_fx.runtime.ops import activations as _act
 
 
 class ExportError(UmupError):
-    """The plain model's code cannot express a u-muP scale of the transformed model."""
+    """Export or pretrained import cannot be done as asked: the plain model's code cannot
+    express a u-muP scale of the transformed model, or the weights are not whole here
+    (on meta, or sharded as DTensors)."""
 
 
 @dataclass

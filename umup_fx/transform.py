@@ -23,7 +23,7 @@ from umup_fx.capture.reference import at_reference_sizes, reference_shapes
 from umup_fx.capture.trace import Captured, capture
 from umup_fx.diagnose import unit_check
 from umup_fx.errors import AlreadyTransformedError, CallError, CaptureError, UmupError
-from umup_fx.export import import_pretrained
+from umup_fx.export import check_importable, import_pretrained
 from umup_fx.options import Options
 from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
 from umup_fx.passes.placement import generalize_placement
@@ -360,6 +360,8 @@ def transform(
             ``pretrained=True`` (docs/training.md, "LoRA / PEFT").
     """
     check_fresh(model, pretrained=bool(options.get("pretrained")))
+    if options.get("pretrained"):
+        check_importable(model)  # before anything is installed: the model stays as it was
     if isinstance(options.get("base"), nn.Module):  # baselines: analyse the base model too
         options["base"] = parametrizations.base_shapes(
             options["base"], example_inputs, example_kwargs)
