@@ -20,7 +20,9 @@ Reads: ``umup.rule``, ``umup.weight``, ``umup.dims``; graph keys ``roles``, ``so
 Writes: ``umup.moe`` on each combine ({"scale", "k", "experts", "gate_at_init",
 "normalized", "router", "sum"}) and ``{"router": name}`` on the router's linear and
 probability op; rule "moe_combine" on the combine, "router" on the probability op,
-"pattern_part" on the renormalisation and the top-k sum.
+"pattern_part" on the renormalisation and the top-k sum; the router's link also gets
+"grad_at_init", the RMS its logits' gradient has at init (what ``umup_fx.check``
+expects of the router, rules §8 / §10).
 Fails when: never; a router whose gates cannot be followed to a product is noted in
 the report and left as the model wrote it.
 """
@@ -65,6 +67,19 @@ _MUL = MULS | ops("mul_.Tensor")
 def _router_linear(probs: fx.Node) -> fx.Node | None:
     logits = source(probs.args[0])
     return logits if meta.get(logits, meta.RULE) == rules.LINEAR else None
+
+
+def _top_logits(probs: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``softmax(topk(logits).values)`` (Mistral's reference MoE: pick on the logits, then
+    a softmax over the k picked): (the router linear, the topk). The same gates as a
+    softmax renormalised over the top k."""
+    values = source(probs.args[0])
+    if not (values.target is operator.getitem and values.args[1] == 0
+            and values.args[0].target in _TOPK and probs.target in SOFTMAXES):
+        return None
+    topk = values.args[0]
+    logits = source(topk.args[0])
+    return (logits, topk) if meta.get(logits, meta.RULE) == rules.LINEAR else None
 
 
 def _renormaliser(values: fx.Node, users: list[fx.Node]) -> fx.Node | None:
@@ -119,9 +134,11 @@ def _follow_gates(values: fx.Node, active: set[fx.Node]) -> tuple[fx.Node | None
     return None, found
 
 
-def _topk_sum(combine: fx.Node, k: int) -> fx.Node | None:
+def _topk_sum(combine: fx.Node, k: int, dense: int | None = None) -> fx.Node | None:
     """The sum over the k routed copies after the combine: a view to [T, k, d] summed
-    over k, or rows added back to their tokens (``index_add`` / ``scatter_add``)."""
+    over k, rows added back to their tokens (``index_add`` / ``scatter_add``), or, for
+    gates scattered into a dense [.., E] (``dense`` = E, zero off the top k), the sum over
+    the E experts' axis."""
     node = combine
     for _ in range(8):
         users = consumers(node)
@@ -131,13 +148,31 @@ def _topk_sum(combine: fx.Node, k: int) -> fx.Node | None:
         if user.target in _SUM:
             dims = user.args[1]
             shape = user.args[0].meta["val"].shape
-            return user if len(dims) == 1 and int(shape[dims[0]]) == k else None
+            return user if len(dims) == 1 and int(shape[dims[0]]) in (k, dense) else None
         if user.target in _ACCUMULATE:  # index_add(zeros, 0, token_of_row, weighted)
             return user
         if user.target not in _GATHER:
             return None
         node = user
     return None
+
+
+def _router_grad_at_init(k: int, experts: int, p0: float, *, sigmoid: bool,
+                         normalized: bool) -> float:
+    """The RMS of the router logits' gradient at init for a unit gradient at the combine's
+    output (rules §10, "The router's gradient"). Each gate's gradient is the combine
+    scale's ``c = 1 / (g0 sqrt(k))`` (the gate's own ``d^-1/2`` makes it a mean); the
+    renormalisation ``v / sum v`` removes the gates' common part and divides by
+    ``sum v = k p0``; the probability's derivative is ``p0`` (softmax) or ``p0 (1 - p0)``
+    (sigmoid); only k of the E logits get it. Constant factors on the gates cancel
+    against ``c``. So ``sqrt((k - 1) / (k E))`` renormalised softmax gates, ``E^-1/2``
+    plain softmax, ``1 / (2 sqrt(E))`` sigmoid; 0 for one renormalised gate (always 1)."""
+    slope = p0 * (1 - p0) if sigmoid else p0
+    if normalized:  # c = sqrt(k); (g - sum g dg) / (k p0): the centred part, sqrt(1 - 1/k)
+        per_gate = math.sqrt(k) * math.sqrt(1 - 1 / k) / (k * p0)
+    else:  # c = 1 / (p0 sqrt(k))
+        per_gate = 1 / (p0 * math.sqrt(k))
+    return math.sqrt(k / experts) * per_gate * slope
 
 
 _KEEP_RULES = {None, rules.SOFTMAX, rules.ACTIVATION, rules.POOL, rules.MATMUL, rules.ROUTER}
@@ -178,13 +213,17 @@ def find_routing(gm: fx.GraphModule) -> PassResult:
         if probs.target not in SOFTMAXES | _SIGMOID or probs not in active:
             continue
         router = _router_linear(probs)
-        if router is None:
+        picked = _top_logits(probs) if router is None else None
+        if router is None and picked is None:
             continue
         users = consumers(probs)
         topk = next((u for u in users if u.target in _TOPK), None)
         n_choices = int(probs.meta["val"].shape[-1])
         gathered = next((u for u in users if u.target in _GATHER_DIM and u.args[0] is probs), None)
-        if topk is not None:
+        if picked is not None:  # softmax over the top k logits: renormalised gates
+            router, topk = picked
+            k, values, n_choices = int(topk.args[1]), probs, int(router.meta["val"].shape[-1])
+        elif topk is not None:
             k = int(topk.args[1])
             values = next((u for u in topk.users if u.args[1] == 0), None)
         elif gathered is not None:  # DeepSeek: top-k chosen on biased scores, then gathered
@@ -204,10 +243,20 @@ def find_routing(gm: fx.GraphModule) -> PassResult:
             notes.append(f"router {weight}: its gates were not followed to the experts' "
                          f"product ({where(probs)}); that combine keeps the model's scale")
             continue
+        if picked is not None:
+            found["normalized"] = True
         g0 = (1 / k if found["normalized"] else p0) * found["factor"]
-        summed = _topk_sum(combine, k)
+        scattered = any(part.target in _SCATTER for part in found["parts"])
+        summed = _topk_sum(combine, k, n_choices if scattered else None)
         for part in found["parts"] + ([summed] if summed is not None else []):
             _mark(part, rules.PATTERN_PART)
+        link["grad_at_init"] = _router_grad_at_init(
+            k, n_choices, p0, sigmoid=probs.target in _SIGMOID, normalized=found["normalized"])
+        if link["grad_at_init"] == 0:
+            notes.append(f"router {weight}: its one gate per token is renormalised to 1 "
+                         f"({where(probs)}), so no gradient reaches the router through the "
+                         "gates; it learns only from a loss on its logits (load balancing), "
+                         "as in the model as written")
         _mark(combine, rules.MOE_COMBINE, **{meta.MOE: {
             "scale": 1 / (g0 * math.sqrt(k)), "k": k, "experts": n_choices,
             "gate_at_init": g0, "normalized": found["normalized"], "router": weight,

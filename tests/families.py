@@ -149,11 +149,32 @@ FAMILIES: dict[str, Callable[[], Case]] = {
     "MoE, torch._grouped_mm (hand-written, bf16)": lambda: _moe_lm(
         lambda d: GroupedMoE(d, shared=True), torch.bfloat16),
     "MoE, einsum (hand-written)": lambda: _moe_lm(EinsumMoE, torch.float32),
+    "MoE, scattered gates (hand-written)": lambda: _moe_lm(ScatterMoE, torch.float32),
 }
 
 
 def _moe_lm(moe: Callable[[int], nn.Module], dtype: torch.dtype) -> Case:
     return Case(MoELM(vocab=VOCAB, moe=moe).to(dtype), (_ids(),), {}, "lm")
+
+
+class ScatterMoE(nn.Module):
+    """Top-k picked on the router logits, a softmax over the k picked (Mistral's reference
+    MoE), scattered into a dense [.., E] gate, every expert on every token, summed over E."""
+
+    def __init__(self, d: int = D, hidden: int = 32, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k = k
+        self.router = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, hidden, bias=False), nn.GELU(), nn.Linear(hidden, d, bias=False))
+            for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        top, idx = logits.topk(self.k, dim=-1)
+        gates = torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
+        out = torch.stack([expert(x) for expert in self.experts], dim=-2)
+        return (gates.unsqueeze(-1) * out).sum(-2)
 
 
 def is_qk(name: str) -> bool:

@@ -4,6 +4,7 @@ FP8 eligibility, real transformers MoEs end to end, and the per-expert loop's er
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -127,7 +128,13 @@ def test_unnormalised_gates_scale_with_experts_over_sqrt_k() -> None:
 ])
 def test_moe_block_output_is_unit_scale_at_init(name: str, build, dtype) -> None:
     torch.manual_seed(0)
-    model = umup_fx.transform(_Probe(build()).to(dtype), (_IDS,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = umup_fx.transform(_Probe(build()).to(dtype), (_IDS,))
+    # The check expects each router's own gradient (rules §10): nothing is flagged, and
+    # top-1 renormalised (its gate is always 1, no gradient reaches the router) is noted.
+    assert not [w for w in caught if issubclass(w.category, umup_fx.ScaleWarning)], name
+    assert ("no gradient reaches the router" in " ".join(model.umup_plan.notes)) == (name == "top-1")
     with torch.no_grad():
         y = model(_IDS)[1].float()
     assert 0.8 < float(y.pow(2).mean().sqrt()) < 1.25, name
@@ -135,7 +142,8 @@ def test_moe_block_output_is_unit_scale_at_init(name: str, build, dtype) -> None
 
 @pytest.mark.parametrize("family", ["Mixtral (MoE)", "Qwen2-MoE", "OLMoE",
                                     "MoE, torch._grouped_mm (hand-written, bf16)",
-                                    "MoE, einsum (hand-written)"])
+                                    "MoE, einsum (hand-written)",
+                                    "MoE, scattered gates (hand-written)"])
 def test_moe_families_transform_at_unit_scale(family: str) -> None:
     """The issue's bar: no uncovered op, weight grads in [1/5, 5] (q/k lower), logits
     about fan_in^-1/2, a finite optimizer step."""
@@ -145,6 +153,41 @@ def test_moe_families_transform_at_unit_scale(family: str) -> None:
     assert result.unit_scale, result.low_grads()
     assert result.step_finite
     assert result.logits_rms == pytest.approx(result.readout_fan_in**-0.5, rel=0.2)
+
+
+@pytest.mark.parametrize(("experts", "k", "normalize", "expected"), [
+    (4, 2, True, (1 / 8) ** 0.5),  # sqrt((k - 1) / (k E))
+    (8, 4, False, 8**-0.5),  # E^-1/2
+])
+def test_router_gradient_is_what_its_gates_give(experts, k, normalize, expected) -> None:
+    """The router logits' gradient at init is the top-k gates' (rules §10), measured on
+    the transformed block with a unit gradient at its output; check's band centres on it."""
+    torch.manual_seed(0)
+    model = umup_fx.transform(_Probe(GroupedMoE(64, experts=experts, k=k, normalize=normalize))
+                              .to(torch.bfloat16), (_IDS,), check=False)
+    report = umup_fx.check(model, (_IDS,))
+    (router,) = [r for r in report.ops if r.weight == "moe.router.weight"]
+    assert router.router_grad == pytest.approx(expected)
+    assert 0.7 < router.grad_rms / expected < 1.4
+    assert report.ok, report.lines()
+
+
+def test_scattered_gates_and_dense_combine() -> None:
+    """Top-k on the logits, a softmax over the k picked, scattered into a dense [.., E]
+    gate and summed over E: the softmax is the router's (renormalised, g0 = 1/k), the
+    product the combine (* sqrt(k)), the sum over E a pattern part; unit scale."""
+    model = families.ScatterMoE(64, experts=4, k=2)
+    gm, plan = _planned(model, torch.randn(2, 16, 64))
+    (combine,) = _rule_nodes(gm, rules.MOE_COMBINE)
+    info = meta.get(combine, meta.MOE)
+    assert info["normalized"] and (info["k"], info["experts"]) == (2, 4)
+    assert info["scale"] == pytest.approx(math.sqrt(2))
+    summed = next(n for n in gm.graph.nodes if n.name == info["sum"])
+    assert summed.target is torch.ops.aten.sum.dim_IntList
+    assert meta.get(summed, meta.RULE) == rules.PATTERN_PART
+    softmaxes = {torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
+    assert any(n.target in softmaxes for n in _rule_nodes(gm, rules.ROUTER))
+    assert not plan.uncovered  # (the family's numbers: test_moe_families_transform_...)
 
 
 def test_transformers_router_and_experts_roles() -> None:

@@ -55,6 +55,7 @@ class OpScale:
     role: str | None = None  # the role of this use of the weight (rules §1)
     fan_in: int | None = None  # the first input's last size (a readout's fan_in)
     key_len: int | None = None  # q / k projections: the key length of their attention
+    router_grad: float | None = None  # a router: its logits' gradient RMS at init (rules §10)
     source: str = ""  # the user's source line
     shape: tuple[int, ...] = ()  # the output's shape
 
@@ -147,6 +148,9 @@ class _Recorder(fx.Interpreter):
             source=where(n),
             shape=tuple(out.shape),
         )
+        link = meta.get(n, meta.MOE)
+        if weight is not None and isinstance(link, dict) and "grad_at_init" in link:
+            rec.router_grad = link["grad_at_init"]
         if n.target in _EMBEDDING:  # ATen's embedding is (W, indices)
             rec.weight_rms = rms(tensors[0])
         elif weight is not None and len(tensors) > 1:  # (x, W, ...) and (indices, W)

@@ -96,7 +96,9 @@ def bands(op: OpScale, band: tuple[float, float] = BAND) -> dict[str, tuple[floa
 
     A readout's output is ``fan_in^-1/2`` (§3), so its band is the unit band times that;
     q / k projections get gradients near ``S^-1/2`` (S the key length), as in the
-    reference library's decoder, so their gradients' lower end is multiplied by it.
+    reference library's decoder, so their gradients' lower end is multiplied by it. A
+    router's gradients are its gates' (rules §10): the band around the value its top-k
+    gating gives at init (``OpScale.router_grad``; down to 0 when that is 0).
     """
     lo, hi = band
     out = {"output": (lo, hi), "output grad": (lo, hi), "weight grad": (lo, hi)}
@@ -106,6 +108,9 @@ def bands(op: OpScale, band: tuple[float, float] = BAND) -> dict[str, tuple[floa
     if op.key_len:
         q = op.key_len ** -0.5
         out["output grad"] = out["weight grad"] = (lo * q, hi)
+    if op.router_grad is not None:
+        g = op.router_grad
+        out["output grad"] = out["weight grad"] = (lo * g, hi * g) if g > 0 else (0.0, hi)
     return out
 
 
