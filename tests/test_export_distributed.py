@@ -2,10 +2,10 @@
 
 One spawn: the ranks build the model on meta, transform it, shard it per block, train a
 step and save a training checkpoint (model and optimizer) with DCP from both ranks; they
-check that ``export`` and ``pretrained=True`` refuse sharded weights with what to do.
-Here, a plain process exports that checkpoint with the command line, and the plain
-model's logits are compared with the sharded transformed model's (the truth: rank 0's
-forward of the same batch).
+check that ``export`` and ``pretrained=True`` refuse sharded weights with what to do, and
+rank 0 exports a twin holding the gathered full state. Here, a plain process exports
+the checkpoint with the command line; both plain models' logits are compared with the
+sharded transformed model's (the truth: rank 0's forward of the same batch).
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ def _ids(seed: int, batch: int = 4) -> torch.Tensor:
 
 def _worker(rank: int, tmp: str, port: int) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
     from torch.distributed.fsdp import fully_shard
 
     _init(rank, port)
@@ -70,8 +74,16 @@ def _worker(rank: int, tmp: str, port: int) -> None:
     # export on DTensor parameters would be a collective: refused with the DCP route.
     with pytest.raises(umup_fx.ExportError, match="python -m umup_fx export"):
         umup_fx.export(model)
+    # Where the whole model fits in one process: gather it on rank 0 (every rank joins),
+    # load it into an unsharded transformed twin and export that.
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        torch.save(logits, tmp_path / "logits.pt")
+        twin = umup_fx.transform(Llama(LlamaConfig(**CFG)), (_ids(0, 2),))
+        twin.load_state_dict(full)
+        with torch.no_grad():
+            gathered = umup_fx.export(twin.eval())(_ids(3))
+        torch.save({"logits": logits, "gathered": gathered}, tmp_path / "logits.pt")
 
 
 def test_fsdp2_dcp_checkpoint_exports_to_the_sharded_models_function(tmp_path: Path) -> None:
@@ -79,7 +91,9 @@ def test_fsdp2_dcp_checkpoint_exports_to_the_sharded_models_function(tmp_path: P
     from umup_fx.__main__ import main
 
     _run(_worker, tmp_path)
-    want = torch.load(tmp_path / "logits.pt")
+    want, gathered = torch.load(tmp_path / "logits.pt").values()
+    err = ((gathered - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-4, f"gathered on rank 0 and exported: relative error {err:.2e}"
     args = [f"--arg={k}={v}" for k, v in CFG.items()]
     assert main(["export", "examples.llama:Llama", *args, "--input", "long:2x16:256",
                  "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0

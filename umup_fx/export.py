@@ -164,7 +164,10 @@ def export(model: nn.Module) -> nn.Module:
             "parallel). On every rank, save its state with torch.distributed.checkpoint "
             "(dcp.save(get_model_state_dict(model), checkpoint_id=DIR), or your training "
             "checkpoint), then in one plain process run: python -m umup_fx export "
-            "MODULE:FACTORY --input ... --checkpoint DIR --out PLAIN_DIR (docs/deploy.md, "
+            "MODULE:FACTORY --input ... --checkpoint DIR --out PLAIN_DIR. Or, where the "
+            "whole model fits in one process: on every rank get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True, cpu_offload=True)), and on rank "
+            "0 load it into an unsharded transformed twin and export that (docs/deploy.md, "
             "'At scale').")
     folding = solve_folding(model)
     plain = _plain_copy(model)  # type: ignore[arg-type]
