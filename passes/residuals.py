@@ -168,9 +168,11 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
         params = sorted(  # through views: x @ W.T reads W via a transpose
             {param_of(p) for n in body for p in n.all_input_nodes if param_of(p)}
         )
-        # The last add of a pre-norm stack also feeds only the final norm; an earlier
-        # one that does is post-norm (its successor reads the normalised sum).
-        post_norm = i < len(found) - 1 and _feeds_only_norms(add)
+        # The last add of a pre-norm stack (of each stream: an encoder's too) also feeds
+        # only the final norm; an earlier one that does is post-norm (its successor
+        # reads the normalised sum).
+        last_of_stream = all(streams[j] != streams[i] for j in range(i + 1, len(found)))
+        post_norm = not last_of_stream and _feeds_only_norms(add)
         branch = Branch(i, kind, add.name, skip.name, tau, params, post_norm=post_norm,
                         stream=streams[i])
         m = meta.node_meta(add)

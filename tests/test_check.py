@@ -107,3 +107,35 @@ def test_cli_check_exit_status_and_plot(tmp_path, capsys) -> None:
     assert "blocks.0.down.weight" in out and "outside" in out
     assert png.stat().st_size > 1000
     assert main(["check", "tests.test_check:TinyLM", "--input", f"long:4x16:{VOCAB}"]) == 0
+
+
+# -- what the check expects where rows or key positions agree (rules §8) ---------------
+def test_row_coherence_and_key_spread_measure_what_they_say() -> None:
+    from umup_fx.diagnose.tracking import _row_coherence, _spread
+
+    gen = torch.Generator().manual_seed(0)
+    g, x = torch.randn(2, 64, 32, generator=gen), torch.randn(2, 64, 16, generator=gen)
+    assert _row_coherence(g, x) == pytest.approx(1.0, abs=0.15)  # independent rows
+    same_g, same_x = g[:1, :1].expand(2, 64, 32), x[:1, :1].expand(2, 64, 16)
+    assert _row_coherence(same_g, same_x) == pytest.approx(128**0.5)  # one row, 128 times
+    # the unscaled weight gradient is then sqrt(rows) times the independent rows' size
+    w = (same_g.reshape(-1, 32).T @ same_x.reshape(-1, 16)).pow(2).mean().sqrt()
+    assert float(w) / 128**0.5 == pytest.approx(
+        _row_coherence(same_g, same_x) * float(same_g.pow(2).mean().sqrt() * same_x.pow(2).mean().sqrt()),
+        rel=1e-4)
+    k = torch.randn(2, 4, 16, 8, generator=gen)
+    assert _spread(k) == pytest.approx((15 / 16) ** 0.5, rel=0.1)  # about its own mean
+    assert _spread(k[:, :, :1].expand(2, 4, 16, 8)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_weight_band_widens_only_by_the_measured_coherence() -> None:
+    from umup_fx.diagnose.tracking import OpScale
+    from umup_fx.diagnose.unit_check import bands
+
+    op = OpScale("n", "linear", "linear", 1.0, weight="w", role="hidden")
+    assert bands(op)["weight grad"] == (0.2, 5.0)
+    op.row_coherence = 3.0
+    assert bands(op)["weight grad"] == pytest.approx((0.2, 15.0))
+    assert bands(op)["output grad"] == (0.2, 5.0)  # the output gradient is the rule's
+    op.key_len, op.key_spread = 16, 0.5
+    assert bands(op)["output grad"] == pytest.approx((0.2 / 4 * 0.5, 5.0))

@@ -265,6 +265,66 @@ def test_post_norm_is_warned_and_noted() -> None:
         umup_fx.transform(_Backbone(), (torch.randint(0, 40, (2, 8)),))
 
 
+class _Seq2Seq(nn.Module):
+    """nn.Transformer, one encoder and one decoder layer: pre-norm (``norm_first``, with
+    final norms) or post-norm (the original Transformer's ``norm(x + f(x))``)."""
+
+    def __init__(self, norm_first: bool, d: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, d)
+        self.t = nn.Transformer(d, 2, 1, 1, 2 * d, dropout=0.0, batch_first=True,
+                                norm_first=norm_first)
+        self.head = nn.Linear(d, 40, bias=False)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.head(self.t(self.emb(src), self.emb(tgt)))
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_post_norm_is_per_stream(norm_first: bool) -> None:
+    """An encoder's last add feeds only its final norm, as a pre-norm stack's last add
+    does: pre-norm, though not the last add of the model (rules §4, Post-norm blocks).
+    Post-norm, every add but each stream's last (which ends in a norm either way) is;
+    its numbers are at unit scale (§8)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = umup_fx.transform(_Seq2Seq(norm_first), (ids, ids))
+    warned = {w.category for w in caught}
+    branches = model.umup_plan.branches
+    assert [b.stream for b in branches] == [0, 0, 1, 1, 1]
+    post = [False] * 5 if norm_first else [True, False, True, True, False]
+    assert [b.post_norm for b in branches] == post
+    assert (umup_fx.PostNormWarning in warned) == (not norm_first)
+    assert umup_fx.ScaleWarning not in warned
+
+
+def test_post_norm_add_scales_are_the_norms() -> None:
+    """In ``norm(x + f(x))`` the norm undoes any scale of the add: u-muP's residual split /
+    add followed by the norm equal, forward and backward, the norm of the plain sum with
+    the branch weighted by tau (float64, PyTorch's own layer_norm as the truth)."""
+    from umup_fx.runtime import ops
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 16, 32, dtype=torch.float64, generator=gen)
+    w = torch.randn(32, 32, dtype=torch.float64, generator=gen) / 32**0.5
+    g = torch.randn(4, 16, 32, dtype=torch.float64, generator=gen)
+    tau, grads = 0.5, []
+    for umup in (True, False):
+        x = x0.clone().requires_grad_()
+        if umup:
+            branch, skip = ops.residual_split(x, tau)
+            y = ops.residual_add(torch.tanh(branch @ w), skip, tau)
+        else:
+            y = x + tau * torch.tanh(x @ w)
+        out = F.layer_norm(y, (32,), eps=0.0)
+        (grad,) = torch.autograd.grad(out, x, g)
+        grads.append((out.detach(), grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
 def test_a_crash_inside_a_pass_is_an_analysis_error(monkeypatch) -> None:
     from umup_fx import pipeline
 

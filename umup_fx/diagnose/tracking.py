@@ -56,12 +56,23 @@ class OpScale:
     fan_in: int | None = None  # the first input's last size (a readout's fan_in)
     key_len: int | None = None  # q / k projections: the key length of their attention
     router_grad: float | None = None  # a router: its logits' gradient RMS at init (rules §10)
+    key_spread: float = 1.0  # q / k projections: how much their attention's keys and values
+    # differ across key positions (1: independent positions; 0: all alike), rules §8
+    row_coherence: float = 1.0  # weight ops: |sum_r g_r x_r^T| / sqrt(sum_r |g_r|^2 |x_r|^2)
     source: str = ""  # the user's source line
     shape: tuple[int, ...] = ()  # the output's shape
 
 
 def rms(x: Tensor) -> float:
     return float(x.detach().float().pow(2).mean().sqrt())
+
+
+def _spread(x: Tensor) -> float:
+    """RMS of ``x`` about its mean over the key positions (axis -2), relative to its RMS:
+    1 for positions independent of each other, 0 when every position is alike."""
+    x = x.detach().float()
+    total = float(x.pow(2).mean())
+    return (float((x - x.mean(-2, keepdim=True)).pow(2).mean()) / total) ** 0.5 if total > 0 else 1.0
 
 
 def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
@@ -122,9 +133,12 @@ class _Recorder(fx.Interpreter):
             # the attention's key length: softmax's last axis, or SDPA's value rows
             args = self.fetch_args_kwargs_from_env(n)[0]
             length = out.shape[-1] if meta.get(n, meta.RULE) == rules.ATTENTION else args[2].shape[-2]
+            spread = 1.0 if meta.get(n, meta.RULE) == rules.ATTENTION else (
+                _spread(args[1]) * _spread(args[2]))
             for op_name, att in self.qk.items():
                 if att == n.name and self.prefix + op_name in self.records:
                     self.records[self.prefix + op_name].key_len = int(length)
+                    self.records[self.prefix + op_name].key_spread = spread
         if not _recorded(n) or not isinstance(out, Tensor):
             return out
         if not out.is_floating_point() or out.numel() < 2:
@@ -157,8 +171,25 @@ class _Recorder(fx.Interpreter):
             rec.weight_rms = rms(tensors[1])
         self.records[rec.node] = rec
         if out.requires_grad:
-            out.register_hook(lambda g, rec=rec: setattr(rec, "grad_rms", rms(g)))
+            x = first if rec.rule == rules.LINEAR and first is not None and first.is_floating_point() else None
+            out.register_hook(lambda g, rec=rec, x=x: _on_grad(rec, g, x))
         return out
+
+
+def _on_grad(rec: OpScale, g: Tensor, x: Tensor | None) -> None:
+    rec.grad_rms = rms(g)
+    if x is not None and x.shape[:-1] == g.shape[:-1]:
+        rec.row_coherence = _row_coherence(g, x)
+
+
+def _row_coherence(g: Tensor, x: Tensor) -> float:
+    """How far a linear's weight gradient ``sum_r g_r x_r^T`` (r: the rows, batch x
+    positions) is from a sum of independent terms: its norm over the root of the
+    terms' squared norms. 1 for independent rows; up to sqrt(rows) when every row
+    brings the same term (rules §8: the weight gradient's ``rows^-1/2`` assumes 1)."""
+    g2, x2 = g.detach().float().reshape(-1, g.shape[-1]), x.detach().float().reshape(-1, x.shape[-1])
+    terms = float((g2.pow(2).sum(-1) * x2.pow(2).sum(-1)).sum())
+    return float(torch.linalg.matrix_norm(g2.T @ x2)) / terms**0.5 if terms > 0 else 1.0
 
 
 def _output_grad(y: Tensor, records: Any) -> Tensor:

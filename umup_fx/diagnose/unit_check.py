@@ -106,11 +106,13 @@ def bands(op: OpScale, band: tuple[float, float] = BAND) -> dict[str, tuple[floa
         t = op.fan_in ** -0.5
         out["output"] = (lo * t, hi * t)
     if op.key_len:
-        q = op.key_len ** -0.5
+        q = op.key_len ** -0.5 * op.key_spread
         out["output grad"] = out["weight grad"] = (lo * q, hi)
     if op.router_grad is not None:
         g = op.router_grad
         out["output grad"] = out["weight grad"] = (lo * g, hi * g) if g > 0 else (0.0, hi)
+    low, high = out["weight grad"]
+    out["weight grad"] = (low, high * max(1.0, op.row_coherence))
     return out
 
 
