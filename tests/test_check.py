@@ -139,3 +139,33 @@ def test_weight_band_widens_only_by_the_measured_coherence() -> None:
     assert bands(op)["output grad"] == (0.2, 5.0)  # the output gradient is the rule's
     op.key_len, op.key_spread = 16, 0.5
     assert bands(op)["output grad"] == pytest.approx((0.2 / 4 * 0.5, 5.0))
+
+
+def test_reference_cross_attention_weight_grad_is_its_row_coherence() -> None:
+    """The reference library's own ops, an encoder self-attention then a decoder's
+    cross-attention to it at init: the encoder's output projection gets a weight
+    gradient far above 5 (every encoder position gets the same gradient through the
+    near-uniform cross-attention, and reads the same near-uniform self-attention
+    output), and the measured row coherence accounts for it (rules §8)."""
+    from umup_fx.diagnose.tracking import _row_coherence, rms
+
+    U = pytest.importorskip("unit_scaling.functional")
+    gen = torch.Generator().manual_seed(0)
+    b, s, d, h = 2, 64, 64, 4
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    def attend(q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
+        q, k, v = (U.linear(t, rand(d, d), None).view(b, s, h, -1).transpose(1, 2)
+                   for t in (q_in, kv_in, kv_in))
+        return U.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d)
+
+    w_out = rand(d, d).requires_grad_()
+    attn = attend(rand(b, s, d), rand(b, s, d))
+    memory = U.linear(attn, w_out, None)
+    memory.retain_grad()
+    U.linear(attend(rand(b, s, d), memory), rand(d, d), None).backward(rand(b, s, d))
+    coherence = _row_coherence(memory.grad, attn)
+    assert rms(w_out.grad) > 5 and coherence > 5
+    assert rms(w_out.grad) == pytest.approx(coherence * rms(memory.grad) * rms(attn), rel=0.15)

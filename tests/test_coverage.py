@@ -303,26 +303,29 @@ def test_post_norm_is_per_stream(norm_first: bool) -> None:
 def test_post_norm_add_scales_are_the_norms() -> None:
     """In ``norm(x + f(x))`` the norm undoes any scale of the add: u-muP's residual split /
     add followed by the norm equal, forward and backward, the norm of the plain sum with
-    the branch weighted by tau (float64, PyTorch's own layer_norm as the truth)."""
+    the branch weighted by tau (float64, PyTorch's own layer_norm as the truth), and the
+    reference library's post-norm block (its residual_split / residual_add)."""
     from umup_fx.runtime import ops
 
+    U = pytest.importorskip("unit_scaling.functional")
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(4, 16, 32, dtype=torch.float64, generator=gen)
     w = torch.randn(32, 32, dtype=torch.float64, generator=gen) / 32**0.5
     g = torch.randn(4, 16, 32, dtype=torch.float64, generator=gen)
-    tau, grads = 0.5, []
-    for umup in (True, False):
+    tau, results = 0.5, []
+    for lib in (ops, U, None):
         x = x0.clone().requires_grad_()
-        if umup:
-            branch, skip = ops.residual_split(x, tau)
-            y = ops.residual_add(torch.tanh(branch @ w), skip, tau)
-        else:
+        if lib is None:
             y = x + tau * torch.tanh(x @ w)
+        else:
+            branch, skip = lib.residual_split(x, tau)
+            y = lib.residual_add(torch.tanh(branch @ w), skip, tau)
         out = F.layer_norm(y, (32,), eps=0.0)
         (grad,) = torch.autograd.grad(out, x, g)
-        grads.append((out.detach(), grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    torch.testing.assert_close(grads[0][1], grads[1][1])
+        results.append((out.detach(), grad))
+    for other in results[1:]:
+        torch.testing.assert_close(results[0][0], other[0])
+        torch.testing.assert_close(results[0][1], other[1])
 
 
 def test_a_crash_inside_a_pass_is_an_analysis_error(monkeypatch) -> None:
