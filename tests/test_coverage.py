@@ -300,6 +300,17 @@ def test_post_norm_is_per_stream(norm_first: bool) -> None:
     assert umup_fx.ScaleWarning not in warned
 
 
+def test_cross_attention_output_at_long_sequences_is_flagged() -> None:
+    """What the rules do not cover stays loud (rules §8, "Open"): at 128 positions the
+    cross-attention's output grows with what the encoder's positions share, and the
+    check names it; the bands' row coherence and key spread do not hide a forward."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (2, 128), generator=torch.Generator().manual_seed(1))
+    model = umup_fx.transform(_Seq2Seq(norm_first=False), (ids, ids), check=False)
+    lines = umup_fx.check(model, (ids, ids)).lines()
+    assert any("multihead_attn.out_proj" in line and ": output RMS" in line for line in lines)
+
+
 def test_post_norm_add_scales_are_the_norms() -> None:
     """In ``norm(x + f(x))`` the norm undoes any scale of the add: u-muP's residual split /
     add followed by the norm equal, forward and backward, the norm of the plain sum with
