@@ -96,7 +96,10 @@ def bands(op: OpScale, band: tuple[float, float] = BAND) -> dict[str, tuple[floa
 
     A readout's output is ``fan_in^-1/2`` (§3), so its band is the unit band times that;
     q / k projections get gradients near ``S^-1/2`` (S the key length), as in the
-    reference library's decoder, so their gradients' lower end is multiplied by it. A
+    reference library's decoder, times the spread of their attention's keys and values
+    across positions (only their differences enter), so their gradients' lower end is
+    multiplied by both. A weight gradient's upper end is multiplied by its rows'
+    measured coherence (its ``rows^-1/2`` assumes independent rows). A
     router's gradients are its gates' (rules §10): the band around the value its top-k
     gating gives at init (``OpScale.router_grad``; down to 0 when that is 0).
     """
