@@ -92,18 +92,25 @@ def _role(fan_in: sp.Expr, fan_out: sp.Expr, solver) -> ParamRole:
 
 
 def _direct_role(node: fx.Node, solver) -> ParamRole:
-    """A parameter used as a value (position table, cls token): an input weight when its
-    last axis is a width; its other axes (positions, tokens) are its fan-in."""
+    """A parameter used as a value (position table, cls token, a table read through a
+    norm, learned queries): an input weight when its last axis is a width; its other axes
+    (positions, tokens, queries) are its fan-in, never a width: nothing sums over them,
+    even where no op ties them to a data dim (DeBERTa's relative-position rows)."""
     dims = meta.get(node, meta.DIMS)
-    return _role(sp.Mul(*dims[:-1]), dims[-1], solver)
+    role = rules.weight_role(False, solver.kind_of(dims[-1]) == WIDTH)
+    return ParamRole(role, sp.Mul(*dims[:-1]), dims[-1])
 
 
 def _use_of(node: fx.Node, op: fx.Node, name: str, solver) -> ParamRole | None:
     rule = meta.get(op, meta.RULE)
     dims = meta.get(node, meta.DIMS)
     if rule == rules.CONV and meta.get(op, meta.WEIGHT) == name:
-        # W[out, in / groups, *kernel]: the kernel's taps add to fan_in (kernel dims fixed)
-        return _role(sp.Mul(*dims[1:]), dims[0], solver)
+        # W[out, in / groups, *kernel]: the kernel's taps add to fan_in (kernel dims fixed);
+        # the fans are one group's, out / groups = out * W[1] / C_in (a depthwise conv's
+        # are fixed: its channels are copies, rules.md "Grouped and depthwise convolutions")
+        x = meta.get(op.args[0], meta.DIMS)
+        per_group_out = dims[0] * dims[1] / x[len(x) - len(dims) + 1]
+        return _role(sp.Mul(*dims[1:]), per_group_out, solver)
     if rule in (rules.LINEAR, rules.EMBEDDING) and meta.get(op, meta.WEIGHT) == name:
         if len(dims) == 1:
             return None

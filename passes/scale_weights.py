@@ -44,6 +44,7 @@ _LINEAR = aten_ops("linear")
 _ADDMM = aten_ops("addmm")
 _INDEX = aten_ops("index.Tensor")
 _CONVOLUTION = aten_ops("convolution")
+_REPEAT = aten_ops("repeat")
 
 
 def _use_role(plan, weight: str, node: fx.Node) -> str:
@@ -174,16 +175,21 @@ def scale_embeddings(gm: fx.GraphModule) -> PassResult:
 def scale_direct_params(gm: fx.GraphModule) -> PassResult:
     """Parameters used as values (rules §3, "parameters used directly"): an added table's
     gradient x (numel / broadcast numel)^1/2 (``ops.broadcast_param``), an expanded
-    token's x (numel / expanded numel)^1/2 (``ops.expand_param``); concatenated as is."""
+    token's x (numel / expanded numel)^1/2 (``ops.expand_param``); concatenated or
+    normalised as is."""
     by_name = {n.name: n for n in gm.graph.nodes}
     changed = False
     for node in list(gm.graph.nodes):
         use = meta.get(node, meta.DIRECT) if node.op == "placeholder" else None
-        if not use or use["kind"] == "cat":
+        if not use or use["kind"] in ("cat", "norm"):  # unscaled: as is / the norm's
             continue
         op, operand = by_name[use["op"]], by_name[use["operand"]]
-        if use["kind"] == "expand":
-            swap(op, ops.expand_param, (op.args[0], op.args[1], example_numel(op)))
+        if use["kind"] == "expand":  # expand(sizes), or repeat(times) of size-1 axes
+            sizes = op.args[1] if op.target not in _REPEAT else [
+                t if s == 1 else -1 for s, t in zip(
+                    [1] * (len(op.args[1]) - op.args[0].meta["val"].dim())
+                    + list(op.args[0].meta["val"].shape), op.args[1], strict=True)]
+            swap(op, ops.expand_param, (op.args[0], sizes, example_numel(op)))
         else:
             other = op.args[1] if op.args[0] is operand else op.args[0]
             scaled = insert_call(gm, op, ops.broadcast_param, (operand, other, example_numel(op)),

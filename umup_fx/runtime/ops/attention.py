@@ -49,7 +49,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     training: bool = True,
     causal_mask: bool = False,
-    kv_group: int = 1,
+    kv_group: float = 1,
     seq_len: int | None = None,
 ) -> Tensor:
     """SDPA rule: logits * mult/d_head (muP 1/d), output * s, q, k, v grads * s.
@@ -61,8 +61,9 @@ def scaled_dot_product_attention(
     ``causal_mask=True`` says ``attn_mask`` is the causal mask: ``s`` is then the causal
     one (the reference keys it on ``is_causal`` only; an explicit causal mask is the
     same attention, so it gets the same scale). ``kv_group``: query heads per k/v
-    head under grouped-query attention; the k/v gradients sum over the group, so they
-    get a further ``kv_group^-1/2`` (1 gives the reference's op).
+    head under grouped-query attention, times S_q / S_k where fewer queries than keys
+    attend (an attention-pooling head); the k/v gradients sum over the queries each key
+    serves, so they get a further ``kv_group^-1/2`` (1 gives the reference's op).
     """
     # d_head and S from v, as the reference. Standard models give q, k and v one head
     # size; were q/k's to differ (e.g. MLA), mult/d_head would still use v's, as there.
