@@ -145,6 +145,7 @@ _NONLINEAR = ops("exp", "log", "softplus", "sigmoid", "tanh", "neg", "pow.Tensor
                  "reciprocal", "sqrt", "rsqrt", "clamp", "abs", "sin", "cos")
 _ELEMENTWISE_MUL = ops("mul.Tensor", "div.Tensor")
 _ELEMENTWISE_ADD = ops("add.Tensor", "sub.Tensor")
+_COPIES = ops("repeat", "tile", "repeat_interleave.self_int", "repeat_interleave.self_Tensor")
 
 
 def advice(name: str, shape: tuple[int, ...], op: fx.Node) -> str:
@@ -157,6 +158,11 @@ def advice(name: str, shape: tuple[int, ...], op: fx.Node) -> str:
     multiplying activations is a weight, and ``hidden`` its role.
     """
     vector = sum(d != 1 for d in shape) <= 1
+    if op.target in _COPIES and not vector:
+        return (f"It is tiled by {op_name(op)} and read as an activation: if it is a set of "
+                "learned queries or latents, copy it over the batch only (expand(B, -1, -1) "
+                "or repeat(B, 1, 1): umup_fx reads that as an input weight, rules.md "
+                "'Learned queries'), and hold every query in the parameter itself.")
     if op.target in _NONLINEAR:
         return (f"It enters through {op_name(op)} of its own value, so it is not a weight: "
                 f"pass roles={{{name!r}: 'unused'}} to keep the model's init and train it "
