@@ -21,7 +21,7 @@ the rewrite inserted follow their users), then:
   ``transform`` captures every block of that list (``full``).
 
 Reads: ``program.module_call_graph``; ``nn_module_stack``; ``umup.kind`` / ``umup.param``
-on placeholders; ``umup.residual`` on residual ops; ``umup.training`` (graph).
+/ ``umup.norm_scale`` on placeholders; ``umup.residual`` on residual ops; ``umup.training`` (graph).
 Writes: new ``fx.GraphModule`` objects (the flat graph is not modified).
 Fails when: a block's nodes read a value its call does not pass, or two blocks of one
 structure key rewrite differently: ``RegionError``; ``transform`` then captures all
@@ -157,6 +157,9 @@ def _placeholder_targets(program: ExportedProgram, gm: fx.GraphModule) -> dict[s
     training = meta.graph_meta(gm).get(meta.TRAINING)
     if training is not None:
         out[training] = ("training", None)
+    for node in gm.graph.nodes:  # pretrained import's norm factors (passes/scale_norms.py)
+        if node.op == "placeholder" and meta.get(node, meta.NORM_SCALE):
+            out[node.name] = ("buffer", meta.get(node, meta.NORM_SCALE))
     return out
 
 

@@ -6,28 +6,54 @@ freezes those parameters, so state_dicts keep their keys. With
 ``Options.trainable_norms`` the gains stay and their gradients get ``(d / numel)^1/2``,
 numel at the example inputs (the reference size, rules §3).
 
-Reads: ``umup.rule`` ("norm", "norm_gain"), ``umup.weight``; graph key ``options``.
+Pretrained import (``Options.pretrained``, transform's graphs only) keeps each norm
+exact: the imported model's norm input is the checkpoint's divided by a constant ``c``
+(export's factor there, larger block by block), and its eps must be divided by ``c^2``
+with it. ``c`` differs per block while blocks share one graph, so each norm reads it
+from a non-persistent 0-dim buffer of the module that runs it (``NORM_SCALE_PREFIX`` +
+its index there; ``export.import_pretrained`` fills them): a norm op gets
+``input_scale=c`` (its kernel and float eps stay), a hand-written one's eps becomes
+``ops.norm_eps(eps, c)``. Every other graph is left as it was.
+
+Reads: ``umup.rule`` ("norm", "norm_gain"), ``umup.weight``, ``nn_module_stack``; graph
+keys ``options``, ``static_mode``.
 Writes: removes "norm_gain" nodes (or scales their parameter's gradient); swaps
-``layer_norm`` / ``rms_norm`` for the ``umup_fx.runtime.ops`` versions.
+``layer_norm`` / ``rms_norm`` for the ``umup_fx.runtime.ops`` versions; on import, a
+placeholder per norm marked ``umup.norm_scale`` (its buffer's path).
 Fails when: never.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta, rules
 from umup_fx.runtime import ops
+from umup_fx.runtime.names import canonical_name
 
 from ._graph import ops as aten_ops
 from ._graph import source
-from ._rewrite import arg, example_numel, insert_call, nodes_with_rule, swap, training_flag
+from ._rewrite import (
+    ancestors,
+    arg,
+    example_numel,
+    insert_call,
+    nodes_with_rule,
+    swap,
+    training_flag,
+)
 
 _LAYER_NORM = aten_ops("layer_norm")
 _RMS_NORM = aten_ops("rms_norm")
 _BATCH_NORM = aten_ops("batch_norm")
+_NORM_FNS = {ops.layer_norm, ops.rms_norm, ops.group_norm, ops.batch_norm}
 _GROUP_NORM = aten_ops("group_norm")
+_ROOTS = aten_ops("rsqrt", "sqrt")
+_ADD = aten_ops("add.Tensor", "add.Scalar")
+
+NORM_SCALE_PREFIX = "_umup_norm_scale_"  # buffer name of a norm's input factor (import)
 
 
 def _split_gain(node: fx.Node) -> tuple[fx.Node, fx.Node]:
@@ -87,4 +113,63 @@ def scale_norms(gm: fx.GraphModule) -> PassResult:
         else:
             continue  # hand-written norm core: parameter-free already
         changed = True
+    if meta.graph_meta(gm)[meta.OPTIONS].pretrained and not meta.graph_meta(gm).get(meta.STATIC_MODE):
+        scale_imported_norms(gm)
+        changed = True
     return PassResult(gm, changed)
+
+
+def eps_add(norm: fx.Node) -> fx.Node | None:
+    """The ``stat + eps`` node under the root of a hand-written norm core
+    ``x * rsqrt(stat + eps)`` / ``x / sqrt(stat + eps)``, or None."""
+    for a in norm.args[:2]:
+        r = source(a)
+        if isinstance(r, fx.Node) and r.target in _ROOTS:
+            add = source(r.args[0])
+            if isinstance(add, fx.Node) and add.target in _ADD and len(add.args) == 2:
+                return add
+    return None
+
+
+def normalised_input(norm: fx.Node) -> fx.Node:
+    """The value a norm normalises: a norm op's input, a hand-written core's ``x``."""
+    if norm.target in _NORM_FNS:
+        return norm.args[0]
+    add = eps_add(norm)
+    return next(a for a in norm.args[:2] if isinstance(a, fx.Node)
+                and a is not add and add not in ancestors(a))
+
+
+def _owner(node: fx.Node) -> str:
+    """The canonical path of the module whose forward runs ``node`` ("" the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return canonical_name(list(stack.values())[-1][0].split("@")[0])
+
+
+def scale_imported_norms(gm: fx.GraphModule) -> None:
+    """Give every norm a buffer placeholder holding its input factor (module docstring)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    like = next(n.meta["val"] for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor))
+    count: dict[str, int] = {}
+    for node in nodes_with_rule(gm, rules.NORM_OP):
+        hand_written = node.target not in _NORM_FNS
+        add = eps_add(node) if hand_written else None
+        eps = [a for a in add.args if isinstance(a, (int, float))] if add is not None else []
+        if node.target is ops.batch_norm or hand_written and len(eps) != 1:
+            continue  # running statistics / no eps to rescale
+        owner = _owner(node)
+        k = count[owner] = count.get(owner, -1) + 1
+        path = f"{owner}.{NORM_SCALE_PREFIX}{k}" if owner else f"{NORM_SCALE_PREFIX}{k}"
+        with gm.graph.inserting_after(placeholders[-1]):
+            scale = gm.graph.placeholder(f"umup_norm_scale_{len(placeholders)}")
+        placeholders.append(scale)
+        scale.meta["val"] = like.new_empty((), dtype=torch.float32)
+        meta.node_meta(scale).update({meta.KIND: "buffer", meta.NORM_SCALE: path})
+        if not hand_written:
+            node.kwargs = {**node.kwargs, "input_scale": scale}
+            continue
+        new_eps = insert_call(gm, add, ops.norm_eps, (eps[0], scale), like=scale)
+        add.target = torch.ops.aten.add.Tensor  # (add.Scalar takes no tensor)
+        add.args = tuple(new_eps if isinstance(a, (int, float)) else a for a in add.args)

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from umup_fx.export_scales import ExportError, Folding, solve_folding
+from umup_fx.passes.scale_norms import NORM_SCALE_PREFIX
 from umup_fx.runtime.modules import UmupModule, UmupRegion
-from umup_fx.runtime.names import canonical_name
+from umup_fx.runtime.names import canonical_name, unwrap
 
 __all__ = ["ExportError", "check_importable", "export", "import_pretrained"]
 
@@ -46,7 +47,8 @@ def _plain_copy(model: UmupModule) -> nn.Module:
                                if not issubclass(c, UmupRegion) and issubclass(c, nn.Module))
         for key in [k for k in m.__dict__ if k.startswith("_umup_")]:
             del m.__dict__[key]
-        for name in [b for b in m._buffers if b.startswith("_umup_constant_")]:
+        for name in [b for b in m._buffers if b.startswith("_umup_")]:  # graph constants,
+            # an import's norm factors: the plain class reads neither
             del m._buffers[name]
             m._non_persistent_buffers_set.discard(name)
     for p in plain.parameters():
@@ -148,12 +150,15 @@ def export(model: nn.Module) -> nn.Module:
     sequence length; it runs without umup_fx, and a Hugging Face model's
     ``save_pretrained`` output loads with plain ``from_pretrained``. Weights stay in the
     model's dtype. A tied weight whose uses need different factors is untied (and a
-    Hugging Face config says ``tie_word_embeddings=False``). ``model`` is not changed.
+    Hugging Face config says ``tie_word_embeddings=False``); a model transformed with
+    ``pretrained=True`` keeps its ties (the import's factors, so its norms' eps is the
+    checkpoint's). ``model`` is not changed.
 
     Raises:
         ExportError: ``model`` is not transformed, its parameters are sharded (DTensor:
-            save a DCP checkpoint and export that, docs/deploy.md), or the original code
-            cannot express one of its scales (the error names the op and its source line).
+            save a DCP checkpoint and export that, docs/deploy.md), the original code
+            cannot express one of its scales (the error names the op and its source
+            line), or an imported model's norm factor buffers were overwritten.
     """
     if _is_sharded(model):
         # Gathering here would be a collective every rank must join, and the usual
@@ -169,7 +174,21 @@ def export(model: nn.Module) -> nn.Module:
             "options=StateDictOptions(full_state_dict=True, cpu_offload=True)), and on rank "
             "0 load it into an unsharded transformed twin and export that (docs/deploy.md, "
             "'At scale').")
-    folding = solve_folding(model)
+    imported = {canonical_name(name): b for name, b in model.named_buffers()
+                if name.rpartition(".")[2].startswith(NORM_SCALE_PREFIX)}
+    # An imported model's norms multiply their inputs by the import's factors: its tied
+    # weights stay tied, so the solve is the import's own and the plain model's norms
+    # see those factors with the checkpoint's eps (the original model, round trip).
+    folding = solve_folding(model, tied=bool(imported))
+    for path, buffer in imported.items():  # (rounded to the buffer's dtype: model.half())
+        factor, tol = float(buffer), max(1e-5, torch.finfo(buffer.dtype).eps)
+        if not math.isclose(folding.norm_scales.get(path, math.nan), factor, rel_tol=tol):
+            raise ExportError(
+                f"the imported norm factor {path} is {factor:.6g} where the graphs give "
+                f"{folding.norm_scales.get(path, math.nan):.6g}: it was overwritten (to_empty "
+                "voids it; it is not in the state_dict), so the transformed model's norm is "
+                "off there too. Transform the checkpoint again with pretrained=True (that "
+                "sets the factors) and load the trained u-muP state_dict into it.")
     plain = _plain_copy(model)  # type: ignore[arg-type]
     if _apply(plain, folding):
         _untie_config(plain)
@@ -184,7 +203,10 @@ def import_pretrained(model: nn.Module) -> None:
     ``model`` (still holding the original model's weights) by its export factor, so the
     transformed model computes the function the original computed (``transform(...,
     pretrained=True)``). Its norm gains stay trainable and in use (they are part of the
-    function); a tied weight keeps one tensor, so its uses share one factor.
+    function); a tied weight keeps one tensor, so its uses share one factor. Each norm
+    gets its input's factor as a non-persistent buffer, which its graph multiplies its
+    input by (or divides its eps by, squared), so it computes the checkpoint's norm with
+    the checkpoint's eps.
 
     Raises:
         ExportError: the weights are on ``meta`` or sharded, or a scale cannot be carried
@@ -195,3 +217,14 @@ def import_pretrained(model: nn.Module) -> None:
     params = {canonical_name(n): p for n, p in model.named_parameters()}
     for name, uses in folding.factors.items():
         params[name].div_(uses[0][0])
+    device = next(iter(params.values())).device
+    for path, factor in folding.norm_scales.items():
+        # Each norm's input is its checkpoint value / factor: the norm multiplies it back
+        # (passes/scale_norms.py), so its eps acts as the checkpoint's. Not in the
+        # state_dict (the keys stay the class's): the factor is the graph's, not trained.
+        owner, _, name = path.rpartition(".")
+        module = unwrap(model)
+        for part in owner.split(".") if owner else ():
+            module = unwrap(getattr(module, part))
+        module.register_buffer(name, torch.tensor(factor, dtype=torch.float32, device=device),
+                               persistent=False)

@@ -13,7 +13,9 @@ ops between them require:
 - ops that commute with a constant factor (views, transposes, sums, products with
   buffers, RoPE's rotations) carry it; a product multiplies, an add needs equal factors;
 - a normalisation forgets its input's factor (rms/layer norm are scale-invariant up to
-  their eps; the stream's factor stays near 1 so that is far below fp32 rounding);
+  their eps); a pretrained import's norm reads its input's factor from a buffer
+  (``passes/scale_norms.py``), which this solve gives its value (``Folding.norm_scales``),
+  so its eps is the checkpoint's in effect;
 - u-muP's residual add ``(tau f + x) / sqrt(1 + tau^2)`` becomes O's ``x + f``: the
   stream's factor grows by ``sqrt(1 + tau^2)`` and ``f``'s must be ``tau`` times the skip's;
 - a nonlinearity ``s f(m x) / m`` (SiLU, GELU, gated units, softmax, loss) needs its
@@ -48,6 +50,7 @@ from torch import fx, nn
 from umup_fx import meta, rules
 from umup_fx.errors import UmupError
 from umup_fx.passes.cut_regions import call_block
+from umup_fx.passes.scale_norms import eps_add, normalised_input
 from umup_fx.runtime import fp8, ops
 from umup_fx.runtime.modules import TENSOR, UmupModule, dtype_limit
 from umup_fx.runtime.names import canonical_name, unwrap
@@ -64,10 +67,13 @@ class ExportError(UmupError):
 class Folding:
     """What export multiplies each parameter by: ``factors[path]`` per use (one per weight
     op that reads it; tied parameters have several), and the values of the norm
-    parameters u-muP froze (gains 1, shifts 0)."""
+    parameters u-muP froze (gains 1, shifts 0). ``norm_scales[buffer path]``: the factor
+    of a pretrained import's norm input (checkpoint / transformed), one per norm and
+    block."""
 
     factors: dict[str, list[tuple[float, str, str]]] = field(default_factory=dict)
     frozen: dict[str, float] = field(default_factory=dict)
+    norm_scales: dict[str, float] = field(default_factory=dict)
 
 
 class _Lin:
@@ -187,6 +193,8 @@ class _Solver:
         self.template = self.prefix = ""
         self.frozen = {name for name, p in model.umup_plan.params.items() if p.frozen_by_umup}
         self.gains: list[tuple[str, _Lin, float]] = []  # (frozen gain, its log value, offset)
+        self.buffers: dict[fx.Node, str] = {}  # buffer placeholder -> its full path
+        self.norm_scales: list[tuple[str, _Lin]] = []  # (norm's buffer, its input's factor)
 
     # -- bookkeeping --------------------------------------------------------------
     def unknown(self, label: str) -> _Lin:
@@ -231,6 +239,19 @@ class _Solver:
             return None
         full = self.canonical.get(self.prefix + name[len(self.template):])
         return (full, offset) if full in self.frozen else None
+
+    def norm_scale(self, n: fx.Node, get: Callable) -> None:
+        """Record the factor of norm ``n``'s input where it reads one from a buffer."""
+        if n.target in _NORMS:
+            scale = n.kwargs.get("input_scale")
+        else:
+            add = eps_add(n)
+            eps = [a for a in (add.args if add is not None else ())
+                   if isinstance(a, fx.Node) and a.target is ops.norm_eps]
+            scale = eps[0].args[1] if eps else None
+        if scale in self.buffers:
+            x = get(normalised_input(n))  # a parameter normalised as it is: factor 1
+            self.norm_scales.append((self.buffers[scale], x if isinstance(x, _Lin) else ZERO))
 
     def dropped_constants(self) -> dict[str, float]:
         """{node name: log of the constant O multiplies it by that T dropped}: a model's
@@ -281,6 +302,8 @@ class _Solver:
                 values[node] = _Param(self.canonical.get(name, name))
             elif kind == "buffer" or kind == "constant":
                 values[node] = ZERO
+                if kind == "buffer":
+                    self.buffers[node] = canonical_name(prefix + target)
             elif kind == "taus":
                 values[node] = list(module.__dict__["_umup_taus"])
             else:
@@ -332,8 +355,10 @@ class _Solver:
             block = unwrap(module.get_submodule(sub))
             return self.region(block, canonical_name(f"{path}.{sub}" if path else sub), flat)
         if t in _NORMS or meta.get(n, meta.RULE) == rules.NORM_OP:
-            # Scale-invariant: the input's factor is forgotten (not even read). A gain
-            # u-muP froze is the plain model's to set: its value is the output's factor.
+            # Scale-invariant: the input's factor is forgotten (but for an imported
+            # norm's buffer). A gain u-muP froze is the plain model's to set: its value
+            # is the output's factor.
+            self.norm_scale(n, get)
             gain = self.frozen_gain(n)
             if gain is None:
                 return ZERO
@@ -407,8 +432,8 @@ class _Solver:
             if any(isinstance(a, fx.Node) for a in (*n.args, *n.kwargs.values())):
                 return None  # from a run-time size: scale_fwd refuses it
             return float(t(*n.args, **n.kwargs))
-        if t is dtype_limit:
-            return None  # finfo(dtype).min / max: a number, the same in both models
+        if t is dtype_limit or t is ops.norm_eps:
+            return None  # finfo(dtype).min / max, an eps: a number in both models
         if t is ops.combine_experts:
             e, g = self.actual(args[0], n, path), self.actual(args[1], n, path)
             return e + g - math.log(float(n.kwargs["scale"]))  # T = scale e g
@@ -676,6 +701,8 @@ def solve_folding(model: nn.Module, tied: bool = False) -> Folding:
     for name, p in plan.params.items():
         if p.frozen_by_umup:
             folding.frozen[name] = 1.0 if p.init == "ones" else 0.0
+    for path, expr in solver.norm_scales:
+        folding.norm_scales[path] = math.exp(expr.const + sum(c * x[j] for j, c in expr.coef.items()))
     values: dict[str, float] = {}
     for name, expr, offset in solver.gains:  # one value per gain (shared graphs agree)
         value = math.exp(expr.const + sum(c * x[j] for j, c in expr.coef.items())) - offset

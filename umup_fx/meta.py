@@ -13,7 +13,8 @@ key                written by         value
                                       "constant" | "input"
 ``direct``         passes.match       on parameter placeholders used as values, not
                                       weights (position tables, cls tokens): dict
-                                      {"kind": "add" | "expand" | "cat", "op", "operand"}
+                                      {"kind": "add" | "expand" | "cat" | "norm", "op",
+                                      "operand"}
 ``param``          capture            placeholders of parameters: the canonical
                                       parameter name (first name in
                                       ``model.named_parameters()``; tied names share it)
@@ -31,18 +32,24 @@ key                written by         value
                                       transformers' fallback): the op's schema name
 ``moe``            passes.moe         on the top-k combine of routed experts: dict
                                       {"scale", "k", "experts", "gate_at_init",
-                                      "normalized", "router", "sum"}; "router" on the
-                                      router's linear and its softmax / sigmoid
+                                      "normalized", "router", "sum"}; "router" (and
+                                      "grad_at_init", its logits' gradient RMS at
+                                      init) on the router's linear and its softmax /
+                                      sigmoid
 ``gate``           passes.match       on gated units: the activation node it absorbs
 ``activation``     passes.match       on "activation" / "gated" nodes: (kind, kwargs)
                                       for ``ops.activation`` / ``ops.glu``
-``gelu_input``     passes.match       on a hand-written tanh-GELU's output: its input
+``gelu_input``     passes.match       on a hand-written activation's output (tanh-GELU,
+                                      quick-GELU, ReLU^2): its input
 ``attention``      passes.match        for ``rule == "attention"`` patterns: dict with
                                       the pattern's nodes and whether it is causal
 ``residual``       passes.residuals   on residual adds: ``Branch`` (index, kind, tau)
 ``fp8``            passes.fp8         on linears: True when FP8-eligible (rules §7)
 ``multiplier``     passes.mup         on the multiply μP puts after a readout: the
                                       readout op's node name (its output is the product)
+``norm_scale``     passes.scale_norms pretrained import only, on the placeholders it adds:
+                                      the path of the 0-dim buffer holding a norm's
+                                      input factor (``passes.cut_regions`` feeds it)
 =================  =================  ==================================================
 
 Per-graph keys (``gm.meta["umup"][KEY]``):
@@ -92,6 +99,7 @@ GELU_INPUT = "gelu_input"
 RESIDUAL = "residual"
 FP8 = "fp8"
 MULTIPLIER = "multiplier"
+NORM_SCALE = "norm_scale"
 
 # Graph keys.
 SOLVER = "solver"

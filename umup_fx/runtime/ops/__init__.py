@@ -51,6 +51,7 @@ from umup_fx.runtime.ops.normalization import (
     batch_norm,
     group_norm,
     layer_norm,
+    norm_eps,
     rms_norm,
 )
 from umup_fx.runtime.ops.pooling import (
@@ -98,6 +99,7 @@ __all__ = [
     "matmul",
     "max_pool",
     "mean_over",
+    "norm_eps",
     "param_grad_scale",
     "pick",
     "readout_linear_scales",

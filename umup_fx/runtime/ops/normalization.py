@@ -1,5 +1,11 @@
 """Normalisations (rules §3): layer, batch, group and RMS norm; non-parametric by
-default, with scaled gain / shift gradients when trainable."""
+default, with scaled gain / shift gradients when trainable.
+
+``input_scale`` (and ``norm_eps``) exist for pretrained import only: the imported model's
+norm input is the checkpoint's divided by a constant ``c`` (a 0-dim buffer per norm,
+``passes/scale_norms.py``), and ``norm(c x)`` is the checkpoint's norm with its own eps
+(docs/deploy.md). Every other model calls the ops without it: PyTorch's kernel, nothing
+added."""
 
 from __future__ import annotations
 
@@ -19,10 +25,14 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     numel: int | None = None,
+    input_scale: Tensor | None = None,
 ) -> Tensor:
     """Norm rule: plain layer_norm; gain and bias grads * (d / numel)^1/2 (``numel``: x's
-    reference size fixed at transform time, None: this call's)."""
+    reference size fixed at transform time, None: this call's); of ``x * input_scale``
+    where given."""
     weight, bias = _norm_params(weight, bias, x, numel)
+    if input_scale is not None:
+        x = x * input_scale
     return F.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
 
 
@@ -46,10 +56,13 @@ def batch_norm(
 
 def group_norm(
     x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
-    eps: float = 1e-5, *, numel: int | None = None,
+    eps: float = 1e-5, *, numel: int | None = None, input_scale: Tensor | None = None,
 ) -> Tensor:
-    """Norm rule: plain group_norm; gain and bias grads * (C / numel)^1/2."""
+    """Norm rule: plain group_norm; gain and bias grads * (C / numel)^1/2; of
+    ``x * input_scale`` where given."""
     weight, bias = _norm_params(weight, bias, x, numel)
+    if input_scale is not None:
+        x = x * input_scale
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
@@ -60,10 +73,21 @@ def rms_norm(
     eps: float | None = None,
     *,
     numel: int | None = None,
+    input_scale: Tensor | None = None,
 ) -> Tensor:
-    """Norm rule: plain rms_norm; gain grad * (d / numel)^1/2."""
+    """Norm rule: plain rms_norm; gain grad * (d / numel)^1/2; of ``x * input_scale``
+    where given."""
     # PyTorch's kernel and eps default (dtype eps), where U.rms_norm hand-computes
     # x / sqrt(mean(x^2) + 1e-5) in fp32: same function, rounding-level differences.
     if weight is not None:
         weight = param_grad_scale(weight, x, numel)
+    if input_scale is not None:
+        x = x * input_scale
     return F.rms_norm(x, tuple(normalized_shape), weight, eps)
+
+
+def norm_eps(eps: float, input_scale: Tensor) -> Tensor:
+    """The eps of a hand-written norm ``x * rsqrt(mean(x^2) + eps)`` whose input is
+    ``input_scale`` times smaller than the checkpoint's: ``eps / input_scale^2``, so it
+    computes the checkpoint's norm exactly (pretrained import)."""
+    return eps / (input_scale * input_scale)
