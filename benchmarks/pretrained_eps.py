@@ -1,13 +1,16 @@
-"""How exact ``transform(..., pretrained=True)`` is, and what its one inexactness costs.
+"""How exact ``transform(..., pretrained=True)`` and its round trip through ``export`` are.
 
 Import divides each weight by the factor export would multiply it by, so the transformed
-model's activations are the checkpoint's times constants; a norm forgets its input's
-constant except through its ``eps``, which is not rescaled (docs/deploy.md says why). This
-script measures the imported model's logits against the original model run by PyTorch
-(max |difference| / max |logit|, fp32, batch 3, sequence 24) for checkpoints whose
-residual stream is small (embeddings of std 0.02, a fresh Hugging Face init) or of RMS
-about 1 (std 1), and the same small-stream model with every norm's eps set to 0 (the
-import is then exact: the gap is eps alone). Writes docs/deploy.md's section.
+model's activations are the checkpoint's times constants; each norm multiplies its input
+by its constant back (a buffer of its own), so its ``eps`` acts as the checkpoint's
+(docs/deploy.md). This script measures the imported model's logits against the original
+model run by PyTorch (max |difference| / max |logit|, fp32, batch 3, sequence 24) for
+checkpoints whose residual stream is small (embeddings of std 0.02, a fresh Hugging Face
+init, where eps is felt) or of RMS about 1 (std 1), the same small-stream model with every
+norm's eps set to 0 (no eps to get wrong: the floor of fp32 rounding), the plain model
+``export`` gives back from the std 0.02 import, and, for comparison, the std 0.02 import
+with the norms' factors left out (``passes/scale_norms.scale_imported_norms`` patched to
+do nothing: what the factors fix). Writes docs/deploy.md's section.
 
     python benchmarks/pretrained_eps.py          # ~1 minute on a 2-core CPU
 """
@@ -18,6 +21,7 @@ import copy
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -64,7 +68,8 @@ def _logits(out: object) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out  # type: ignore[attr-defined]
 
 
-def _import_error(model: torch.nn.Module, emb_std: float) -> float:
+def _import_error(model: torch.nn.Module, emb_std: float) -> tuple[float, float]:
+    """(imported, its export) logits against the original's, relative."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if any(k in name for k in ("embed", "wte", "wpe")):
@@ -78,28 +83,42 @@ def _import_error(model: torch.nn.Module, emb_std: float) -> float:
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = _logits(original(ids)), _logits(model(ids))
-    return ((got - want).abs().max() / want.abs().max()).item()
+        back = _logits(umup_fx.export(model)(ids))
+    scale = want.abs().max()
+    return ((got - want).abs().max() / scale).item(), ((back - want).abs().max() / scale).item()
 
 
 def main() -> None:
     rows = {}
+    without = mock.patch("umup_fx.passes.scale_norms.scale_imported_norms", lambda gm: None)
     for label, emb_std, eps in (("std 0.02", 0.02, None), ("std 1", 1.0, None),
-                                ("std 0.02, eps 0", 0.02, 0.0)):
+                                ("std 0.02, eps 0", 0.02, 0.0), ("no factors", 0.02, None)):
         torch.manual_seed(0)
         for name, model in _models(eps).items():
-            rows.setdefault(name, {"eps": _eps_of(model)})[label] = _import_error(model, emb_std)
-            print(name, label, f"{rows[name][label]:.1e}", flush=True)
+            row = rows.setdefault(name, {"eps": _eps_of(model)})
+            if label == "no factors":
+                with without:
+                    row[label], row[label + " export"] = _import_error(model, emb_std)
+            else:
+                row[label], row[label + " export"] = _import_error(model, emb_std)
+            print(name, label, f"{row[label]:.1e} (export {row[label + ' export']:.1e})",
+                  flush=True)
     lines = [
         f"Measured on {machine()} by `{command()}`: logits of `transform(..., "
         "pretrained=True)` against the original model's (fp32, 4 layers, d 64, batch 3, "
-        "sequence 24, max |difference| / max |logit|), embeddings drawn at the std shown.",
+        "sequence 24, max |difference| / max |logit|), embeddings drawn at the std shown, "
+        "then `umup_fx.export` of the std 0.02 import against the original, and the std "
+        "0.02 import without the norms' input factors (for comparison: the eps error "
+        "they remove).",
         "",
-        "| model | norm eps | embeddings std 0.02 | std 1 | std 0.02, every eps 0 |",
-        "|---|---|---|---|---|",
+        "| model | norm eps | embeddings std 0.02 | std 1 | std 0.02, every eps 0 "
+        "| export of the std 0.02 import | std 0.02 without the norm factors |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['eps']:.0e} | {r['std 0.02']:.1e} | {r['std 1']:.1e} "
-                     f"| {r['std 0.02, eps 0']:.1e} |")
+                     f"| {r['std 0.02, eps 0']:.1e} | {r['std 0.02 export']:.1e} "
+                     f"| {r['no factors']:.1e} |")
     write_section("pretrained-eps", "\n".join(lines), DEPLOY)
 
 
