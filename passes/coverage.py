@@ -47,7 +47,7 @@ _PASS_THROUGH = TRANSPARENT | ops(
 _SUB = ops("sub.Tensor")
 # The arithmetic inside a hand-written norm's statistic: x^2, mean, + eps, rsqrt.
 _NORM_INTERNAL = TRANSPARENT | ADDS | MULS | DIVS | _SUB | ops(
-    "pow.Tensor_Scalar", "mean.dim", "var.correction", "var.dim", "rsqrt", "sqrt"
+    "pow.Tensor_Scalar", "square", "mean.dim", "var.correction", "var.dim", "rsqrt", "sqrt"
 )
 
 

@@ -60,6 +60,10 @@ _TANH = ops("tanh")
 _POW = ops("pow.Tensor_Scalar")
 _MASKING = ops("masked_fill.Scalar", "masked_fill.Tensor", "where.self", "add.Tensor")
 _SIGMOID = ops("sigmoid")
+_RELU = ops("relu")
+_SQUARE = ops("square")
+_MOMENTS = ops("mean.dim", "mean", "sum.dim_IntList", "sum")
+_BADDBMM = ops("baddbmm")
 _CONV = ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
             "convolution")
 _INDEX = ops("index.Tensor")
@@ -70,6 +74,7 @@ _MEAN = ops("mean.dim")
 _SELECT = ops("select.int")
 _EINSUM = ops("einsum")
 _EXPAND = ops("expand")
+_REPEAT = ops("repeat")
 _CAT = ops("cat", "stack")
 # Data movement a parameter used as a value may go through: views, slices, row picks.
 _DATA_MOVE = (TRANSPARENT - _EXPAND) | ops("slice.Tensor", "select.int", "narrow", "index.Tensor")
@@ -117,7 +122,7 @@ def _row_lookup(node: fx.Node) -> bool:
 
 def _direct_use(param: fx.Node, active: set[fx.Node]) -> dict[str, str] | None:
     """How a parameter enters as a value: added (broadcast) to an activation, expanded
-    over the batch, or concatenated; through views and slices. None otherwise."""
+    over the batch, concatenated, or normalised; through views and slices. None otherwise."""
     node = param
     while len(node.users) == 1 and next(iter(node.users)).target in _DATA_MOVE:
         node = next(iter(node.users))
@@ -126,8 +131,14 @@ def _direct_use(param: fx.Node, active: set[fx.Node]) -> dict[str, str] | None:
     op = next(iter(node.users))
     if op.target in _EXPAND and len(op.users) == 1 and next(iter(op.users)).target in _CAT:
         return {"kind": "expand", "op": op.name, "operand": node.name}
+    if _copies_over_batch(op, node):  # learned queries / latents read as activations
+        return {"kind": "expand", "op": op.name, "operand": node.name}
     if op.target in _CAT:
         return {"kind": "cat", "op": op.name, "operand": node.name}
+    if meta.get(op, meta.RULE) == rules.NORM_OP and op.args[0] is node:
+        # a table read through a norm (DeBERTa-v2's relative positions): the norm's input,
+        # not its gain; the norm sets the output's scale (rules.md "A table through a norm")
+        return {"kind": "norm", "op": op.name, "operand": node.name}
     if op.target in ADDS and len(op.args) == 2:
         other = op.args[1] if op.args[0] is node else op.args[0]
         if isinstance(other, fx.Node) and other in active and param_of(other) is None:
@@ -135,9 +146,46 @@ def _direct_use(param: fx.Node, active: set[fx.Node]) -> dict[str, str] | None:
     return None
 
 
+def _is_square(node: object) -> bool:
+    """``x.square()`` or ``x ** 2``: an elementwise square whose value is not a statistic
+    (a mean or sum of squares reads it: a norm's or a variance's second moment)."""
+    if not isinstance(node, fx.Node) or not (
+            node.target in _SQUARE or node.target in _POW and node.args[1] == 2):
+        return False
+    return not any(u.target in _MOMENTS for u in consumers(node))
+
+
+def _match_relu2(node: fx.Node) -> fx.Node | None:
+    """``x`` if ``node`` is ``relu(x)`` squared (ReLU^2, Persimmon's ``relu2``)."""
+    if not _is_square(node):
+        return None
+    relu = node.args[0]
+    if isinstance(relu, fx.Node) and relu.target in _RELU and len(relu.users) == 1:
+        return relu.args[0]
+    return None
+
+
+def _copies_over_batch(op: fx.Node, node: fx.Node) -> bool:
+    """``op`` copies ``node`` (``[1, ..., d]``) over new or size-1 leading axes only:
+    ``q.expand(B, -1, -1)`` / ``q.repeat(B, 1, 1)`` (SigLIP's probe, Perceiver latents);
+    a tiling of a real axis is not a copy over the batch."""
+    if op.target not in _EXPAND | _REPEAT or op.args[0] is not node:
+        return False
+    shape, times = list(node.meta["val"].shape), list(op.args[1])
+    shape = [1] * (len(times) - len(shape)) + shape
+    if op.target in _REPEAT:
+        return len(times) == len(shape) and all(
+            t == 1 or s == 1 for s, t in zip(shape, times, strict=True))
+    return len(times) == len(shape) and all(
+        t in (-1, s) or s == 1 for s, t in zip(shape, times, strict=True))
+
+
 def _activation_kind(node: fx.Node) -> tuple[str, dict[str, Any]] | None:
     """(kind, kwargs) of ``ops.activation`` for an ATen nonlinearity it knows (SiLU and
-    GELU have their own rules); keyword values read by schema name."""
+    GELU have their own rules); keyword values read by schema name. A square on the
+    activation path is the pointwise nonlinearity ``x^2``."""
+    if node.target in _SQUARE | _POW:
+        return ("square", {}) if _is_square(node) else None
     name = getattr(node.target, "_opname", None)
     if not isinstance(node.target, torch._ops.OpOverload) or name not in ops_.ACTIVATION_ARGS:
         return None
@@ -178,13 +226,19 @@ def _set(node: fx.Node, rule: str, **extra: Any) -> None:
     m.update(extra)
 
 
+def _qk_operands(qk: fx.Node) -> tuple[Any, Any]:
+    """(q, k^T) of an attention's logits op: ``q @ k^T`` or ``baddbmm(bias, q, k^T)``."""
+    return tuple(qk.args[1:3]) if qk.target in _BADDBMM else tuple(qk.args[:2])
+
+
 def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] | None:
-    """softmax(mask(c * (q @ k^T))) @ v, with c a Python number; None if not that."""
+    """softmax(mask(c * (q @ k^T))) @ v, with c a Python number, or with the logits
+    ``baddbmm(bias, q, k^T, alpha=c)`` (a position bias added: ALiBi); None if not that."""
     node = source(softmax.args[0])
     scale: fx.Node | None = None
     masked = False
     for _ in range(6):
-        if node.target in MATMULS:
+        if node.target in MATMULS | _BADDBMM:
             break
         capped = _softcap_input(node)
         if capped is not None:  # Gemma 2's c * tanh(logits / c): near 1 at u-muP logits
@@ -201,11 +255,18 @@ def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] |
         else:
             return None
         node = source(next(a for a in node.args if isinstance(a, fx.Node) and a in active))
-    if node.target not in MATMULS:
+    if node.target not in MATMULS | _BADDBMM:
         return None
     qk = node
-    if not all(isinstance(a, fx.Node) and a in active for a in qk.args[:2]):
+    if qk.target in _BADDBMM and qk.args[0] in active:  # bias + alpha q @ k^T: the bias
+        return None  # (Bloom's ALiBi) must be a constant
+    if not all(isinstance(a, fx.Node) and a in active for a in _qk_operands(qk)):
         return None
+    if scale is None:  # the constant on q instead (nn.MultiheadAttention: (q * c) @ k^T)
+        q = source(_qk_operands(qk)[0])
+        if (q.target in (MULS | DIVS) and len(q.args) == 2 and isinstance(q.args[1], (int, float))
+                and len(q.users) == 1):
+            scale = q
     readers = consumers(softmax)
     if readers and readers[0].target in DROPOUTS:
         dropout = readers[0]
@@ -214,9 +275,12 @@ def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] |
             readers = consumers(readers[0])
     else:
         dropout = None
-    if len(readers) != 1 or readers[0].target not in MATMULS:
+    # One reader multiplies the values; others may read the probabilities as they are
+    # (nn.MultiheadAttention returns them, averaged over heads, with need_weights=True).
+    matmuls = [r for r in readers if r.target in MATMULS]
+    if len(matmuls) != 1:
         return None
-    av = readers[0]
+    av = matmuls[0]
     if source(av.args[0]) not in (softmax, dropout) and av.args[0] is not softmax:
         return None
     return {"qk": qk.name, "av": av.name, "scale": scale.name if scale else None,
@@ -233,20 +297,40 @@ def _times_constant(node: object, value: float) -> fx.Node | None:
     return None
 
 
+def _tanh_gelu_inner(arg: object) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(x, inner nodes) if ``arg`` is ``sqrt(2/pi) (x + 0.044715 x^3)`` (HF ``gelu_new``)
+    or its factored form ``sqrt(2/pi) x (1 + 0.044715 x x)`` (Bloom's ``bloom_gelu``)."""
+    inner = _times_constant(arg, (2 / math.pi) ** 0.5)
+    if inner is not None and inner.target in ADDS and len(inner.args) == 2:
+        for x, cubic in (inner.args, inner.args[::-1]):
+            cube = _times_constant(cubic, 0.044715)
+            if cube is not None and cube.target in _POW and cube.args[0] is x and cube.args[1] == 3:
+                return x, [cube, cubic, inner, arg]
+    if not (isinstance(arg, fx.Node) and arg.target in MULS and len(arg.args) == 2):
+        return None
+    for scaled, poly in (arg.args, arg.args[::-1]):
+        x = _times_constant(scaled, (2 / math.pi) ** 0.5)
+        if x is None or not (isinstance(poly, fx.Node) and poly.target in ADDS
+                             and 1 in poly.args and len(poly.args) == 2):
+            continue
+        xx = next(a for a in poly.args if isinstance(a, fx.Node))
+        if xx.target in MULS and len(xx.args) == 2 and x in xx.args:
+            cx = xx.args[1] if xx.args[0] is x else xx.args[0]
+            if _times_constant(cx, 0.044715) is x:
+                return x, [cx, xx, poly, scaled, arg]
+    return None
+
+
 def _match_tanh_gelu(tanh: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) written by hand (HF ``gelu_new``).
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) written by hand (HF ``gelu_new``,
+    or Bloom's factored ``x (1 + 0.044715 x x)``).
 
     Returns (x, the output node, the pattern's inner nodes), or None.
     """
-    inner = _times_constant(tanh.args[0], (2 / math.pi) ** 0.5)
-    if inner is None or inner.target not in ADDS or len(inner.args) != 2:
+    found = _tanh_gelu_inner(tanh.args[0])
+    if found is None:
         return None
-    for x, cubic in (inner.args, inner.args[::-1]):
-        cube = _times_constant(cubic, 0.044715)
-        if cube is not None and cube.target in _POW and cube.args[0] is x and cube.args[1] == 3:
-            break
-    else:
-        return None
+    x, inner_parts = found
     if len(tanh.users) != 1:
         return None
     one_plus = next(iter(tanh.users))
@@ -258,7 +342,7 @@ def _match_tanh_gelu(tanh: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | 
     half = next((a for a in out.args if a is not one_plus), None)
     if _times_constant(half, 0.5) is not x:
         return None
-    return x, out, [half, cube, cubic, inner, tanh.args[0], tanh, one_plus]
+    return x, out, [half, *inner_parts, tanh, one_plus]
 
 
 def match_rules(gm: fx.GraphModule) -> PassResult:
@@ -275,6 +359,12 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
                     _set(part, rules.PATTERN_PART)
     for node in gm.graph.nodes:  # quick-GELU / x * sigmoid(x), soft-capping
         if node not in active or meta.get(node, meta.RULE) is not None:
+            continue
+        relu_input = _match_relu2(node)
+        if relu_input is not None:
+            _set(node, rules.ACTIVATION, **{meta.GELU_INPUT: relu_input.name,
+                                            meta.ACTIVATION: ("relu2", {})})
+            _set(node.args[0], rules.PATTERN_PART)
             continue
         x = _match_quick_gelu(node)
         if x is not None:
@@ -345,7 +435,8 @@ def match_rules(gm: fx.GraphModule) -> PassResult:
             _set(node, rules.PICK)
     for node in gm.graph.nodes:  # parameters used as values (position tables, cls tokens)
         if node.op == "placeholder" and meta.get(node, meta.PARAM) and node.users:
-            if node.meta["val"].dim() < 2 or any(meta.get(u, meta.RULE) for u in node.users):
+            if node.meta["val"].dim() < 2 or any(
+                    meta.get(u, meta.RULE) not in (None, rules.NORM_OP) for u in node.users):
                 continue
             use = _direct_use(node, active)
             if use:

@@ -4,13 +4,17 @@
 ``alpha_attn / d_head`` (muP's 1/d replaces the model's 1/sqrt(d) or ``scale=``), output
 and q/k/v gradients times ``s`` (rules §3), with ``s`` at the reference key length (the
 example inputs'), a constant: a position's output does not depend on later positions. A hand-written attention keeps its own ops
-(mask, softmax, dropout): its logit constant becomes ``alpha_attn / d_head``, q, k^T and
+(mask, softmax, dropout): its logit constant (or ``baddbmm``'s ``alpha``, whose added
+bias, Bloom's ALiBi, stays as written) becomes ``alpha_attn / d_head``, q, k^T and
 v get the backward scale ``s`` and the ``@ v`` output the forward scale ``s``, which is
 the same computation as the SDPA rule. Its mask is taken as causal (decoders' masks
 are; the ln S term of ``s`` then applies). An SDPA given an explicit mask gets the
 causal ``s`` when that mask, evaluated at the example sizes, is the causal mask.
 Under grouped-query attention the k/v gradients get a further ``group^-1/2``: each
-k/v head serves ``group`` query heads and their gradients add. A softmax outside attention gets the
+k/v head serves ``group`` query heads and their gradients add; likewise a further
+``(S_k / S_q)^1/2`` where the reference query length S_q differs from the key length
+S_k (learned-query pooling, cross-attention; rules.md "Learned queries"). A softmax
+outside attention gets the
 stand-alone softmax rule with ``alpha_attn_softmax``.
 
 Baked-in dropout (``dropout_p`` captured in train mode) follows ``module.training`` at
@@ -51,6 +55,7 @@ from ._rewrite import (
 )
 
 _aten = torch.ops.aten
+_BADDBMM = aten_ops("baddbmm")
 
 
 _CPU = torch.device("cpu")
@@ -70,7 +75,9 @@ def mask_is_causal(gm: fx.GraphModule, mask: fx.Node) -> bool:
         for n in gm.graph.nodes:
             if n not in needed:
                 continue
-            if n.op == "placeholder":
+            if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.SymInt):
+                env[n] = example_size(n.meta["val"])  # a size as an input (Dynamo's graphs)
+            elif n.op == "placeholder":
                 if any(u in needed and u.target is not _aten.sym_size.int for u in n.users):
                     return False  # the mask depends on this input's values
                 val = n.meta["val"]
@@ -130,7 +137,8 @@ def scale_sdpa(gm: fx.GraphModule) -> PassResult:
         q, k, v = node.args[:3]
         dropout_p = arg(node, "dropout_p", 0.0)
         gqa = bool(arg(node, "enable_gqa", False))
-        kwargs = {"mult": mult, "enable_gqa": gqa, "kv_group": kv_group(q, k, gqa),
+        kwargs = {"mult": mult, "enable_gqa": gqa,
+                  "kv_group": kv_group(q, k, gqa) / _kv_per_query(q, k, -2),
                   "seq_len": _reference_len(v, -2)}
         mask, is_causal = arg(node, "attn_mask"), bool(arg(node, "is_causal", False))
         if isinstance(mask, fx.Node) and not is_causal and mask_is_causal(gm, mask):
@@ -154,7 +162,8 @@ def scale_manual_attention(gm: fx.GraphModule) -> PassResult:
     for softmax in softmaxes:
         pattern = meta.get(softmax, meta.ATTENTION)
         qk, av = by_name[pattern["qk"]], by_name[pattern["av"]]
-        q, k_t = qk.args[:2]
+        first = 1 if qk.target in _BADDBMM else 0  # baddbmm(bias, q, k^T, alpha=c)
+        q, k_t = qk.args[first:first + 2]
         v = av.args[1]
         d_head = shape_of(v)[-1] if shape_of(v) else None
         if not isinstance(d_head, int):
@@ -175,14 +184,20 @@ def scale_manual_attention(gm: fx.GraphModule) -> PassResult:
             gm, qk, ops.attention_output_scale, (d_head, seq_len),
             {"causal": pattern["masked"], "mult": mult, "dropout_p": p},
         )
-        qk.update_arg(0, insert_call(gm, qk, ops.scale_bwd, (q, s), like=q))
-        qk.update_arg(1, insert_call(gm, qk, ops.scale_bwd, (k_t, s), like=k_t))
-        av.update_arg(1, insert_call(gm, av, ops.scale_bwd, (v, s), like=v))
+        qk.update_arg(first, insert_call(gm, qk, ops.scale_bwd, (q, s), like=q))
+        ratio = _kv_per_query(q, k_t, -1)
+        s_kv = s if ratio == 1 else insert_call(gm, qk, operator.mul, (s, ratio**0.5))
+        qk.update_arg(first + 1, insert_call(gm, qk, ops.scale_bwd, (k_t, s_kv), like=k_t))
+        av.update_arg(1, insert_call(gm, av, ops.scale_bwd, (v, s_kv), like=v))
         logit_scale = mult / d_head
         if pattern["scale"]:
             scale = by_name[pattern["scale"]]
             value = logit_scale if scale.target in MULS else 1 / logit_scale
             scale.update_arg(1, value)
+            if first:
+                qk.update_kwarg("alpha", 1.0)
+        elif first:  # the model's own alpha (1/sqrt(d_head)) becomes alpha_attn / d_head;
+            qk.update_kwarg("alpha", logit_scale)  # its bias (ALiBi) is added as written
         else:
             wrap_output(gm, qk, operator.mul, logit_scale)
         wrap_output(gm, av, ops.scale_fwd, s)
@@ -201,6 +216,14 @@ def scale_softmax(gm: fx.GraphModule) -> PassResult:
         swap(node, ops.softmax, (x, dim), {"mult": mult, "dtype": dtype,
                                            "n": _reference_len(x, dim)})
     return PassResult(gm, bool(nodes))
+
+
+def _kv_per_query(q: fx.Node, k: fx.Node, k_dim: int) -> float:
+    """S_k / S_q at the reference sizes (1 for self-attention, or where either is not
+    known): each key serves S_q queries instead of S_k, so its gradient, a sum over them,
+    is ``(S_q / S_k)^1/2`` of self-attention's (one learned query over S keys: S^-1/2)."""
+    s_q, s_k = _reference_len(q, -2), _reference_len(k, k_dim)
+    return s_k / s_q if isinstance(s_q, int) and isinstance(s_k, int) and s_q and s_q != s_k else 1
 
 
 def _reference_len(node: fx.Node, dim: int) -> int | None:

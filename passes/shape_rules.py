@@ -107,7 +107,15 @@ def grouped_mm_rule(p: Propagator, n: fx.Node) -> Dims:
 
 
 def _baddbmm(p: Propagator, n: fx.Node) -> Dims:
-    return _matmul_dims(p, n, n.args[1], n.args[2])
+    """beta * bias + alpha * (b1 @ b2): the matmul's dims; the bias broadcasts to them."""
+    out = _matmul_dims(p, n, n.args[1], n.args[2])
+    bias = n.args[0]
+    if is_tensor(bias):
+        bd = p.d(bias)
+        for k in range(1, min(len(bd), len(out)) + 1):
+            if bd[-k] != 1:
+                p.s.equate(bd[-k], out[-k], n.name)
+    return out
 
 
 def table_rows(table: fx.Node, idx: fx.Node) -> str:
@@ -334,12 +342,22 @@ def _spatial(p: Propagator, n: fx.Node, x: Dims, first: int) -> Dims:
 
 
 def _conv(p: Propagator, n: fx.Node) -> Dims:
-    """conv{1,2,3}d / convolution: x[C_in] = W[1] * groups, out[C] = W[0], kernels fixed."""
+    """conv{1,2,3}d / convolution: x[C_in] = W[1] * groups, out[C] = W[0], kernels fixed.
+
+    A depthwise conv (groups = C_in, W[1] = 1) has one group per channel: the group count
+    is the width, so W[0] = multiplier * C_in ties out to in and W[1] is a fixed 1
+    (rules.md "Grouped and depthwise convolutions"); other group counts are fixed numbers.
+    """
     x, w = p.d(n.args[0]), p.d(n.args[1])
     kernel = len(w) - 2
     channel = len(x) - kernel - 1  # 1 batched, 0 unbatched
     groups = arg_or(n, 8 if n.target in _CONVOLUTION else 6, "groups", 1)
-    p.s.equate(x[channel], w[1] * groups, n.name)
+    c_in, (c_out, per_group) = shape_of(n.args[0])[channel], shape_of(n.args[1])[:2]
+    if groups > 1 and per_group == 1 and groups == c_in:
+        p.s.mark_fixed(w[1], "group")
+        p.s.equate(w[0], x[channel] * (c_out // c_in), n.name)
+    else:
+        p.s.equate(x[channel], w[1] * groups, n.name)
     for e in w[2:]:
         p.s.mark_fixed(e, "kernel")
     bias = arg_or(n, 2, "bias")

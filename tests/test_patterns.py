@@ -208,6 +208,7 @@ def test_multihead_cross_attention_splits_its_in_proj() -> None:
 @pytest.mark.parametrize(("family", "verdict"), [
     ("LayerNorm by hand (mean / var)", "right"),
     ("ELECTRA discriminator (BCE)", "right"),  # post-norm (warned for depth), right at init
+    ("Bloom (ALiBi)", "right"),  # baddbmm attention logits, factored tanh-GELU
 ])
 def test_coverage_verdicts(family: str, verdict: str) -> None:
     pytest.importorskip("transformers")
@@ -251,3 +252,107 @@ def test_binary_cross_entropy_is_the_two_class_loss() -> None:
     out.backward()
     ref = torch.autograd.grad(F.binary_cross_entropy_with_logits(x, y), x)[0]
     assert torch.allclose(x.grad, ref * 2 * 64)
+
+
+def _alibi(heads: int, seq: int) -> torch.Tensor:
+    """Bloom's ALiBi bias, [heads, 1, seq]: a per-head slope times the key position."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+    return slopes[:, None, None] * torch.arange(seq)[None, None, :]
+
+
+class AlibiBlock(nn.Module):
+    """Bloom's attention and MLP, written as Bloom does (``bloom``: logits by
+    ``alibi.baddbmm(q, k^T, alpha=d^-1/2)``, GELU as ``x (1 + 0.044715 x x)``) or in forms
+    the rules already cover (``q @ k^T * c + alibi``, ``F.gelu(approximate="tanh")``)."""
+
+    def __init__(self, bloom: bool) -> None:
+        super().__init__()
+        self.bloom = bloom
+        self.emb, self.qkv, self.o = nn.Embedding(V, D), nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.up, self.down, self.head = nn.Linear(D, 4 * D), nn.Linear(4 * D, D), nn.Linear(D, V)
+
+    def _gelu(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bloom:
+            return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+        return F.gelu(x, approximate="tanh")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        b, s, _ = x.shape
+        q, k, v = (t.reshape(b, s, H, -1).transpose(1, 2).reshape(b * H, s, -1)
+                   for t in self.qkv(F.layer_norm(x, (D,))).chunk(3, -1))
+        alibi = _alibi(H, s).repeat(b, 1, 1)
+        if self.bloom:
+            logits = alibi.baddbmm(q, k.transpose(-1, -2), beta=1.0, alpha=(D // H) ** -0.5)
+        else:
+            logits = q @ k.transpose(-1, -2) * (D // H) ** -0.5 + alibi
+        mask = torch.ones(s, s, dtype=torch.bool).triu(1)
+        probs = logits.view(b, H, s, s).masked_fill(mask, float("-inf")).softmax(-1)
+        a = torch.bmm(probs.view(b * H, s, s), v).view(b, H, s, -1).transpose(1, 2)
+        x = x + self.o(a.reshape(b, s, D))
+        x = x + self.down(self._gelu(self.up(F.layer_norm(x, (D,)))))
+        return self.head(F.layer_norm(x, (D,)))
+
+
+def test_alibi_baddbmm_attention_and_factored_gelu() -> None:
+    """Bloom's baddbmm logits get the attention rule (its alpha becomes 1/d_head, the
+    ALiBi bias stays as written) and its factored tanh-GELU the GELU rule: the same
+    numbers as the covered forms of the same model."""
+    ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
+        torch.manual_seed(0)
+        bloom = umup_fx.transform(AlibiBlock(bloom=True), (ids,))
+    torch.manual_seed(0)
+    plain = umup_fx.transform(AlibiBlock(bloom=False), (ids,))
+    assert not bloom.umup_plan.uncovered
+    baddbmm = [n for n in graph_nodes(bloom) if n.target is torch.ops.aten.baddbmm.default]
+    assert len(baddbmm) == 1 and baddbmm[0].kwargs["alpha"] == pytest.approx(1 / (D // H))
+    assert any(n.target is ops.gelu and n.kwargs["approximate"] == "tanh"
+               for n in graph_nodes(bloom))
+    out, ref = bloom(ids), plain(ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    for (name, p), q in zip(bloom.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+    report = umup_fx.check(bloom, (ids,))
+    assert report.ok, report.lines()
+
+
+class SquaredActivations(nn.Module):
+    """ReLU^2 (Persimmon's ``relu2``: ``square(relu(x))``), a bare ``x ** 2`` on the
+    activation path, and an RMSNorm by hand whose ``x.square()`` is a statistic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, V, bias=False)
+        self.up1, self.down1 = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+        self.up2, self.down2 = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        x = x + self.down1(torch.square(F.relu(self.up1(F.rms_norm(x, (D,))))))
+        h = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)  # a norm, not x^2
+        x = x + self.down2(self.up2(h) ** 2)
+        return self.head(F.rms_norm(x, (D,)))
+
+
+def test_relu2_and_square_are_activations() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
+        model = umup_fx.transform(SquaredActivations(), (ids,))
+    acts = [n for n in graph_nodes(model) if n.target is ops.activation]
+    assert sorted(n.args[1] for n in acts) == ["relu2", "square"]  # the norm's square: none
+    assert torch.ops.aten.relu.default not in [n.target for n in graph_nodes(model)]
+    # unit scale for a unit-normal input (rules §3): std(X^2) = sqrt(2), and
+    # std(relu(X)^2) = sqrt(E[X^4]/2 - (E[X^2]/2)^2) = sqrt(5)/2
+    assert ops.activation_scale("square") == pytest.approx(2**-0.5, rel=1e-6)
+    assert ops.activation_scale("relu2") == pytest.approx(2 / 5**0.5, rel=1e-6)
+    x = torch.randn(400_000, generator=torch.Generator().manual_seed(1))
+    for kind in ("square", "relu2"):
+        assert ops.activation(x, kind).std().item() == pytest.approx(1.0, rel=0.02)
+    report = umup_fx.check(model, (ids,))
+    assert report.ok, report.lines()

@@ -94,6 +94,7 @@ _ACTIVATIONS: dict[str, tuple[Callable[..., Tensor], frozenset[str]]] = {
     "gelu": (F.gelu, frozenset({"approximate"})),
     "silu": (F.silu, frozenset()),
     "relu2": (_relu2, frozenset()),
+    "square": (torch.square, frozenset()),
     "elu": (F.elu, frozenset({"alpha"})),
     "mish": (F.mish, frozenset()),
     "hardswish": (F.hardswish, frozenset()),
@@ -198,7 +199,7 @@ def activation(x: Tensor, kind: str, *, mult: float = 1.0, **fn_kwargs: Any) -> 
     """Activation rule: f(mult x)/mult * s, s = 1/std(f(mult X)/mult), X ~ N(0,1); x grad * s (tied).
 
     ``kind``: relu, leaky_relu (negative_slope), tanh, sigmoid, softplus (beta,
-    threshold), quick_gelu, gelu (approximate), silu, relu2, elu (alpha), mish,
+    threshold), quick_gelu, gelu (approximate), silu, relu2, square, elu (alpha), mish,
     hardswish; ``fn_kwargs`` go to f.
     """
     fn = _activation_fn(kind, fn_kwargs)
