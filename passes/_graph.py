@@ -30,6 +30,7 @@ TRANSPARENT = ops(
     "view", "reshape", "_unsafe_view", "transpose.int", "permute", "t", "numpy_T", "unsqueeze",
     "squeeze.dim", "squeeze.dims", "expand", "type_as", "lift_fresh_copy",
 )
+TYPE_AS = ops("type_as")
 MATMULS = ops("mm", "bmm", "matmul")
 _ASSERTS = ops("_assert_tensor_metadata")
 DROPOUTS = ops("dropout", "native_dropout", "feature_dropout")
@@ -113,11 +114,21 @@ def param_of(node: Any) -> str | None:
     return param_name(split_part_of(source(node)))
 
 
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values ``node``'s value is computed from: ``a.type_as(b)`` reads
+    only ``b``'s dtype (Meta's llama: ``mask.type_as(h)`` is no activation)."""
+    if node.target in TYPE_AS:
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    return node.all_input_nodes
+
+
 def consumers(node: fx.Node) -> list[fx.Node]:
     """The ops that read ``node``'s value, in graph order, looking through transparent
     ops (export's ``_assert_tensor_metadata`` checks read nothing)."""
     out: list[fx.Node] = []
     for u in node.users:
+        if u.target in TYPE_AS and u.args[0] is not node:
+            continue  # reads the dtype only
         if u.target in TRANSPARENT:
             out.extend(consumers(u))
         elif u.target not in _ASSERTS:
@@ -129,7 +140,7 @@ def param_dependent(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose value depends on some parameter: the activations."""
     out: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if param_name(node) is not None or any(a in out for a in node.all_input_nodes):
+        if param_name(node) is not None or any(a in out for a in value_inputs(node)):
             out.add(node)
     return out
 

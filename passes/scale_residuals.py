@@ -21,6 +21,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from umup_fx import meta, rules
 from umup_fx.runtime import ops
 
+from ._graph import value_inputs
 from ._rewrite import ancestors, getitem, insert_call, nodes_with_rule, swap
 
 
@@ -31,11 +32,14 @@ def scale_residuals(gm: fx.GraphModule) -> PassResult:
         add, skip = by_name[branch.add], by_name[branch.skip]
         branch_out = next(a for a in add.args[:2] if a is not skip)
         inside = ancestors(branch_out) | {branch_out}
-        first_user = min(skip.users, key=lambda u: list(gm.graph.nodes).index(u))
+        # Readers of the skip's dtype only (``mask.type_as(h)``, Meta's llama) neither
+        # place the split nor read its branch side.
+        readers = [u for u in skip.users if skip in value_inputs(u)]
+        first_user = min(readers, key=lambda u: list(gm.graph.nodes).index(u))
         split = insert_call(gm, first_user, ops.residual_split, (skip, branch.tau))
         branch_in = getitem(gm, first_user, split, 0, like=skip)
         skip_out = getitem(gm, first_user, split, 1, like=skip)
-        for user in list(skip.users):
+        for user in readers:
             if user in inside:
                 user.replace_input_with(skip, branch_in)
         swap(add, ops.residual_add, (branch_out, skip_out, branch.tau))

@@ -1,6 +1,7 @@
 """umup_fx: u-muP and static-scale FP8 as a compiler pass on unmodified PyTorch models."""
 
 from umup_fx.backend import prepare, register
+from umup_fx.capture.trace import StaticSizeWarning
 from umup_fx.diagnose.unit_check import CheckReport, ScaleWarning, check
 from umup_fx.errors import (
     AlreadyTransformedError,
@@ -49,6 +50,7 @@ __all__ = [
     "OneGraphWarning",
     "PostNormWarning",
     "ScaleWarning",
+    "StaticSizeWarning",
     "ParamPlan",
     "Plan",
     "Options",

@@ -52,6 +52,7 @@ from umup_fx.errors import UmupError
 from umup_fx.passes.cut_regions import call_block
 from umup_fx.passes.scale_norms import eps_add, normalised_input
 from umup_fx.runtime import fp8, ops
+from umup_fx.runtime.graph_errors import expect_sizes
 from umup_fx.runtime.modules import TENSOR, UmupModule, dtype_limit
 from umup_fx.runtime.names import canonical_name, unwrap
 from umup_fx.runtime.ops import activations as _act
@@ -434,6 +435,8 @@ class _Solver:
             return float(t(*n.args, **n.kwargs))
         if t is dtype_limit or t is ops.norm_eps:
             return None  # finfo(dtype).min / max, an eps: a number in both models
+        if t is expect_sizes:
+            return None  # a check of an input's shape (capture's fixed sizes): no value
         if t is ops.combine_experts:
             e, g = self.actual(args[0], n, path), self.actual(args[1], n, path)
             return e + g - math.log(float(n.kwargs["scale"]))  # T = scale e g

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +32,13 @@ import torch.utils.checkpoint as cp
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from umup_fx import meta
 from umup_fx.capture import blocks as discovery
 from umup_fx.capture.shadow import shadow_inputs, shadowed
 from umup_fx.errors import AnalysisError, CaptureError
+from umup_fx.runtime.graph_errors import expect_sizes
 from umup_fx.runtime.names import canonical_name
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -87,12 +90,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Dim.AUTO on every axis of every tensor input: export keeps dynamic what it can."""
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict,
+                    batch_only: bool = False) -> dict[str, Any]:
+    """Dim.AUTO on every axis of every tensor input (``batch_only``: on the leading axis
+    only, the others static): export keeps dynamic what it can."""
 
     def spec(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            return {i: Dim.AUTO for i in range(x.dim())} if x.dim() else None
+            axes = range(min(x.dim(), 1) if batch_only else x.dim())
+            return {i: Dim.AUTO for i in axes} if x.dim() else None
         if isinstance(x, (list, tuple)):
             return type(x)(spec(v) for v in x)
         if isinstance(x, dict):
@@ -115,6 +121,24 @@ def _check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
         ) from None
 
 
+# Config fields of train-time randomness drawn in Python, which a graph cannot hold:
+# LayerDrop skips a layer when a draw falls below it, SpecAugment builds its masks with
+# numpy (transformers' speech encoders; ``apply_spec_augment`` turns the masks off).
+_TRAIN_TIME_DRAWS = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop", "mask_time_prob",
+                     "mask_feature_prob")
+
+
+def _train_time_draws(model: nn.Module) -> list[str]:
+    """``config.<field> = <value>`` for each train-time draw a training model has on."""
+    config = getattr(model, "config", None)
+    if config is None or not model.training:
+        return []
+    masks = bool(getattr(config, "apply_spec_augment", True))
+    return [f"config.{k} = {getattr(config, k)}" for k in _TRAIN_TIME_DRAWS
+            if isinstance(getattr(config, k, None), (int, float)) and getattr(config, k) > 0
+            and (masks or not k.startswith("mask_"))]
+
+
 def _explain_failure(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> CaptureError:
     """Tell apart wrong inputs (eager fails too) from an untraceable model."""
     name = type(model).__name__
@@ -130,6 +154,16 @@ def _explain_failure(model: nn.Module, args: tuple, kwargs: dict, exc: Exception
             "model)."
         )
     where = _user_frame(exc)
+    draws = _train_time_draws(model)
+    if draws:  # the cause and the fix first: the raw failure is numpy's or a guard's
+        fields = " and ".join(d.split(" =")[0] + " = 0.0" for d in draws)
+        return CaptureError(
+            f"Could not capture {name} as one graph: set {fields} before transform. In "
+            f"training mode it draws random numbers in Python ({', '.join(draws)}: LayerDrop "
+            "skips layers by a draw, SpecAugment builds its masks with numpy), which one "
+            f"graph cannot hold. The capture failed with {_first_line(exc)}"
+            + (f"\n  at {where}" if where else "")
+        )
     text = str(exc)
     if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
         hint = (
@@ -330,20 +364,83 @@ def _no_kv_cache(model: nn.Module) -> Any:
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, block_lists: list,
-            preserve: tuple[str, ...], shadow: bool) -> ExportedProgram:
+            preserve: tuple[str, ...], shadow: bool) -> tuple[ExportedProgram, str | None]:
+    """The export, and why its sizes past the batch axis are the example's (None: they
+    are dynamic, as far as export kept them)."""
     if shadow:
         args, kwargs = shadow_inputs(args, kwargs)
     with discovery.truncated(model, block_lists), _quiet_export(), (
         shadowed(model) if shadow else contextlib.nullcontext()
     ), _named_kwargs(model, kwargs), _no_kv_cache(model):
-        return torch.export.export(
-            model,
-            args,
-            kwargs,
-            dynamic_shapes=_dynamic_shapes(model, args, kwargs),
-            strict=False,
-            preserve_module_call_signature=preserve,
-        )
+        try:
+            return torch.export.export(model, args, kwargs, strict=False,
+                                       dynamic_shapes=_dynamic_shapes(model, args, kwargs),
+                                       preserve_module_call_signature=preserve), None
+        except AssertionError as exc:
+            if _SIZE_ARGUMENT not in str(exc):
+                raise
+            where = _user_frame(exc)
+        # A size computed from the inputs is a block call's argument (Swin's
+        # input_dimensions): a kept block signature takes tensors and numbers only, so
+        # the sizes past the batch axis are the example's (rules.md "Static sizes").
+        program = torch.export.export(
+            model, args, kwargs, strict=False, preserve_module_call_signature=preserve,
+            dynamic_shapes=_dynamic_shapes(model, args, kwargs, batch_only=True))
+    return program, (f"it passes a size computed from its inputs to a block call"
+                     f"{f' (at {where})' if where else ''}, which a block's kept signature "
+                     "cannot take as a variable")
+
+
+_SIZE_ARGUMENT = "Only Tensors or scalars are supported as pytree flattened inputs"
+
+
+class StaticSizeWarning(UserWarning):
+    """The capture fixed an input axis at the example's size (a batch of 1, a sequence as
+    long as a table the model slices by it, Swin's window sizes): the transformed model
+    takes only that size there, and another is a CallError saying so."""
+
+
+def _fix_sizes(program: ExportedProgram, model: str, why: str | None) -> None:
+    """Check the input axes the capture fixed at the example's size, and warn once.
+
+    Every axis was asked dynamic (``Dim.AUTO``); export fixes one it cannot keep free:
+    a size of 1, one equal to a size the model slices a table or mask to, or (``why``)
+    all past the batch axis. Another size there would fail deep inside the graph, or run
+    the blocks at sizes baked in for the example's, so each user input with a fixed
+    data axis (the batch axis, an axis of integer inputs such as token ids; every fixed
+    axis under ``why``) gets an ``expect_sizes`` check: a CallError naming the size.
+    """
+    gm = program.graph_module
+    users = set(program.graph_signature.user_inputs)
+    checks = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in users or not isinstance(
+                val, torch.Tensor) or not val.dim():
+            continue
+        sizes = tuple(int(s) if is_concrete_int(s) and (why or k == 0 or not val.is_floating_point())
+                      else None for k, s in enumerate(val.shape))
+        if any(s is not None for s in sizes):
+            checks.append((node, sizes))
+    if not checks:
+        return
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for node, sizes in checks:
+        with gm.graph.inserting_after(last):
+            gm.graph.call_function(expect_sizes, (node, sizes, model, node.name))
+    gm.recompile()
+    fixed = "; ".join(f"{node.name} {_shape_text(sizes)}" for node, sizes in checks)
+    cause = why or ("export fixes a size of 1, and one equal to a size the model slices a "
+                    "table or mask to (a sequence as long as its maximum)")
+    warnings.warn(
+        f"umup_fx: {model}'s capture fixed input sizes at the example's ({fixed}): {cause}. "
+        "The transformed model takes only those sizes there (another is a CallError). To "
+        "keep them free, transform with example inputs of batch >= 2 and a sequence shorter "
+        "than the model's maximum length.", StaticSizeWarning, stacklevel=4)
+
+
+def _shape_text(sizes: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("*" if s is None else str(s) for s in sizes) + "]"
 
 
 def _check_constants(model: nn.Module, program: ExportedProgram) -> None:
@@ -406,7 +503,7 @@ def capture(
     preserve = tuple(b.block_path(i) for b in block_lists for i in range(b.kept))
     with _recording_checkpoints() as seen:
         try:
-            program = _export(model, args, kwargs, block_lists, preserve, shadow=True)
+            program, why = _export(model, args, kwargs, block_lists, preserve, shadow=True)
             _check_constants(model, program)
         except CaptureError:
             raise
@@ -419,13 +516,16 @@ def capture(
             # stand-ins): they capture on their real weights (device and dtype baked in).
             seen.clear()
             try:
-                program = _export(model, args, kwargs, block_lists, preserve, shadow=False)
+                program, why = _export(model, args, kwargs, block_lists, preserve,
+                                       shadow=False)
             except Exception as exc2:  # noqa: BLE001
                 raise _explain_failure(model, args, kwargs, exc2) from exc2
     checkpointed, other_checkpoints = _checkpoints(model, seen)
 
+    _fix_sizes(program, type(model).__name__, why)
     gm = program.graph_module
     _portable_histc(gm)
+    _drop_self_copies(gm)
     params: dict[str, ParamInfo] = {}
     with discovery.truncated(model, block_lists):  # the parameters the graph sees
         names = _canonical_names(model)
@@ -456,6 +556,33 @@ def capture(
                     other_checkpoints=sorted(set(other_checkpoints)))
 
 
+_SAME_VALUE = tuple(op for name in ("to.dtype", "to.device", "to.dtype_layout", "_to_copy.default",
+                                     "alias.default", "detach.default", "clone.default")
+                    if (op := getattr(getattr(torch.ops.aten, name.split(".")[0]),
+                                      name.split(".")[1], None)) is not None)
+
+
+def _drop_self_copies(gm: fx.GraphModule) -> None:
+    """``self.buf = self.buf.to(x.device)`` (Meta's llama, on its ``freqs_cis``) captures as
+    ``buf.copy_(buf.to(...))``: a write of the buffer's own values, in place. Run, it bumps
+    the buffer's version after the forward saved slices of it for the backward, which
+    then fails; the original only rebinds a name. Such a copy is dropped."""
+    for node in list(gm.graph.nodes):
+        if node.target is not torch.ops.aten.copy_.default:
+            continue
+        dst, value = node.args[:2]
+        while isinstance(value, fx.Node) and value.target in _SAME_VALUE and value is not dst:
+            value = value.args[0]
+        if value is dst and node.args[1].meta["val"].dtype == dst.meta["val"].dtype:
+            cast = node.args[1]
+            node.replace_all_uses_with(dst)
+            gm.graph.erase_node(node)
+            while isinstance(cast, fx.Node) and cast is not dst and not cast.users:
+                cast, dead = cast.args[0], cast  # the cast chain it read, now unused
+                gm.graph.erase_node(dead)
+    gm.recompile()
+
+
 def _portable_histc(gm: fx.GraphModule) -> None:
     """The shadow capture runs on ``meta``, so a branch on the device type takes its
     non-CPU side: transformers' MoE counts tokens per expert with ``histc`` on integers,
@@ -472,24 +599,37 @@ def _portable_histc(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _source_name(placeholder: fx.Node) -> str | None:
-    """The model path Dynamo recorded for a graph input: L['self']._modules['fc']... -> fc."""
-    grapharg = placeholder.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
+def dynamo_sources(dynamo_gm: fx.GraphModule) -> list[str | None]:
+    """Where Dynamo took each graph input from (``L['idx']``, ``L['self']._modules[...]``),
+    in order. Dynamo drops this record once a backend has returned, so a backend that
+    compiles later (per size) keeps the list."""
+    out = []
+    for node in dynamo_gm.graph.nodes:
+        if node.op == "placeholder":
+            source = getattr(node.meta.get("grapharg"), "source", None)
+            out.append(None if source is None else source.name)
+    return out
+
+
+def _source_name(source: str | None) -> str | None:
+    """The model path of a graph input Dynamo took from: L['self']._modules['fc']... -> fc."""
     if source is None:
         return None
-    parts = re.findall(r"\['([^']*)'\]|\.(\w+)", source.name)
+    parts = re.findall(r"\['([^']*)'\]|\.(\w+)", source)
     names = [a or b for a, b in parts]
     keep = [n for n in names[1:] if n not in ("_modules", "_parameters", "_buffers")]
     return ".".join(keep) or None
 
 
-def capture_dynamo_graph(dynamo_gm: fx.GraphModule, example_inputs: list[Any]) -> Captured:
+def capture_dynamo_graph(dynamo_gm: fx.GraphModule, example_inputs: list[Any],
+                         sources: list[str | None] | None = None,
+                         dynamic_shapes: tuple | None = None) -> Captured:
     """Re-capture a Dynamo graph with the same export as ``capture`` (same ATen IR).
 
     Dynamo hands a backend the model's parameters as graph inputs; each becomes a
-    parameter placeholder named by its model path, so the passes see what ``capture``
-    gives them. Shapes are static here: Dynamo guards on them and recompiles.
+    parameter placeholder named by its model path (``sources``, else
+    ``dynamo_sources``), so the passes see what ``capture`` gives them. Shapes are static
+    here (Dynamo guards on them and recompiles) unless ``dynamic_shapes`` says otherwise.
     """
     inputs = tuple(example_inputs)
     if not all(isinstance(x, (torch.Tensor, int, float, bool)) for x in inputs):
@@ -501,14 +641,21 @@ def capture_dynamo_graph(dynamo_gm: fx.GraphModule, example_inputs: list[Any]) -
             "(umup_fx.transform, whose graphs take any batch and sequence size) and "
             "compile that."
         )
+    if dynamic_shapes is not None and any(
+        p.kind is inspect.Parameter.VAR_POSITIONAL
+        for p in inspect.signature(dynamo_gm.forward).parameters.values()
+    ):
+        dynamic_shapes = (dynamic_shapes,)  # a lazy graph module's forward(*args)
     try:
-        program = torch.export.export(dynamo_gm, inputs, strict=False)
+        program = torch.export.export(dynamo_gm, inputs, strict=False,
+                                      dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # noqa: BLE001 - turned into a readable CaptureError
         raise CaptureError(
             f"The umup backend could not re-capture Dynamo's graph: {_first_line(exc)}. "
             "Use umup_fx.transform(model, example_inputs) and torch.compile the result."
         ) from exc
     dynamo_placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    sources = dynamo_sources(dynamo_gm) if sources is None else sources
     gm = program.graph_module
     by_name = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     params: dict[str, ParamInfo] = {}
@@ -519,15 +666,14 @@ def capture_dynamo_graph(dynamo_gm: fx.GraphModule, example_inputs: list[Any]) -
         if spec.kind != InputKind.USER_INPUT:
             m[meta.KIND] = "buffer" if spec.kind == InputKind.BUFFER else "constant"
             continue
-        value = inputs[user_index]
-        source = dynamo_placeholders[user_index]
+        value, source = inputs[user_index], sources[user_index]
+        name = _source_name(source) or dynamo_placeholders[user_index].name
         user_index += 1
         if isinstance(value, nn.Parameter):
-            name = _source_name(source) or source.name
             m[meta.KIND], m[meta.PARAM] = "param", name
             params[name] = ParamInfo(name, tuple(value.shape), (name,), node.name,
                                      value.requires_grad, tensor=value)
-        else:
-            m[meta.KIND] = "input"
+        else:  # a module's buffer (rotary tables) is no data: its sizes are not fixed
+            m[meta.KIND] = "buffer" if "._buffers[" in (source or "") else "input"
     meta.graph_meta(gm)[meta.PARAMS] = params
     return Captured(gm=gm, params=params, program=program, model_name="compiled graph")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from umup_fx.errors import GraphRunError, UmupError
+from umup_fx.errors import CallError, GraphRunError, UmupError
 
 _REPORTED = "_umup_reported"  # set on an exception already in the user's terms
 
@@ -88,3 +88,18 @@ def explain_graph_error(
     )
     setattr(error, _REPORTED, True)
     return error
+
+
+def expect_sizes(x: torch.Tensor, sizes: tuple[int | None, ...], model: str, name: str) -> None:
+    """Refuse an input whose shape is not ``sizes`` where those are numbers: the capture
+    fixed those axes at the example's (its ``StaticSizeWarning``), and another size would
+    fail deep inside the graph, or run the blocks at sizes baked in for the example's."""
+    if x.dim() == len(sizes) and all(s is None or s == n for s, n in zip(sizes, x.shape, strict=True)):
+        return
+    want = ", ".join("*" if s is None else str(s) for s in sizes)
+    raise CallError(
+        f"{model} was transformed for {name} of shape [{want}] (the capture fixed those "
+        f"sizes at the example's: its StaticSizeWarning said why); got {list(x.shape)}. Call "
+        "it at that shape, or transform a fresh model with example inputs that keep the axis "
+        "free (batch >= 2, a sequence shorter than the model's maximum length)."
+    )
