@@ -57,6 +57,26 @@ def _train(model: torch.nn.Module, vocab: int, steps: int = 3) -> None:
         opt.zero_grad()
 
 
+def _norms_as_captured(model: torch.nn.Module, buffers: list[str], norms: int) -> None:
+    """Without pretrained=True the import's norm factors cost nothing: no buffers, every
+    norm op and hand-written eps as captured (PyTorch's kernel, the float eps)."""
+    from umup_fx.runtime import ops
+
+    assert [n for n, _ in model.named_buffers() if "_umup_constant_" not in n] == buffers
+    original = {n.name: n for n in model.original_graph.graph.nodes}
+    seen = 0
+    for gm in model.region_graphs().values():
+        for n in gm.graph.nodes:
+            assert n.target is not ops.norm_eps and "input_scale" not in n.kwargs
+            assert n.op != "placeholder" or not n.name.startswith("umup_norm_scale")
+            seen += n.target in (ops.layer_norm, ops.rms_norm) or "rsqrt" in str(n.target)
+            if "rsqrt" in str(n.target):  # x * rsqrt(mean(x^2) + eps): eps as captured
+                eps = [a for a in n.args[0].args if isinstance(a, float)]
+                assert eps == [a for a in original[n.args[0].name].args
+                               if isinstance(a, float)] == [1e-6]
+    assert seen == norms
+
+
 def _plain_class(exported: torch.nn.Module, cls: type) -> None:
     assert type(exported) is cls
     assert not any(isinstance(m, UmupRegion) for m in exported.modules())
@@ -68,7 +88,9 @@ def test_example_llama_exact_after_training() -> None:
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=64))
     keys = set(model.state_dict())
+    buffers = [n for n, _ in model.named_buffers()]
     _transform(model, 64)
+    _norms_as_captured(model, buffers, norms=2 * 3 + 1)  # hand-written RMSNorm
     _train(model, 64)
     model.eval()
     exported = umup_fx.export(model)
@@ -242,33 +264,6 @@ def test_pretrained_is_exact_with_a_small_stream(family: str) -> None:
         umup_fx.export(model)
 
 
-def test_without_pretrained_the_norms_are_untouched() -> None:
-    # The import's norm factors cost the normal path nothing: no buffers, every norm op
-    # and hand-written eps as captured (PyTorch's kernel, the float eps).
-    from examples.gpt import GPT, GPTConfig
-    from umup_fx.runtime import ops
-
-    torch.manual_seed(0)
-    for model in (Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2)),
-                  GPT(GPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2, block_size=64))):
-        buffers = [n for n, _ in model.named_buffers()]
-        _transform(model, 64)
-        assert [n for n, _ in model.named_buffers() if "_umup_constant_" not in n] == buffers
-        original = {n.name: n for n in model.original_graph.graph.nodes}
-        norms = 0
-        for gm in model.region_graphs().values():
-            for n in gm.graph.nodes:
-                assert n.target is not ops.norm_eps and "input_scale" not in n.kwargs
-                assert n.op != "placeholder" or not n.name.startswith("umup_norm_scale")
-                if n.target in (ops.layer_norm, ops.rms_norm) or "rsqrt" in str(n.target):
-                    norms += 1
-                if "rsqrt" in str(n.target):  # x * rsqrt(mean(x^2) + eps): eps as captured
-                    eps = [a for a in n.args[0].args if isinstance(a, float)]
-                    assert eps == [a for a in original[n.args[0].name].args
-                                   if isinstance(a, float)] == [1e-6]
-        assert norms == 2 * 2 + 1
-
-
 def test_pretrained_refuses_frozen_norms() -> None:
     model = Llama(LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2))
     with pytest.raises(umup_fx.UmupError, match="pretrained=True keeps"):
@@ -308,7 +303,9 @@ def test_example_gpt_hand_written_attention() -> None:
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_embd=64, n_layer=2, n_head=4, block_size=64))
+    buffers = [n for n, _ in model.named_buffers()]
     _transform(model, 64).eval()
+    _norms_as_captured(model, buffers, norms=2 * 2 + 1)  # nn.LayerNorm
     exported = umup_fx.export(model)
     _plain_class(exported, GPT)
     _assert_same(model, exported, 64)
