@@ -19,6 +19,7 @@ from torch import nn
 
 import umup_fx
 from examples.moe import EinsumMoE, GroupedMoE, MoELM
+from umup_fx.diagnose.unit_check import bands
 
 VOCAB, SEQ, BATCH, D = 128, 16, 2, 64
 
@@ -138,7 +139,8 @@ FAMILIES: dict[str, Callable[[], Case]] = {
     "CLIP text": _clip_text,
     "ViT (timm)": _timm_vit,
     "resnet18 (torchvision)": _resnet18,
-    "ConvNet (hand-written)": lambda: Case(ConvNet(), (torch.randn(BATCH, 3, 32, 32),), {}, "backbone"),
+    "ConvNet (hand-written)": lambda: Case(ConvNet(), (torch.randn(BATCH, 3, 32, 32),),
+                                           {"labels": torch.tensor([1, 7])}, "loss"),
     "Mixtral (MoE)": _hf("MixtralForCausalLM", "MixtralConfig", num_key_value_heads=2,
                          intermediate_size=2 * D, num_local_experts=4, num_experts_per_tok=2),
     "Qwen2-MoE": _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", num_key_value_heads=2,
@@ -178,9 +180,11 @@ class ScatterMoE(nn.Module):
 
 
 def is_qk(name: str) -> bool:
-    """A query / key projection (their gradients sit lower at init, as in the reference)."""
+    """A query / key projection (their gradients sit lower at init, as in the reference),
+    or what only such projections read: a learned query (SigLIP's probe), DeBERTa's
+    relative-position table (read by its position query / key projections)."""
     return any(t in name for t in ("q_proj", "k_proj", "query", "key", ".q.", ".k.", "q_lin",
-                                   "k_lin"))
+                                   "k_lin", "head.probe", "rel_embeddings"))
 
 
 # Warnings that name what is off: a row that carries one is not silently wrong.
@@ -199,12 +203,17 @@ class Result:
     readout_fan_in: int | None = None
     warned: list[str] = field(default_factory=list)  # warning classes transform raised
     other_sizes: bool | None = None  # runs at another batch and sequence length
+    # weight -> the band umup_fx.check gives its gradient (rules §8: routers, rows that
+    # agree); weights it did not measure get [lo, hi]; q / k are allowed lower in both
+    bands: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def low_grads(self, lo: float = 0.2, hi: float = 5.0) -> list[str]:
-        """Weights whose gradient RMS is outside [lo, hi] (q/k projections allowed lower)."""
+        """Weights whose gradient RMS is outside their band."""
         out = []
         for name, v in self.grad_rms.items():
-            if v > hi or (v < lo and not is_qk(name)) or not math.isfinite(v):
+            low, high = self.bands.get(name, (lo, hi))
+            low = 0.0 if is_qk(name) else low  # the table shows q / k apart ("q/k from")
+            if not low <= v <= high or not math.isfinite(v):
                 out.append(name)
         return out
 
@@ -275,7 +284,16 @@ def check(family: str, build: Callable[[], Case] | None = None) -> Result:
 
 
 def _measure(model: nn.Module, case: Case, result: Result) -> None:
+    try:  # the check's band of each weight's gradient (it leaves the model as it was)
+        for op in umup_fx.check(model, case.args, case.kwargs).ops:
+            low, high = bands(op)["weight grad"]
+            had = result.bands.get(op.weight, (low, high))
+            result.bands[op.weight] = (min(low, had[0]), max(high, had[1]))
+    except Exception:  # noqa: BLE001 - then the plain band applies
+        result.bands.clear()
     loss, main = _output(model(*case.args, **case.kwargs))
+    if loss is None and case.kind == "loss" and main is not None and main.dim() == 0:
+        loss = main  # the loss itself returned (a hand-written classifier given labels)
     if loss is None or case.kind == "backbone":
         # A unit-scale gradient arriving at the output, as a unit-scaled loss gives.
         probe = torch.randn(main.shape, generator=torch.Generator().manual_seed(2))
@@ -339,11 +357,14 @@ class ConvNet(nn.Module):
         self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
         self.head = nn.Linear(2 * width, classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.bn(self.stem(x))), 2)
         x = x + F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        logits = self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        # a classifier's loss, as HF's *ForImageClassification (the coverage row's call):
+        # returned logits would expect a mean cross-entropy's gradient (rules §3)
+        return logits if labels is None else F.cross_entropy(logits, labels)
 
 
 # -- families for the forms the rules had to learn (docs/rules.md "Decisions") ----------
@@ -492,3 +513,24 @@ FAMILIES.update({
         TorchSeq2Seq(), (_ids(), _ids()), {}, "lm"),
     "LayerNorm by hand (mean / var)": lambda: Case(HandLayerNormLM(), (_ids(),), {}, "lm"),
 })
+
+
+class SiglipPooled(nn.Module):
+    """SigLIP's vision tower with its MAP head (a learned probe repeated over the batch,
+    attending through nn.MultiheadAttention to the patches); returns the pooled vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.SiglipVisionConfig(
+            hidden_size=D, intermediate_size=4 * D, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8, vision_use_head=True)
+        self.vision = transformers.SiglipVisionModel(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values=pixel_values).pooler_output
+
+
+FAMILIES["SigLIP vision + MAP head (learned-query pooling)"] = lambda: Case(
+    SiglipPooled(), (_pixels(),), {}, "backbone")
