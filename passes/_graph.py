@@ -9,6 +9,7 @@ import torch
 from torch import fx
 
 from umup_fx import meta
+from umup_fx.runtime.names import canonical_name
 
 aten = torch.ops.aten
 
@@ -143,6 +144,15 @@ def param_dependent(gm: fx.GraphModule) -> set[fx.Node]:
         if param_name(node) is not None or any(a in out for a in value_inputs(node)):
             out.add(node)
     return out
+
+
+def module_path(node: fx.Node, default: str = "") -> str:
+    """The canonical path of the innermost module whose forward ran ``node``
+    (``default`` when the capture recorded none)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return default
+    return canonical_name(list(stack.values())[-1][0].split("@")[0])
 
 
 def where(node: fx.Node) -> str:

@@ -31,10 +31,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta, rules
 from umup_fx.runtime import ops
-from umup_fx.runtime.names import canonical_name
 
+from ._graph import module_path, source
 from ._graph import ops as aten_ops
-from ._graph import source
 from ._rewrite import (
     ancestors,
     arg,
@@ -140,14 +139,6 @@ def normalised_input(norm: fx.Node) -> fx.Node:
                 and a is not add and add not in ancestors(a))
 
 
-def _owner(node: fx.Node) -> str:
-    """The canonical path of the module whose forward runs ``node`` ("" the root)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    return canonical_name(list(stack.values())[-1][0].split("@")[0])
-
-
 def scale_imported_norms(gm: fx.GraphModule) -> None:
     """Give every norm a buffer placeholder holding its input factor (module docstring)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -159,7 +150,7 @@ def scale_imported_norms(gm: fx.GraphModule) -> None:
         eps = [a for a in add.args if isinstance(a, (int, float))] if add is not None else []
         if node.target is ops.batch_norm or hand_written and len(eps) != 1:
             continue  # running statistics / no eps to rescale
-        owner = _owner(node)
+        owner = module_path(node)  # the norm's module ("" the root)
         k = count[owner] = count.get(owner, -1) + 1
         path = f"{owner}.{NORM_SCALE_PREFIX}{k}" if owner else f"{NORM_SCALE_PREFIX}{k}"
         with gm.graph.inserting_after(placeholders[-1]):

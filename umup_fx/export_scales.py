@@ -49,6 +49,7 @@ from torch import fx, nn
 
 from umup_fx import meta, rules
 from umup_fx.errors import UmupError
+from umup_fx.passes._graph import module_path
 from umup_fx.passes.cut_regions import call_block
 from umup_fx.passes.scale_norms import eps_add, normalised_input
 from umup_fx.runtime import fp8, ops
@@ -346,7 +347,7 @@ class _Solver:
     def node(self, n: fx.Node, get: Callable, path: str, module: nn.Module) -> Any:
         t = n.target
         where = _where(n, path)
-        self.current = _module_path(n, path)
+        self.current = module_path(n, default=path)  # the module whose forward runs it
         if n.op != "call_function":
             raise ExportError(f"export cannot read {where}: a {n.op} node")
         if t is call_block:
@@ -588,14 +589,6 @@ def _norm_inputs(gm: fx.GraphModule) -> set[fx.Node]:
                 todo.extend(a.users)
         inside |= below - set(xs)
     return inside
-
-
-def _module_path(n: fx.Node, region: str) -> str:
-    """The module whose forward ran ``n`` (its innermost module), by canonical path."""
-    stack = n.meta.get("nn_module_stack") or {}
-    if not stack:
-        return region
-    return canonical_name(list(stack.values())[-1][0].split("@")[0])
 
 
 def _constant_value(a: Any, buffers: dict[str, torch.Tensor]) -> float | None:
