@@ -47,8 +47,8 @@ from ._rewrite import (
 _LAYER_NORM = aten_ops("layer_norm")
 _RMS_NORM = aten_ops("rms_norm")
 _BATCH_NORM = aten_ops("batch_norm")
-_NORM_FNS = {ops.layer_norm, ops.rms_norm, ops.group_norm, ops.batch_norm}
 _GROUP_NORM = aten_ops("group_norm")
+_NORM_FNS = {ops.layer_norm, ops.rms_norm, ops.group_norm, ops.batch_norm}
 _ROOTS = aten_ops("rsqrt", "sqrt")
 _ADD = aten_ops("add.Tensor", "add.Scalar")
 
@@ -130,19 +130,20 @@ def eps_add(norm: fx.Node) -> fx.Node | None:
     return None
 
 
-def normalised_input(norm: fx.Node) -> fx.Node:
+def normalised_input(norm: fx.Node) -> fx.Node | None:
     """The value a norm normalises: a norm op's input, a hand-written core's ``x``."""
     if norm.target in _NORM_FNS:
         return norm.args[0]
     add = eps_add(norm)
-    return next(a for a in norm.args[:2] if isinstance(a, fx.Node)
-                and a is not add and add not in ancestors(a))
+    return next((a for a in norm.args[:2] if isinstance(a, fx.Node)
+                 and a is not add and add not in ancestors(a)), None)
 
 
 def scale_imported_norms(gm: fx.GraphModule) -> None:
     """Give every norm a buffer placeholder holding its input factor (module docstring)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    like = next(n.meta["val"] for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor))
+    like = next((n.meta["val"] for n in placeholders
+                 if isinstance(n.meta.get("val"), torch.Tensor)), torch.empty((), device="meta"))
     count: dict[str, int] = {}
     for node in nodes_with_rule(gm, rules.NORM_OP):
         hand_written = node.target not in _NORM_FNS

@@ -217,7 +217,6 @@ def import_pretrained(model: nn.Module) -> None:
     params = {canonical_name(n): p for n, p in model.named_parameters()}
     for name, uses in folding.factors.items():
         params[name].div_(uses[0][0])
-    device = next(iter(params.values())).device
     for path, factor in folding.norm_scales.items():
         # Each norm's input is its checkpoint value / factor: the norm multiplies it back
         # (passes/scale_norms.py), so its eps acts as the checkpoint's. Not in the
@@ -226,5 +225,6 @@ def import_pretrained(model: nn.Module) -> None:
         module = unwrap(model)
         for part in owner.split(".") if owner else ():
             module = unwrap(getattr(module, part))
+        device = next(module.parameters(), next(iter(params.values()))).device  # its own
         module.register_buffer(name, torch.tensor(factor, dtype=torch.float32, device=device),
                                persistent=False)
