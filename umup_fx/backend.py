@@ -8,7 +8,9 @@ its parameters in place, marks them (later recompiles keep their values and opti
 fills in the LR groups of optimizers built earlier (``optim`` module docstring) and
 sets ``model.umup_plan`` (so ``umup_fx.explain(compiled)`` works, as after
 ``transform``). A new batch or sequence size needs no ``dynamic=False``: the graph
-Dynamo then makes dynamic is compiled once per concrete size (``_per_shape``).
+Dynamo then makes dynamic is compiled once per concrete size (``_per_shape``), every
+one with the model's reference sizes (rules §3): the first compile's input shapes, or
+``prepare``'s example inputs', kept as ``model.umup_reference_shapes``.
 Its analysis sees what Dynamo gives it: the whole model without graph breaks, pieces
 with them (depth and tau are then per piece). ``prepare(model, example_inputs)``
 before compiling does the analysis and init on the whole model instead, eagerly.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,16 +39,20 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
 from umup_fx import meta
-from umup_fx.capture.trace import capture, capture_dynamo_graph
+from umup_fx.capture.reference import dynamo_input_name, dynamo_inputs_at_reference
+from umup_fx.capture.trace import capture, capture_dynamo_graph, dynamo_sources
 from umup_fx.errors import UmupError
 from umup_fx.options import Options
 from umup_fx.pipeline import plan_graph, run_pipeline
 from umup_fx.plan import Plan, expand_blocks
 from umup_fx.runtime.init import initialise
 from umup_fx.runtime.optim import resolve_pending_groups
-from umup_fx.transform import TRANSFORMED_ATTR, check_fresh
+from umup_fx.transform import TRANSFORMED_ATTR, ReferenceSizeWarning, _reference_of, check_fresh
 
 _OPTIONS_ATTR = "_umup_options"
+# The model's reference sizes (rules §3): each forward argument's shape at prepare's
+# example inputs or the first compile, kept for every later compile of the model.
+REFERENCE_ATTR = "umup_reference_shapes"
 compiled_plans: list[Plan] = []  # every graph the backend rewrote, in order (inspection)
 
 
@@ -66,6 +73,7 @@ def prepare(model: nn.Module, example_inputs: Any, example_kwargs: dict | None =
     for p in model.parameters():
         setattr(p, _OPTIONS_ATTR, opts)
     model.umup_plan = plan  # type: ignore[assignment]
+    setattr(model, REFERENCE_ATTR, _reference_of(model, example_inputs, example_kwargs))
     return model
 
 
@@ -170,36 +178,120 @@ def _owner(params: list[torch.Tensor]) -> nn.Module | None:
     return found
 
 
-def _per_shape(gm: fx.GraphModule, options: dict | None) -> Callable:
-    """A graph Dynamo made dynamic (SymInt inputs, after a new batch or sequence size)
-    cannot be exported as it is: compile it once per concrete size instead, at the
-    first call with that size (as ``dynamic=False`` would, without the flag)."""
+def _per_shape(gm: fx.GraphModule, options: dict | None, sources: list[str | None]) -> Callable:
+    """Compile ``gm`` once per concrete size, at the first call with that size. A graph
+    Dynamo made dynamic (SymInt inputs, after a new batch or sequence size) cannot be
+    exported as it is (this is what ``dynamic=False`` would do, without the flag); a
+    graph at sizes other than the model's reference is exported with those sizes
+    symbolic, which must not happen inside Dynamo's compile (its guards then fail)."""
     compiled: dict[tuple, Callable] = {}
 
     def run(*args: Any) -> Any:
         key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
         if key not in compiled:
-            compiled[key] = umup_backend(gm, list(args), options)
+            compiled[key] = umup_backend(gm, list(args), options, sources=sources)
         return compiled[key](*args)
 
     return run
 
 
-def umup_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
-    """``torch.compile`` backend: re-capture, run the u-muP pipeline, hand to ``inner``."""
-    if any(isinstance(x, torch.SymInt) for x in example_inputs):
-        return _per_shape(gm, options)
+def _off_reference(owner: nn.Module | None, inputs: list[Any], sources: list[str | None]) -> bool:
+    """Whether ``inputs`` are at sizes other than the model's reference sizes."""
+    reference = getattr(owner, REFERENCE_ATTR, None) if owner is not None else None
+    if reference is None:
+        return False
+    resized = dynamo_inputs_at_reference(inputs, sources, owner, reference)
+    return resized is not None and resized[1] is not None
+
+
+def _takes(captured: Any, inputs: list[Any]) -> bool:
+    """Whether a graph captured at the reference sizes still takes ``inputs``: every
+    size in which they differ from the reference stayed symbolic in the export."""
+    by_name = {n.name: n for n in captured.gm.graph.nodes if n.op == "placeholder"}
+    specs = [s for s in captured.program.graph_signature.input_specs
+             if s.kind == InputKind.USER_INPUT]
+    for spec, x in zip(specs, inputs, strict=True):
+        val = by_name[spec.arg.name].meta.get("val")
+        if isinstance(x, torch.Tensor):
+            sizes = zip(val.shape, x.shape, strict=True) if isinstance(val, torch.Tensor) else ()
+            if any(isinstance(a, int) and a != b for a, b in sizes):
+                return False
+        elif isinstance(x, int) and isinstance(val, int) and val != x:
+            return False
+    return True
+
+
+def _capture_at_reference(gm: fx.GraphModule, inputs: list[Any], sources: list[str | None],
+                          owner: nn.Module | None, first: bool) -> Any:
+    """Dynamo's graph captured so that every size a scale reads is the model's reference
+    size (rules §3), the same for every compile: the inputs stand in at the reference
+    sizes and the sizes that differ are exported symbolic. The first compile of a model
+    sets the reference (unless ``prepare`` did). When the graph cannot take these sizes
+    symbolically (``dynamic=False`` or ``torch._dynamo.reset()`` gave a graph with this
+    call's sizes written in) or shares no input with the reference call (a graph after
+    a graph break, recompiled), it is captured at its own sizes and says so
+    (``ReferenceSizeWarning``)."""
+    reference = getattr(owner, REFERENCE_ATTR, None) if owner is not None else None
+    if reference is None:
+        named = {} if owner is None or not first else {
+            name: tuple(x.shape) for s, x in zip(sources, inputs, strict=True)
+            if isinstance(x, torch.Tensor) and (name := dynamo_input_name(s, owner.forward))
+        }
+        if named:
+            setattr(owner, REFERENCE_ATTR, named)
+        return capture_dynamo_graph(gm, inputs, sources)
+    resized = dynamo_inputs_at_reference(inputs, sources, owner, reference)
+    if resized is not None and resized[1] is None:  # already the reference sizes
+        return capture_dynamo_graph(gm, inputs, sources)
+    if resized is not None:
+        try:
+            captured = capture_dynamo_graph(gm, resized[0], sources, resized[1])
+            if _takes(captured, inputs):
+                return captured
+        except UmupError:
+            pass  # then at its own sizes, with the warning below
+    if resized is not None or not first:
+        shapes = [tuple(x.shape) for x in inputs
+                  if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter)]
+        why = ("its inputs share no argument with the reference call (a graph after a "
+               "graph break), so its sizes are this call's" if resized is None else
+               "Dynamo wrote this call's sizes into it (dynamic=False, or a first call "
+               "after prepare or torch._dynamo.reset() at other sizes), so its gradient "
+               "scales and a length-dependent attention scale are this call's. Mark the "
+               "sizes dynamic before that call (torch._dynamo.mark_dynamic(x, [0, 1])) or "
+               "make it at the reference sizes")
+        warnings.warn(
+            f"umup_fx: a graph of {type(owner).__name__} compiled by the umup backend for "
+            f"inputs of shapes {shapes} could not be captured at the model's reference "
+            f"sizes {sorted(reference.items())} (rules section 3): {why}; or transform "
+            "the model (umup_fx.transform) and compile that.",
+            ReferenceSizeWarning,
+            stacklevel=2,
+        )
+    return capture_dynamo_graph(gm, inputs, sources)
+
+
+def umup_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None,
+                 *, sources: list[str | None] | None = None) -> Callable:
+    """``torch.compile`` backend: re-capture, run the u-muP pipeline, hand to ``inner``.
+    ``sources`` is given when ``_per_shape`` calls it, at run time."""
+    owner = _owner([x for x in example_inputs if isinstance(x, nn.Parameter)])
+    if sources is None:  # inside Dynamo's compile
+        sources = dynamo_sources(gm)  # Dynamo forgets them once this backend returns
+        if any(isinstance(x, torch.SymInt) for x in example_inputs) or _off_reference(
+            owner, example_inputs, sources
+        ):
+            return _per_shape(gm, options, sources)
     given = dict(options or {})
     inner = _inner_compiler(given.pop("inner", None))
     opts, first = _options(example_inputs, given)
-    captured = capture_dynamo_graph(gm, example_inputs)
+    captured = _capture_at_reference(gm, example_inputs, sources, owner, first)
     rewritten = captured.gm
     meta.graph_meta(rewritten)[meta.STATIC_MODE] = True
     before = fx.GraphModule(rewritten, rewritten.graph.__deepcopy__())
     plan = run_pipeline(rewritten, opts, captured.model_name)
     if first:
         _first_compile(example_inputs, captured, plan, opts)
-        owner = _owner([info.tensor for info in captured.params.values()])
         if owner is not None and "umup_plan" not in vars(owner):
             plan.model_name = type(owner).__name__
             owner.umup_plan = plan  # type: ignore[assignment]  # as prepare / transform
