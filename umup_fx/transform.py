@@ -69,8 +69,9 @@ class CheckpointWarning(UserWarning):
 
 
 class ReferenceSizeWarning(UserWarning):
-    """A call structure first seen after ``transform`` was captured at its own sizes, not
-    the transform's reference sizes (rules §3): its gradient scales may differ."""
+    """A call structure first seen after ``transform`` (or a graph the ``"umup"`` backend
+    compiled after the first) was captured at its own sizes, not the model's reference
+    sizes (rules §3): its gradient scales may differ."""
 
 
 def _warn_unkept_checkpoints(captured: Captured) -> None:
