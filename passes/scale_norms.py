@@ -158,7 +158,7 @@ def scale_imported_norms(gm: fx.GraphModule) -> None:
             scale = gm.graph.placeholder(f"umup_norm_scale_{len(placeholders)}")
         placeholders.append(scale)
         scale.meta["val"] = like.new_empty((), dtype=torch.float32)
-        meta.node_meta(scale).update({meta.KIND: "buffer", meta.NORM_SCALE: path})
+        meta.node_meta(scale)[meta.NORM_SCALE] = path
         if not hand_written:
             node.kwargs = {**node.kwargs, "input_scale": scale}
             continue
