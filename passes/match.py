@@ -137,7 +137,8 @@ def _direct_use(param: fx.Node, active: set[fx.Node]) -> dict[str, str] | None:
         return {"kind": "cat", "op": op.name, "operand": node.name}
     if meta.get(op, meta.RULE) == rules.NORM_OP and op.args[0] is node:
         # a table read through a norm (DeBERTa-v2's relative positions): the norm's input,
-        # not its gain; the norm sets the output's scale (rules.md "A table through a norm")
+        # not its gain; the norm sets the output's scale (rules.md "A table read through a
+        # norm is a table")
         return {"kind": "norm", "op": op.name, "operand": node.name}
     if op.target in ADDS and len(op.args) == 2:
         other = op.args[1] if op.args[0] is node else op.args[0]
@@ -166,7 +167,7 @@ def _match_relu2(node: fx.Node) -> fx.Node | None:
 
 
 def _copies_over_batch(op: fx.Node, node: fx.Node) -> bool:
-    """``op`` copies ``node`` (``[1, ..., d]``) over new or size-1 leading axes only:
+    """``op`` copies ``node`` (``[1, ..., d]``) over new or size-1 axes only:
     ``q.expand(B, -1, -1)`` / ``q.repeat(B, 1, 1)`` (SigLIP's probe, Perceiver latents);
     a tiling of a real axis is not a copy over the batch."""
     if op.target not in _EXPAND | _REPEAT or op.args[0] is not node:
