@@ -432,11 +432,13 @@ def _fix_sizes(program: ExportedProgram, model: str, why: str | None) -> None:
     fixed = "; ".join(f"{node.name} {_shape_text(sizes)}" for node, sizes in checks)
     cause = why or ("export fixes a size of 1, and one equal to a size the model slices a "
                     "table or mask to (a sequence as long as its maximum)")
+    advice = ("Transform with example inputs of the size you train at." if why else
+              "To keep them free, transform with example inputs of batch >= 2 and a "
+              "sequence shorter than the model's maximum length.")
     warnings.warn(
         f"umup_fx: {model}'s capture fixed input sizes at the example's ({fixed}): {cause}. "
-        "The transformed model takes only those sizes there (another is a CallError). To "
-        "keep them free, transform with example inputs of batch >= 2 and a sequence shorter "
-        "than the model's maximum length.", StaticSizeWarning, stacklevel=4)
+        f"The transformed model takes only those sizes there (another is a CallError). "
+        f"{advice}", StaticSizeWarning, stacklevel=4)
 
 
 def _shape_text(sizes: tuple[int | None, ...]) -> str:

@@ -100,6 +100,6 @@ def expect_sizes(x: torch.Tensor, sizes: tuple[int | None, ...], model: str, nam
     raise CallError(
         f"{model} was transformed for {name} of shape [{want}] (the capture fixed those "
         f"sizes at the example's: its StaticSizeWarning said why); got {list(x.shape)}. Call "
-        "it at that shape, or transform a fresh model with example inputs that keep the axis "
-        "free (batch >= 2, a sequence shorter than the model's maximum length)."
+        "it at that shape, or transform a fresh model with example inputs of the shape you "
+        "need (a batch >= 2 and a sequence shorter than the model's maximum stay free)."
     )
