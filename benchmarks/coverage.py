@@ -3,6 +3,7 @@
     python benchmarks/coverage.py             # check every family, write docs/coverage.md
     python benchmarks/coverage.py --no-write  # print only
     python benchmarks/coverage.py Llama T5    # some families (printed, not written)
+    python benchmarks/coverage.py --update Llama T5  # rerun those rows of docs/coverage.md
 
 Each family is a tiny random-init model (``tests/families.py``: width 64, 2 layers,
 vocab 128, seeded). For each: ``umup_fx.transform``; one forward + backward (the model's
@@ -70,6 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("families", nargs="*", help="families to check (default: all)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only these families' rows of docs/coverage.md")
     args = parser.parse_args()
     names = args.families or list(FAMILIES)
     unknown = [n for n in names if n not in FAMILIES]
@@ -82,12 +85,15 @@ def main() -> None:
         result = check(name)
         rows.append(_row(result, time.perf_counter() - start))
         print(rows[-1], flush=True)
+    header = [f"Machine: {machine()}. Command: `{command()}`."]
+    if args.update and args.families:
+        rows, header = _merged(rows, header)
     covered = sum("| yes (" in r for r in rows)
     verdicts = [r.split("|")[2].strip() for r in rows]
     count = {k: sum(v.startswith(k) for v in verdicts)
              for k in ("right", "warned", "refused", "**silently wrong**", "**crashed**", "not run")}
     body = "\n".join([
-        f"Machine: {machine()}. Command: `{command()}`.",
+        *header,
         "",
         f"{len(rows)} families: {covered} transform. Verdicts: {count['right']} right, "
         f"{count['warned']} warned, {count['refused']} refused, {count['**crashed**']} crashed, "
@@ -98,9 +104,22 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
-    if args.no_write or args.families:
+    if args.no_write or args.families and not args.update:
         return
     write_section("coverage", body, DOC)
+
+
+def _merged(new_rows: list[str], header: list[str]) -> tuple[list[str], list[str]]:
+    """The table of docs/coverage.md with ``new_rows`` in place of those families' rows
+    (appended if new), and its header lines plus one saying which rows this run wrote."""
+    text = DOC.read_text().split("<!-- coverage:begin -->", 1)[1].split("<!-- coverage:end -->")[0]
+    lines = text.strip().splitlines()
+    old_header = [ln for ln in lines if ln.startswith(("Machine:", "Rows "))]
+    rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| family")]
+    fresh = {r.split("|")[1].strip(): r for r in new_rows}
+    merged = [fresh.pop(r.split("|")[1].strip(), r) for r in rows] + list(fresh.values())
+    names = ", ".join(r.split("|")[1].strip() for r in new_rows)
+    return merged, [*old_header, f"Rows {names} rerun on {machine()}: `{command()}`."]
 
 
 if __name__ == "__main__":
