@@ -534,3 +534,21 @@ class SiglipPooled(nn.Module):
 
 FAMILIES["SigLIP vision + MAP head (learned-query pooling)"] = lambda: Case(
     SiglipPooled(), (_pixels(),), {}, "backbone")
+
+
+def _hand_written(name: str) -> Callable[[], Case]:
+    """Meta's llama and nanoGPT as their repositories write them (the small models of
+    ``tests/test_capture_forms.py``: width 32, vocabulary 64)."""
+
+    def build() -> Case:
+        from tests.test_capture_forms import MetaLlama, NanoGPT
+
+        if name == "llama":
+            return Case(MetaLlama(buffer=True), (_ids(64), 0), {}, "lm")
+        return Case(NanoGPT(block_size=64), (_ids(64),), {}, "lm")
+
+    return build
+
+
+FAMILIES["Meta llama (freqs_cis, start_pos, mask.type_as)"] = _hand_written("llama")
+FAMILIES["nanoGPT (causal-mask buffer)"] = _hand_written("nanogpt")
