@@ -405,10 +405,12 @@ def _fix_sizes(program: ExportedProgram, model: str, why: str | None) -> None:
 
     Every axis was asked dynamic (``Dim.AUTO``); export fixes one it cannot keep free:
     a size of 1, one equal to a size the model slices a table or mask to, or (``why``)
-    all past the batch axis. Another size there would fail deep inside the graph, or run
-    the blocks at sizes baked in for the example's, so each user input with a fixed
-    data axis (the batch axis, an axis of integer inputs such as token ids; every fixed
-    axis under ``why``) gets an ``expect_sizes`` check: a CallError naming the size.
+    all past the batch axis. Where the graph computes with that size (it does not run
+    at another, ``_runs_at_other_sizes``; under ``why`` always), another size would fail
+    deep inside the graph or run the blocks at the example's sizes, so each user input
+    with a fixed data axis (the batch axis, an axis of integer inputs such as token ids;
+    every fixed axis under ``why``) gets an ``expect_sizes`` check: a CallError naming
+    the size.
     """
     gm = program.graph_module
     users = set(program.graph_signature.user_inputs)
@@ -422,8 +424,8 @@ def _fix_sizes(program: ExportedProgram, model: str, why: str | None) -> None:
                       else None for k, s in enumerate(val.shape))
         if any(s is not None for s in sizes):
             checks.append((node, sizes))
-    if not checks:
-        return
+    if not checks or (why is None and _runs_at_other_sizes(gm, dict(checks))):
+        return  # export's 1 for a batch of one is often a size the graph never uses
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     for node, sizes in checks:
         with gm.graph.inserting_after(last):
@@ -439,6 +441,34 @@ def _fix_sizes(program: ExportedProgram, model: str, why: str | None) -> None:
         f"umup_fx: {model}'s capture fixed input sizes at the example's ({fixed}): {cause}. "
         f"The transformed model takes only those sizes there (another is a CallError). "
         f"{advice}", StaticSizeWarning, stacklevel=4)
+
+
+def _runs_at_other_sizes(gm: fx.GraphModule, fixed: dict[fx.Node, tuple]) -> bool:
+    """Whether ``gm`` runs (on fake tensors: shapes only) with each fixed axis one
+    shorter (one longer from 1 or 2): a fixed size the graph does not compute with."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def size(s: Any) -> int:  # the example's value of a (symbolic) size
+        hint = getattr(getattr(s, "node", None), "hint", None)
+        return int(s if hint is None else hint)
+
+    def stand_in(node: fx.Node) -> Any:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return size(val) if isinstance(val, torch.SymInt) else val
+        shape = [size(s) for s in val.shape]
+        for k, s in enumerate(fixed.get(node, ())):
+            if s is not None:
+                shape[k] = s - 1 if s > 2 else s + 1
+        return torch.empty(shape, dtype=val.dtype, device=val.device)
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            inputs = [stand_in(n) for n in gm.graph.nodes if n.op == "placeholder"]
+            fx.Interpreter(gm).run(*inputs)
+    except Exception:  # noqa: BLE001 - it does not: the size is the graph's
+        return False
+    return True
 
 
 def _shape_text(sizes: tuple[int | None, ...]) -> str:
