@@ -89,6 +89,12 @@ def _u_mup_only(opts: Options) -> Options:
             "with umup_fx.transform(model, inputs, parametrization=..., base=...), then "
             "torch.compile(model) with the default backend."
         )
+    if opts.pretrained:  # the backend captures per compile; importing weights needs one graph
+        raise UmupError(
+            "pretrained=True converts the weights once, through transform: call "
+            "umup_fx.transform(model, inputs, pretrained=True), then torch.compile(model) with "
+            "the default backend (docs/deploy.md, 'Pretrained in')."
+        )
     return opts
 
 
