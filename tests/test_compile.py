@@ -125,6 +125,12 @@ def test_backend_options() -> None:
     assert umup_fx.backend.compiled_plans[-1].hparams.output_mult == 2.0
 
 
+def test_backend_refuses_pretrained_and_says_where_it_works() -> None:
+    # The backend would leave the weights as they are: a different function, silently.
+    with pytest.raises(umup_fx.UmupError, match=r"transform\(model, inputs, pretrained=True\)"):
+        umup_fx.prepare(_llama(layers=1), _batch(), pretrained=True)
+
+
 def test_dump_before_and_after(tmp_path, monkeypatch) -> None:
     torch._dynamo.reset()
     monkeypatch.setenv("UMUP_FX_DUMP", str(tmp_path))
