@@ -111,8 +111,12 @@ def split_part_of(node: Any) -> Any:
 
 def param_of(node: Any) -> str | None:
     """The parameter a value is (through transparent ops), if any; one part of a split
-    parameter counts as it (nn.MultiheadAttention's in_proj_weight for cross-attention)."""
-    return param_name(split_part_of(source(node)))
+    parameter counts as it (nn.MultiheadAttention's in_proj_weight for cross-attention),
+    and a weight norm's result as its direction ``v`` (``passes/weight_norm.py``)."""
+    node = split_part_of(source(node))
+    if isinstance(node, fx.Node) and meta.get(node, meta.WEIGHT_NORM):
+        node = source(node.args[0])
+    return param_name(node)
 
 
 def value_inputs(node: fx.Node) -> list[fx.Node]:

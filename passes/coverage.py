@@ -5,7 +5,8 @@ is not a pure data movement (views, casts, slicing) or an elementwise product / 
 with a constant (RoPE, masks, which keep scale) passes through unscaled. Each one is
 listed with its source line; the report prints them and ``transform`` warns once.
 
-Reads: ``umup.rule``, ``umup.norm``, ``umup.attention``; graph key ``roles``.
+Reads: ``umup.rule``, ``umup.norm``, ``umup.attention``, ``umup.weight_norm``; graph key
+``roles``.
 Writes: graph key ``uncovered``: list of (node name, op name, source line).
 Fails when: never.
 """
@@ -90,6 +91,8 @@ def find_uncovered(gm: fx.GraphModule) -> PassResult:
             continue  # comparisons, argmax, masks: no scale to keep
         if meta.get(node, meta.RULE) or meta.get(node, meta.NORM) or node.name in parts:
             continue
+        if meta.get(node, meta.WEIGHT_NORM):
+            continue  # a weight computed from parameters (rules.md "Weight norm")
         if node.target in _PASS_THROUGH or node.target.__name__ == "getitem":
             continue
         if node.target in (MULS | ADDS | DIVS | _SUB):

@@ -6,7 +6,8 @@ and its role from whether each fan is width-like (``passes.dims``). A tied param
 (embedding shared with the LM head) keeps every use; its role, init and LR follow
 its first use in the forward pass, while each use gets its own op scaling.
 
-Reads: ``umup.dims``, ``umup.rule``, ``umup.weight``, ``umup.transposed``, ``umup.norm``.
+Reads: ``umup.dims``, ``umup.rule``, ``umup.weight``, ``umup.transposed``, ``umup.norm``,
+``umup.weight_norm``.
 Writes: ``gm.meta["umup"]["roles"]``: {parameter name: ``ParamRole``}.
 Fails when: a parameter is used by an op no rule covers (``AnalysisError`` naming the
 parameter, the op and the source line; ``roles={name: role}`` overrides it).
@@ -117,6 +118,8 @@ def _use_of(node: fx.Node, op: fx.Node, name: str, solver) -> ParamRole | None:
         return _weight_use(op, solver)
     if rule in (rules.LINEAR, rules.CONV) and len(dims) == 1:
         return ParamRole(rules.BIAS)  # linear(x, W, b) / addmm(b, x, W) / conv(x, W, b)
+    if meta.get(op, meta.WEIGHT_NORM) and source(op.args[1]) is node:
+        return ParamRole(rules.NORM)  # a weight norm's g: a gain (rules.md "Weight norm")
     if rule == rules.NORM_OP:
         shift_at = 2 if op.target in _BATCH_NORM else 3  # batch_norm(x, w, b, ...)
         return ParamRole(rules.NORM, shift=len(op.args) > shift_at and op.args[shift_at] is node)
@@ -181,13 +184,16 @@ def advice(name: str, shape: tuple[int, ...], op: fx.Node) -> str:
             "value, 'unused' keeps the model's init.")
 
 
-def _through_splits(ops_: list[fx.Node]) -> list[fx.Node]:
+def _through_splits(ops_: list[fx.Node], node: fx.Node) -> list[fx.Node]:
     """A parameter split into parts (q and kv of nn.MultiheadAttention's in_proj_weight)
-    is used by what reads each part."""
+    is used by what reads each part; a weight norm's direction ``v`` by what reads the
+    normed weight (``passes/weight_norm.py``)."""
     out = []
     for op in ops_:
         if op.target in SPLITS:
-            out += _through_splits([u for part in op.users for u in consumers(part)])
+            out += _through_splits([u for part in op.users for u in consumers(part)], node)
+        elif meta.get(op, meta.WEIGHT_NORM) and source(op.args[0]) is node:
+            out += _through_splits(consumers(op), node)
         else:
             out.append(op)
     return out
@@ -207,7 +213,7 @@ def assign_roles(gm: fx.GraphModule, overrides: dict[str, str] | None = None) ->
         if meta.get(node, meta.DIRECT):
             found = _direct_role(node, solver)
             found.uses.append(Use(meta.get(node, meta.DIRECT)["op"], "direct", found.role))
-        for op in [] if found else _through_splits(consumers(node)):
+        for op in [] if found else _through_splits(consumers(node), node):
             use = _use_of(node, op, name, solver)
             if use is None:
                 if name in overrides:

@@ -479,6 +479,17 @@ def _same(p: Propagator, n: fx.Node) -> Dims:
     return p.d(n.args[0])
 
 
+def _weight_norm(p: Propagator, n: fx.Node) -> Dims:
+    """``_weight_norm(v, g, dim)``: the result is ``v``'s shape; ``g`` keeps ``v``'s axis
+    ``dim`` (size 1 elsewhere)."""
+    vd, gd = p.d(n.args[0]), p.d(n.args[1])
+    if len(gd) == len(vd):
+        for a, b, size in zip(vd, gd, shape_of(n.args[1]), strict=True):
+            if size != 1:
+                p.s.equate(a, b, n.name)
+    return vd
+
+
 def _table(entries: list[tuple[set[Any] | list[Any], Any]]) -> dict[Any, Any]:
     """{op overload: rule} from (overloads, rule) rows."""
     return {target: rule for targets, rule in entries for target in targets}
@@ -531,6 +542,7 @@ RULES: dict[Any, Rule] = _table([
     ),
     ([operator.getitem], _getitem),
     (ops("clone", "alias", "detach", "contiguous", "_to_copy", "to.dtype", "lift_fresh_copy"), _same),
+    (ops("_weight_norm"), _weight_norm),
 ])
 
 MULTI_RULES: dict[Any, Callable[..., list[Dims]]] = _table([

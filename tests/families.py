@@ -491,7 +491,8 @@ FAMILIES.update({
         lambda c: ((torch.randn(BATCH, 1600, generator=torch.Generator().manual_seed(1)),), {}),
         "backbone", hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=4 * D, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, layerdrop=0.1),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        layerdrop=0.0, mask_time_prob=0.0),  # what its CaptureError tells a user to set
     "ConvNeXt (depthwise conv, LayerScale)": _built(
         "ConvNextForImageClassification", "ConvNextConfig",
         lambda c: ((_pixels(),), {"labels": torch.tensor([1, 7])}), "loss", hidden_sizes=[16, 32],

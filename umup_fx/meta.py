@@ -47,6 +47,9 @@ key                written by         value
 ``fp8``            passes.fp8         on linears: True when FP8-eligible (rules §7)
 ``multiplier``     passes.mup         on the multiply μP puts after a readout: the
                                       readout op's node name (its output is the product)
+``weight_norm``    passes.weight_norm on ``aten._weight_norm(v, g, dim)`` of two parameters:
+                                      dict {"v", "g" (parameter names), "n" (elements
+                                      each norm runs over: v.numel() / g.numel())}
 ``norm_scale``     passes.scale_norms pretrained import only, on the placeholders it adds:
                                       the path of the 0-dim buffer holding a norm's
                                       input factor (``passes.cut_regions`` feeds it)
@@ -100,6 +103,7 @@ RESIDUAL = "residual"
 FP8 = "fp8"
 MULTIPLIER = "multiplier"
 NORM_SCALE = "norm_scale"
+WEIGHT_NORM = "weight_norm"
 
 # Graph keys.
 SOLVER = "solver"

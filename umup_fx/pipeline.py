@@ -47,6 +47,7 @@ from umup_fx.passes.scale_weights import (
     scale_embeddings,
     scale_linears,
 )
+from umup_fx.passes.weight_norm import find_weight_norms, scale_weight_norms
 from umup_fx.plan import Plan, build_plan, expand_blocks
 
 
@@ -55,6 +56,7 @@ def analysis_passes(roles: dict[str, str] | None = None) -> list[Callable[[fx.Gr
     return [
         infer_dims,  # umup.dims: sympy dims, fixed vs width (rules §1)
         find_norms,  # umup.norm: normalisation outputs and gains
+        find_weight_norms,  # umup.weight_norm: g * v / ||v||, v read as the weight
         match_rules,  # umup.rule: which §3 rule each op gets
         functools.partial(assign_roles, overrides=roles),  # roles and fans (§1)
         find_routing,  # MoE routers, gates and the gated combine (§10)
@@ -81,6 +83,7 @@ def rewrite_passes(parametrization: str = "umup") -> list[Callable[[fx.GraphModu
         scale_residuals,  # residual split / add with tau, plain adds (§3, §4)
         scale_linears,  # linears by role; FP8 on eligible ones (§3, §7)
         scale_convs,  # the linear rule, fan_in = C_in/groups * kernel
+        scale_weight_norms,  # weight norm's result at unit scale, g a gain
         scale_embeddings,
         scale_direct_params,  # position tables / cls tokens used as values
         scale_norms,  # non-parametric norms by default (§2)

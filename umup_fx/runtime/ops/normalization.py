@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from umup_fx.runtime.ops.linears import _norm_params, param_grad_scale
+from umup_fx.runtime.ops.scaling import scale_bwd
 
 
 def layer_norm(
@@ -91,3 +93,15 @@ def norm_eps(eps: float, input_scale: Tensor) -> Tensor:
     ``input_scale`` times smaller than the checkpoint's: ``eps / input_scale^2``, so it
     computes the checkpoint's norm exactly (pretrained import)."""
     return eps / (input_scale * input_scale)
+
+
+def weight_norm(v: Tensor, g: Tensor, dim: int = 0, *, n: int | None = None) -> Tensor:
+    """A weight-normed weight at unit scale (rules.md "Weight norm"): ``g * v / ||v|| *
+    sqrt(n)``, the norm over every axis but ``dim`` (PyTorch's ``_weight_norm``), ``n``
+    the elements each norm runs over (``v.numel() / g.numel()``). At the gain's unit value
+    1 every element has RMS 1 whatever ``v``'s scale, the weight op applies its own
+    ``fan_in^-1/2``; ``g``'s gradient, a sum over ``n`` elements, is scaled by ``n^-1/2``
+    (the norm gain's ``(d / numel)^1/2``)."""
+    n = v.numel() // max(g.numel(), 1) if n is None else n
+    g = scale_bwd(g, n ** -0.5)
+    return torch._weight_norm(v, g, dim) * n ** 0.5
