@@ -8,6 +8,9 @@ Each worker takes its share of the cores for torch's intra-op threads: two worke
 threads each on a 2-core machine would oversubscribe it. Subprocesses the tests start (the
 gloo ranks, the plain export process) inherit the share through ``OMP_NUM_THREADS``. A
 serial run keeps torch's default.
+
+Tests over ~8 s alone on a 2-core CPU carry ``@pytest.mark.slow`` (declared in
+pyproject.toml): ``-m "not slow"`` is the quick loop; the README's command runs them all.
 """
 
 from __future__ import annotations

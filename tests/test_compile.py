@@ -51,6 +51,7 @@ def test_no_graph_breaks_hf_llama() -> None:
     assert report.graph_break_count == 0, report.break_reasons
 
 
+@pytest.mark.slow
 def test_compiled_trains_like_eager() -> None:
     # Inductor reorders float32 arithmetic: losses agree to ~1e-5 relative, not bitwise.
     eager = umup_fx.transform(_llama(d=32, layers=1), _batch())
@@ -250,6 +251,7 @@ def test_prepare_sets_the_backends_reference_sizes() -> None:
         compiled(_ids(3, 16, seed=5))
 
 
+@pytest.mark.slow
 def test_backend_on_hf_llama_equals_transform_at_a_new_size() -> None:
     """HF's rotary table is a buffer Dynamo passes as an input (its sizes are not data
     dims: k_proj stays hidden) and its causal mask is built from sizes Dynamo passes as

@@ -210,6 +210,7 @@ def _ddp_worker(rank: int, tmp: str, port: int) -> None:
         torch.save(grads, Path(tmp) / "ddp.pt")
 
 
+@pytest.mark.slow
 def test_fsdp2_per_block_meta_init_matches_one_process(tmp_path: Path) -> None:
     losses, grads = _reference(tmp_path)
     _run(_fsdp_worker, tmp_path)

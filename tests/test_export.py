@@ -165,6 +165,7 @@ def _greedy(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> list[int]
     return ids[0].tolist()
 
 
+@pytest.mark.slow
 def test_hf_round_trip_in_a_plain_process(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

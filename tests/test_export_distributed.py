@@ -86,6 +86,7 @@ def _worker(rank: int, tmp: str, port: int) -> None:
         torch.save({"logits": logits, "gathered": gathered}, tmp_path / "logits.pt")
 
 
+@pytest.mark.slow
 def test_fsdp2_dcp_checkpoint_exports_to_the_sharded_models_function(tmp_path: Path) -> None:
     safetensors = pytest.importorskip("safetensors.torch")
     from umup_fx.__main__ import main

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_fp8_numerics_smoke_runs_on_cpu() -> None:
     out = subprocess.run(
         [sys.executable, "benchmarks/fp8_numerics.py", "--device", "cpu", "--smoke", "--no-write"],
@@ -25,7 +28,6 @@ def test_gpu_suite_script_parses() -> None:
 
 
 def test_gpu_suite_without_cuda_says_so_in_one_line() -> None:
-    import pytest
     import torch
 
     if torch.cuda.is_available():

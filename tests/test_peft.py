@@ -86,6 +86,7 @@ def _logits(model: nn.Module) -> torch.Tensor:
         return model(_ids()).logits
 
 
+@pytest.mark.slow
 def test_a_zero_adapter_leaves_the_transformed_model_as_the_base() -> None:
     ids = _ids()
     base = umup_fx.transform(hf_llama(), (ids,), {"labels": ids}, pretrained=True)

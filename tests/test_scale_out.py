@@ -216,6 +216,7 @@ def test_activation_checkpointing_before_transform_is_kept() -> None:
     assert "layers.0.attn.q_proj.weight" in model.umup_plan.params  # plan names: no wrapper
 
 
+@pytest.mark.slow
 def test_hf_gradient_checkpointing_before_or_after_transform_recomputes() -> None:
     """HF checkpoints in the layer's __call__, which the rewritten block keeps."""
     pytest.importorskip("transformers")

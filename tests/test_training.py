@@ -102,6 +102,7 @@ def trainer_run(plain_once) -> dict:
     return ns
 
 
+@pytest.mark.slow
 def test_trainer_recipe_trains_with_u_mup_groups_and_an_rms_threshold(trainer_run) -> None:
     ns = trainer_run
     history = [h for h in ns["trainer"].state.log_history if "loss" in h]
@@ -114,6 +115,7 @@ def test_trainer_recipe_trains_with_u_mup_groups_and_an_rms_threshold(trainer_ru
     assert not [w for w in ns["caught"] if issubclass(w.category, umup_fx.AlwaysClippedWarning)]
 
 
+@pytest.mark.slow
 def test_trainer_gradient_norm_is_the_models_own(trainer_run) -> None:
     ns = trainer_run
     logged = [h["grad_norm"] for h in ns["trainer"].state.log_history if "grad_norm" in h]

@@ -73,6 +73,7 @@ def test_baselines_need_a_base_and_a_known_name() -> None:
         umup_fx.transform(hf_llama(hidden=64), (_ids(),), parametrization="ntk")
 
 
+@pytest.mark.slow
 def test_sweep_cli_writes_json_resumes_and_plots(tmp_path, capsys) -> None:
     out = tmp_path / "sweep.json"
     argv = ["sweep", "examples.llama:Llama", "--width-arg", "d_model", "--arg", "n_layers=2",
@@ -91,6 +92,7 @@ def test_sweep_cli_writes_json_resumes_and_plots(tmp_path, capsys) -> None:
     assert json.loads(out.read_text())["runs"] == json.loads(first)["runs"]
 
 
+@pytest.mark.slow
 def test_sweep_function_on_a_logits_model(tmp_path) -> None:
     pytest.importorskip("matplotlib")
 
@@ -144,6 +146,7 @@ def test_default_grids_are_centred_on_each_default() -> None:
     assert default_grid("sp") == [2.0**k for k in range(-11, -6)]
 
 
+@pytest.mark.slow
 def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:
     """μP's coordinate check through the CLI: after a few steps at the same eta per
     parametrization, u-muP's and μP's output RMS do not trend with width; SP's grows.
@@ -166,6 +169,7 @@ def test_coord_check_cli_umup_flat_sp_grows(tmp_path, capsys) -> None:
     assert "umup: log-log slope" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_search_cli_tunes_eta_then_one_multiplier_and_checks_the_target(tmp_path, capsys) -> None:
     out = tmp_path / "search.json"
     argv = ["search", "examples.llama:Llama", "--width-arg", "d_model", "--arg", "n_layers=2",
