@@ -16,8 +16,9 @@ elements, ``runtime/ops/normalization.py`` ``weight_norm``).
 ``norm``). A ``_weight_norm`` of anything else is left alone (listed as uncovered).
 Fails when: never.
 
-``scale_weight_norms`` (rewrite): swaps each marked node for ``ops.weight_norm``.
-Reads ``umup.weight_norm``; fails when: never.
+``scale_weight_norms`` (rewrite): swaps each marked node for ``ops.weight_norm``, without
+``g`` unless ``trainable_norms`` (as ``passes.scale_norms`` drops a norm's gain).
+Reads ``umup.weight_norm``, graph key ``options``; fails when: never.
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ def find_weight_norms(gm: fx.GraphModule) -> PassResult:
 
 
 def scale_weight_norms(gm: fx.GraphModule) -> PassResult:
-    """Swap every marked ``_weight_norm`` for ``ops.weight_norm`` (unit-scale result,
-    gain gradient ``n^-1/2``)."""
+    """Swap every marked ``_weight_norm`` for ``ops.weight_norm``: the result at unit
+    scale; the gain out of the graph (non-parametric, §2) unless ``trainable_norms``,
+    then its gradient ``x n^-1/2``."""
+    trainable = meta.graph_meta(gm)[meta.OPTIONS].trainable_norms
     changed = False
     for node in gm.graph.nodes:
         found = meta.get(node, meta.WEIGHT_NORM) if node.op == "call_function" else None
         if found:
-            swap(node, unit_weight_norm, (node.args[0], node.args[1], arg(node, "dim", 0)),
-                 {"n": found["n"]})
+            g = node.args[1] if trainable else None
+            swap(node, unit_weight_norm, (node.args[0], g, arg(node, "dim", 0)), {"n": found["n"]})
             changed = True
     return PassResult(gm, changed)

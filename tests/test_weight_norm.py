@@ -67,6 +67,7 @@ def test_graph_before_and_after() -> None:
              if n.target is unit_weight_norm}
     # n: the elements each norm runs over; one output row (C * 5), one kernel tap (C * C/4)
     assert sorted(c.kwargs["n"] for c in calls.values()) == [C * 5, C * C // 4]
+    assert all(c.args[1] is None for c in calls.values())  # the gain out of the graph (§2)
     assert after.count(ops.conv) == 3
     assert model.umup_plan.uncovered == []
 
@@ -123,7 +124,9 @@ def test_trainable_gain_gradient_is_unit() -> None:
     comes out O(1) with the n^-1/2 scale (it would be about sqrt(n) = 12.6 without)."""
     model = _transformed(trainable_norms=True)
     params = dict(model.named_parameters())
-    assert params[G0].requires_grad
+    assert params[G0].requires_grad and unit_weight_norm in _targets(model)
+    assert all(n.args[1] is not None for gm in model.region_graphs().values()
+               for n in gm.graph.nodes if n.target is unit_weight_norm)
     model(*_inputs()).backward()
     v_grad = float(params[V0].grad.pow(2).mean().sqrt())
     g_grad = float(params[G0].grad.pow(2).mean().sqrt())
@@ -146,3 +149,14 @@ def test_hook_weight_norm_on_a_linear() -> None:
     report = umup_fx.check(model, (x,))
     assert report.ok, report.lines()
 
+
+
+def test_compile_backend_keeps_the_gain_out() -> None:
+    """The umup backend runs the same passes: v at unit init, and the gain, out of the
+    graph, gets no gradient (a plain optimizer leaves it at 1)."""
+    torch.manual_seed(0)
+    net = WeightNormNet()
+    torch.compile(net, backend="umup", options={"inner": "eager"})(*_inputs()).backward()
+    v, g = dict(net.named_parameters())[V2], dict(net.named_parameters())[G2]
+    assert float(v.detach().pow(2).mean().sqrt()) == pytest.approx(1, rel=0.1)
+    assert v.grad is not None and g.grad is None and bool((g == 1).all())

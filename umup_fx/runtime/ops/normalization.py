@@ -95,13 +95,17 @@ def norm_eps(eps: float, input_scale: Tensor) -> Tensor:
     return eps / (input_scale * input_scale)
 
 
-def weight_norm(v: Tensor, g: Tensor, dim: int = 0, *, n: int | None = None) -> Tensor:
+def weight_norm(v: Tensor, g: Tensor | None, dim: int = 0, *, n: int | None = None) -> Tensor:
     """A weight-normed weight at unit scale (rules.md "Weight norm"): ``g * v / ||v|| *
     sqrt(n)``, the norm over every axis but ``dim`` (PyTorch's ``_weight_norm``), ``n``
     the elements each norm runs over (``v.numel() / g.numel()``). At the gain's unit value
-    1 every element has RMS 1 whatever ``v``'s scale, the weight op applies its own
-    ``fan_in^-1/2``; ``g``'s gradient, a sum over ``n`` elements, is scaled by ``n^-1/2``
+    1 every element has RMS 1 whatever ``v``'s scale; the weight op applies its own
+    ``fan_in^-1/2``. ``g`` None: the non-parametric form (the gain at 1, out of the
+    graph); else ``g``'s gradient, a sum over ``n`` elements, is scaled by ``n^-1/2``
     (the norm gain's ``(d / numel)^1/2``)."""
+    if g is None:
+        norms = torch.norm_except_dim(v, 2, dim)
+        return v * ((v.numel() // norms.numel() if n is None else n) ** 0.5 / norms)
     n = v.numel() // max(g.numel(), 1) if n is None else n
     g = scale_bwd(g, n ** -0.5)
     return torch._weight_norm(v, g, dim) * n ** 0.5
