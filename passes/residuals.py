@@ -9,10 +9,14 @@ activations are plain adds (rule ``add``), except sums of products with constant
 (RoPE's ``q*cos + rotate(q)*sin``), which keep scale and pass through, and a linear's
 low-rank update ``W x + s * B(A(x))`` (LoRA's adapter: a change of the weight, not a
 second branch), which passes through too: with ``B = 0`` the model is the base model.
+A sum of embedding lookups (BERT's word + token type + position, GPT-2's wte + wpe,
+broadcast over the batch or not), each read by the sum alone, is one sum of tables
+(rule ``table_sum`` on each of its adds; rules §3).
 
 Reads: ``umup.rule``, ``umup.param``; ``gm.meta["umup"]["hparams"]``.
 Writes: ``umup.rule = "residual_add"`` and ``umup.residual`` (a ``Branch``) on residual
-adds, ``umup.rule = "add"`` on plain adds (none on rotations and low-rank updates);
+adds, ``umup.rule = "add"`` on plain adds (none on rotations and low-rank updates),
+``umup.rule = "table_sum"`` on the adds of a sum of tables;
 graph keys ``branches``, ``depth_scaled``, and a ``notes`` line when some adds are
 post-norm (``Branch.post_norm``: the add feeds only a norm, as in BERT;
 rules §4 says what u-muP assumes there).
@@ -116,6 +120,37 @@ def _is_low_rank_update(add: fx.Node) -> bool:
     return False
 
 
+def _summed_tables(add: fx.Node) -> list[fx.Node] | None:
+    """The operands of a sum of embedding lookups: ``add``'s, with the adds nested in it
+    that only it reads opened up; each lookup read by the sum alone (through casts and
+    views). None when some operand is anything else (rules §3, "Sum of tables")."""
+    if add.target not in ADDS or len(add.args) != 2 or add.kwargs or not inplace_safe(add):
+        return None
+    tables: list[fx.Node] = []
+    for x in add.args:
+        if not is_tensor(x):
+            return None
+        if meta.get(x, meta.RULE) is None and list(x.users) == [add] and _summed_tables(x):
+            tables += _summed_tables(x) or []
+        elif meta.get(source(x), meta.RULE) == rules.EMBEDDING and consumers(source(x)) == [add]:
+            tables.append(x)
+        else:
+            return None
+    return tables
+
+
+def _mark_table_sums(gm: fx.GraphModule) -> None:
+    """``umup.rule = "table_sum"`` on every add of a sum of lookups, outermost first."""
+    for node in reversed(gm.graph.nodes):
+        if meta.get(node, meta.RULE) is None and _summed_tables(node):
+            stack = [node]
+            while stack:
+                add = stack.pop()
+                meta.node_meta(add)[meta.RULE] = rules.TABLE_SUM
+                stack += [x for x in add.args if x.target in ADDS and list(x.users) == [add]
+                          and _summed_tables(x)]
+
+
 def find_residuals(gm: fx.GraphModule) -> PassResult:
     """Find residual branches and plain adds; see the module docstring."""
     hp: HParams = meta.graph_meta(gm).get(meta.HPARAMS) or HParams()
@@ -127,6 +162,7 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
     active = param_dependent(gm)
     found: list[tuple[fx.Node, fx.Node, set[fx.Node]]] = []
     claimed: set[fx.Node] = set()
+    _mark_table_sums(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in ADDS or len(node.args) < 2:
             continue

@@ -4,10 +4,12 @@ For each residual branch ``y = skip + f(skip)`` the skip value is split once,
 ``(branch_in, skip_out) = ops.residual_split(skip, tau)`` (backward-only scales
 ``tau/sqrt(1+tau^2)`` and ``1/sqrt(1+tau^2)``), the branch reads ``branch_in``, and the
 add becomes ``ops.residual_add(f, skip_out, tau)`` = ``(tau f + skip)/sqrt(1+tau^2)``.
-Plain adds become ``ops.add`` (``2^-1/2``, tied).
+Plain adds become ``ops.add`` (``2^-1/2``, tied). A sum of n tables becomes one
+``ops.add_tables`` of its lookups (``n^-1/2`` forward; each table's gradient the sum's,
+times its broadcast factor at the reference sizes); its nested adds are erased.
 
 Reads: graph key ``branches`` (add and skip node names, tau);
-``umup.rule`` = "add".
+``umup.rule`` = "add" / "table_sum".
 Writes: inserts ``residual_split`` + two ``getitem`` nodes per branch (the split gets
 ``umup.residual`` too); swaps the adds.
 Fails when: never.
@@ -22,7 +24,7 @@ from umup_fx import meta, rules
 from umup_fx.runtime import ops
 
 from ._graph import value_inputs
-from ._rewrite import ancestors, getitem, insert_call, nodes_with_rule, swap
+from ._rewrite import ancestors, example_numel, getitem, insert_call, nodes_with_rule, swap
 
 
 def scale_residuals(gm: fx.GraphModule) -> PassResult:
@@ -46,4 +48,29 @@ def scale_residuals(gm: fx.GraphModule) -> PassResult:
         meta.node_meta(split)[meta.RESIDUAL] = branch
     for node in nodes_with_rule(gm, rules.ADD):
         swap(node, ops.add, tuple(node.args[:2]))
+    scale_table_sums(gm)
     return PassResult(gm, True)
+
+
+def _is_table_sum(node: object) -> bool:
+    return isinstance(node, fx.Node) and meta.get(node, meta.RULE) == rules.TABLE_SUM
+
+
+def scale_table_sums(gm: fx.GraphModule) -> None:
+    """Each outermost ``table_sum`` add -> ``ops.add_tables(*lookups)``; nested ones erased."""
+    sums = nodes_with_rule(gm, rules.TABLE_SUM)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for root in sums:
+        if any(_is_table_sum(u) for u in root.users):
+            continue  # nested: its outermost add takes its tables
+        tables, stack = [], [root]
+        while stack:
+            for x in stack.pop().args:
+                (stack if _is_table_sum(x) else tables).append(x)
+        tables.sort(key=order.__getitem__)  # forward order
+        numel, numels = example_numel(root), [example_numel(t) for t in tables]
+        scales = None if numel is None or None in numels else [(k / numel) ** 0.5 for k in numels]
+        swap(root, ops.add_tables, tuple(tables), {"grad_scales": scales})
+    for node in reversed(sums):
+        if node.target is not ops.add_tables and not node.users:
+            gm.graph.erase_node(node)

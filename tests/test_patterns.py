@@ -209,6 +209,7 @@ def test_multihead_cross_attention_splits_its_in_proj() -> None:
     ("LayerNorm by hand (mean / var)", "right"),
     ("ELECTRA discriminator (BCE)", "right"),  # post-norm (warned for depth), right at init
     ("Bloom (ALiBi)", "right"),  # baddbmm attention logits, factored tanh-GELU
+    ("BERT", "right"),  # three tables summed before a norm: warned (0.18) as two plain adds
 ])
 def test_coverage_verdicts(family: str, verdict: str) -> None:
     pytest.importorskip("transformers")
@@ -356,3 +357,65 @@ def test_relu2_and_square_are_activations() -> None:
         assert ops.activation(x, kind).std().item() == pytest.approx(1.0, rel=0.02)
     report = umup_fx.check(model, (ids,))
     assert report.ok, report.lines()
+
+
+class SummedTables(nn.Module):
+    """BERT's embeddings: word + token type + position lookups, summed, then a LayerNorm
+    (``norm=False``: GPT-2's wte + wpe into the stream), one MLP branch, an LM head."""
+
+    def __init__(self, norm: bool = True) -> None:
+        super().__init__()
+        self.word, self.kind, self.pos = nn.Embedding(V, D), nn.Embedding(2, D), nn.Embedding(32, D)
+        self.norm = nn.LayerNorm(D) if norm else nn.Identity()
+        self.mid, self.head = nn.Linear(D, D), nn.Linear(D, V)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)  # [1, S]: broadcast over the batch
+        h = self.norm(self.word(ids) + self.kind(torch.zeros_like(ids)) + self.pos(pos))
+        h = h + self.mid(F.layer_norm(h, (D,)))
+        return F.cross_entropy(self.head(F.layer_norm(h, (D,))).flatten(0, 1), labels.flatten())
+
+
+def test_add_tables_is_the_sum_with_each_table_given_its_gradient() -> None:
+    # Against PyTorch's own sum: forward n^-1/2 of it; backward each table the sum's
+    # gradient, a table broadcast over B rows the sum of its copies times B^-1/2.
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(4, 8, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+            for _ in range(2))
+    c = torch.randn(1, 8, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(4, 8, 16, dtype=torch.float64, generator=gen)
+    out = ops.add_tables(a, b, c)
+    torch.testing.assert_close(out, (a + b + c) / 3**0.5)
+    out.backward(g)
+    torch.testing.assert_close(a.grad, g)
+    torch.testing.assert_close(b.grad, g)
+    torch.testing.assert_close(c.grad, g.sum(0, keepdim=True) / 2)
+    c.grad = None
+    ops.add_tables(a, b, c, grad_scales=[1.0, 1.0, 0.25]).backward(g)  # reference sizes
+    torch.testing.assert_close(c.grad, g.sum(0, keepdim=True) / 4)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["bert", "gpt2"])
+def test_sum_of_tables(norm: bool) -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    ids, labels = (torch.randint(0, V, (4, 16), generator=gen) for _ in range(2))
+    before = [n.target for n in torch.export.export(SummedTables(norm), (ids, labels)).graph.nodes]
+    assert before.count(torch.ops.aten.add.Tensor) >= 2 + 1  # the tables' two, the branch's
+    model = umup_fx.transform(SummedTables(norm), (ids, labels))
+    after = graph_nodes(model)
+    (summed,) = [n for n in after if n.target is ops.add_tables]
+    assert [a.name for a in summed.args] == ["embedding", "embedding_1", "embedding_2"]
+    assert summed.kwargs["grad_scales"] == [1.0, 1.0, 0.5]  # the position table: B^-1/2
+    assert not [n for n in after if n.target is ops.add]  # no plain add left of the sum
+    report = umup_fx.check(model, (ids, labels))
+    assert report.ok, report.lines()
+    from umup_fx.diagnose.tracking import measure
+
+    records = {r.node: r for r in measure(model, ids, labels).records}
+    total = records[summed.name]
+    assert 0.8 < total.out_rms < 1.25  # unit: was sqrt(2) (the broadcast add unscaled)
+    for table in ("embedding", "embedding_1"):  # each table gets the sum's gradient
+        assert records[table].grad_rms == pytest.approx(total.grad_rms, rel=1e-6)
+    for table in ("word", "kind", "pos"):  # was 0.18 for word / kind behind BERT's norm
+        assert 0.5 < next(r for r in report.ops if r.weight == f"{table}.weight").grad_rms < 2

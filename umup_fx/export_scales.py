@@ -401,6 +401,14 @@ class _Solver:
             out = skip + math.log((1 + tau**2) ** 0.5)
             self.require(f - (out + math.log(tau / (1 + tau**2) ** 0.5)), where)
             return out
+        if t is ops.add_tables:  # T = sum / sqrt(n): O's plain sum, all at one factor
+            first, *rest = (self.actual(v, n, path) for v in args)
+            if first is None or None in rest:
+                raise ExportError(f"export needs every table of the sum at {where} to be "
+                                  "an activation")
+            for v in rest:
+                self.require(v - first, where)
+            return first + 0.5 * math.log(len(args))
         if t is ops.add:
             a, b = (self.actual(v, n, path) for v in args[:2])
             if a is None or b is None or _numel(n.args[0]) == 1 or _numel(n.args[1]) == 1:
@@ -453,6 +461,13 @@ class _Solver:
                 raise ExportError(f"export needs a static inner size at {where}")
             a, b = self.actual(args[0], n, path), self.actual(args[1], n, path)
             return a + b - 0.5 * math.log(k)
+        if t is ops.weight_norm:  # rules.md "Weight norm": no fold through g * v / ||v|| yet
+            raise ExportError(
+                f"export (and pretrained=True's import) cannot fold scales through weight norm "
+                f"yet, at {where}. Remove weight norm before transform "
+                "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'), or "
+                "torch.nn.utils.remove_weight_norm(module) for the older hook) to export or "
+                "import this model.")
         if getattr(t, "__module__", "").startswith("umup_fx"):
             raise ExportError(
                 f"export does not know how to fold the u-muP op {where}; the plain model "

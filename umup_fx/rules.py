@@ -59,6 +59,7 @@ NORM_OP = "norm"  # layer_norm / rms_norm or the decomposed x * rsqrt(mean(x^2) 
 NORM_GAIN = "norm_gain"  # the normalised value times its 1-D gain
 RESIDUAL_ADD = "residual_add"
 ADD = "add"
+TABLE_SUM = "table_sum"  # a sum of n embedding lookups (BERT, GPT-2): x n^-1/2, grads untied
 SDPA = "sdpa"
 ATTENTION = "attention"  # hand-written q @ k^T * c -> softmax -> @ v, rewritten as SDPA's rule
 SOFTMAX = "softmax"

@@ -17,6 +17,7 @@ from umup_fx.runtime.ops.activations import (
 )
 from umup_fx.runtime.ops.adds import (
     add,
+    add_tables,
     residual_add,
     residual_split,
 )
@@ -53,6 +54,7 @@ from umup_fx.runtime.ops.normalization import (
     layer_norm,
     norm_eps,
     rms_norm,
+    weight_norm,
 )
 from umup_fx.runtime.ops.pooling import (
     max_pool,
@@ -72,6 +74,7 @@ __all__ = [
     "activation",
     "activation_scale",
     "add",
+    "add_tables",
     "attention_output_scale",
     "attention_scales",
     "batch_norm",
@@ -113,4 +116,5 @@ __all__ = [
     "silu",
     "silu_glu",
     "softmax",
+    "weight_norm",
 ]

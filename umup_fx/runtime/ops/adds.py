@@ -1,6 +1,9 @@
-"""Residual split / add with tau (rules §4) and plain adds of two activations."""
+"""Residual split / add with tau (rules §4), plain adds of two activations, sums of tables."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -36,3 +39,17 @@ def add(a: Tensor | float, b: Tensor | float) -> Tensor:
         return a + b
     s = 2**-0.5
     return scale_fwd(scale_bwd(a, s) + scale_bwd(b, s), s)
+
+
+def add_tables(*tables: Tensor, grad_scales: Sequence[float] | None = None) -> Tensor:
+    """Sum-of-tables rule (rules §3): the n lookups' sum * n^-1/2 forward (unit), and
+    each table's grad the sum's grad, * (its numel / the sum's numel)^1/2 where it was
+    broadcast (the reference library's add with no constraint). ``grad_scales``: those
+    factors at the reference sizes (None: this call's)."""
+    if grad_scales is None:
+        n = math.prod(torch.broadcast_shapes(*(t.shape for t in tables)))
+        grad_scales = [(t.numel() / n) ** 0.5 for t in tables]
+    out = scale_bwd(tables[0], grad_scales[0])
+    for t, s in zip(tables[1:], grad_scales[1:], strict=True):
+        out = out + scale_bwd(t, s)
+    return scale_fwd(out, len(tables) ** -0.5)
