@@ -119,6 +119,8 @@ def _merged(new_rows: list[str], header: list[str]) -> tuple[list[str], list[str
     fresh = {r.split("|")[1].strip(): r for r in new_rows}
     merged = [fresh.pop(r.split("|")[1].strip(), r) for r in rows] + list(fresh.values())
     names = ", ".join(r.split("|")[1].strip() for r in new_rows)
+    # an earlier rerun of exactly these rows is superseded by this one
+    old_header = [ln for ln in old_header if not ln.startswith(f"Rows {names} rerun on ")]
     return merged, [*old_header, f"Rows {names} rerun on {machine()}: `{command()}`."]
 
 
