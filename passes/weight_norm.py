@@ -27,7 +27,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from umup_fx import meta
-from umup_fx.runtime.ops.normalization import weight_norm as unit_weight_norm
+from umup_fx.runtime import ops
 
 from ._graph import ops as aten_ops
 from ._graph import param_name, source
@@ -59,6 +59,6 @@ def scale_weight_norms(gm: fx.GraphModule) -> PassResult:
         found = meta.get(node, meta.WEIGHT_NORM) if node.op == "call_function" else None
         if found:
             g = node.args[1] if trainable else None
-            swap(node, unit_weight_norm, (node.args[0], g, arg(node, "dim", 0)), {"n": found["n"]})
+            swap(node, ops.weight_norm, (node.args[0], g, arg(node, "dim", 0)), {"n": found["n"]})
             changed = True
     return PassResult(gm, changed)
