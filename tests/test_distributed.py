@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import socket
 import sys
 import time
@@ -61,6 +62,14 @@ def _reference(tmp: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
         opt.step()
         losses.append(loss.item())
     return losses, first_grads
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, list[float], dict[str, torch.Tensor]]:
+    """One single-process run for both tests: its initial weights, losses, first gradients."""
+    tmp = tmp_path_factory.mktemp("reference")
+    losses, grads = _reference(tmp)
+    return tmp / "init.pt", losses, grads
 
 
 def _free_port() -> int:
@@ -211,8 +220,9 @@ def _ddp_worker(rank: int, tmp: str, port: int) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_per_block_meta_init_matches_one_process(tmp_path: Path) -> None:
-    losses, grads = _reference(tmp_path)
+def test_fsdp2_per_block_meta_init_matches_one_process(tmp_path: Path, reference) -> None:
+    init, losses, grads = reference
+    shutil.copy(init, tmp_path / "init.pt")
     _run(_fsdp_worker, tmp_path)
     got = torch.load(tmp_path / "fsdp.pt")
     assert got["losses"] == pytest.approx(losses, rel=1e-5)
@@ -224,8 +234,9 @@ def test_fsdp2_per_block_meta_init_matches_one_process(tmp_path: Path) -> None:
     assert dtype == torch.bfloat16 and value == pytest.approx(losses[0], rel=0.05)
 
 
-def test_ddp_weight_gradients_equal_one_process(tmp_path: Path) -> None:
-    _, grads = _reference(tmp_path)
+def test_ddp_weight_gradients_equal_one_process(tmp_path: Path, reference) -> None:
+    init, _, grads = reference
+    shutil.copy(init, tmp_path / "init.pt")
     _run(_ddp_worker, tmp_path)
     got = torch.load(tmp_path / "ddp.pt")
     assert got.keys() == grads.keys()
