@@ -83,7 +83,6 @@ def test_scaled_mm_mode_needs_hardware() -> None:
         model(*_batch())
 
 
-@pytest.mark.slow
 def test_fp8_training_tracks_high_precision() -> None:
     losses = {}
     for mode in ("off", "simulate"):
@@ -100,7 +99,6 @@ def test_fp8_training_tracks_high_precision() -> None:
     assert losses["off"] < math.log(256) - 0.2  # it learns (random tokens: memorising)
 
 
-@pytest.mark.slow
 def test_fp8_model_compiles_without_graph_breaks() -> None:
     model = umup_fx.transform(_llama(), _batch(), fp8=True)
     report = torch._dynamo.explain(model)(*_batch())

@@ -73,7 +73,6 @@ def test_baselines_need_a_base_and_a_known_name() -> None:
         umup_fx.transform(hf_llama(hidden=64), (_ids(),), parametrization="ntk")
 
 
-@pytest.mark.slow
 def test_sweep_cli_writes_json_resumes_and_plots(tmp_path, capsys) -> None:
     out = tmp_path / "sweep.json"
     argv = ["sweep", "examples.llama:Llama", "--width-arg", "d_model", "--arg", "n_layers=2",
