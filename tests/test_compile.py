@@ -132,6 +132,15 @@ def test_backend_refuses_pretrained_and_says_where_it_works() -> None:
         umup_fx.prepare(_llama(layers=1), _batch(), pretrained=True)
 
 
+def test_dynamic_true_is_an_umup_error_saying_what_to_do() -> None:
+    torch._dynamo.reset()
+    compiled = torch.compile(_llama(layers=1), backend="umup", dynamic=True,
+                             options={"inner": "aot_eager"})
+    with pytest.raises(umup_fx.UmupError, match="Leave dynamic unset"):
+        compiled(*_batch())
+    torch._dynamo.reset()
+
+
 def test_dump_before_and_after(tmp_path, monkeypatch) -> None:
     torch._dynamo.reset()
     monkeypatch.setenv("UMUP_FX_DUMP", str(tmp_path))

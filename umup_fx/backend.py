@@ -304,12 +304,27 @@ def umup_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | 
     compiled_plans.append(plan)
     _dump(f"umup_graph_{len(compiled_plans) - 1}", before, rewritten)
     specs = captured.program.graph_signature.input_specs
-    if all(s.kind == InputKind.USER_INPUT for s in specs):
-        return inner(rewritten, list(example_inputs))
     state = {**captured.program.state_dict, **captured.program.constants}
     lifted = [state[s.target] for s in specs if s.kind != InputKind.USER_INPUT]
-    compiled = inner(rewritten, [*lifted, *example_inputs])
-    return lambda *args: compiled(*lifted, *args)
+    try:
+        compiled = inner(rewritten, [*lifted, *example_inputs])
+    except Exception as exc:
+        if not _floats_as_tensors(example_inputs):
+            raise
+        raise UmupError(
+            f"The umup backend's inner compiler failed ({type(exc).__name__}) on a graph that "
+            "takes 0-dim float tensors, which is how torch.compile(..., dynamic=True) passes "
+            "the model's float attributes (a norm's eps): dynamic=True is not supported by "
+            "backend='umup'. Leave dynamic unset (new batch and sequence sizes are handled, "
+            "docs/compile.md), or transform the model and compile that."
+        ) from exc
+    return compiled if not lifted else lambda *args: compiled(*lifted, *args)
+
+
+def _floats_as_tensors(inputs: list[Any]) -> bool:
+    """Whether Dynamo passed Python floats as 0-dim tensors (``dynamic=True``)."""
+    return any(isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter) and x.dim() == 0
+               and x.is_floating_point() for x in inputs)
 
 
 def register() -> None:
