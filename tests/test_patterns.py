@@ -31,6 +31,13 @@ class ClsDropoutHead(nn.Module):
         return self.head(self.drop(h[:, 0]))
 
 
+def _transform_covered(model: nn.Module, ids: torch.Tensor) -> nn.Module:
+    """Transform ``model`` at ``ids``, failing on any op no rule covers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
+        return umup_fx.transform(model, (ids,))
+
+
 def test_pick_through_dropout() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, V, (4, 64), generator=torch.Generator().manual_seed(0))
@@ -88,9 +95,7 @@ class ComplexRope(nn.Module):
 def test_complex_rope_is_a_rotation() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
-        model = umup_fx.transform(ComplexRope(), (ids,))
+    model = _transform_covered(ComplexRope(), ids)
     assert not model.umup_plan.uncovered
     targets = [n.target for g in model.region_graphs().values() for n in g.graph.nodes]
     assert torch.ops.aten.view_as_complex.default in targets  # kept as written
@@ -164,9 +169,7 @@ class HandLayerNorm(nn.Module):
 def test_layer_norm_by_hand(cohere: bool) -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
-        model = umup_fx.transform(HandLayerNorm(cohere), (ids,))
+    model = _transform_covered(HandLayerNorm(cohere), ids)
     plan = model.umup_plan
     assert plan.params["gain"].role == plan.params["shift"].role == "norm"
     assert not plan.uncovered
@@ -300,10 +303,8 @@ def test_alibi_baddbmm_attention_and_factored_gelu() -> None:
     ALiBi bias stays as written) and its factored tanh-GELU the GELU rule: the same
     numbers as the covered forms of the same model."""
     ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
-        torch.manual_seed(0)
-        bloom = umup_fx.transform(AlibiBlock(bloom=True), (ids,))
+    torch.manual_seed(0)
+    bloom = _transform_covered(AlibiBlock(bloom=True), ids)
     torch.manual_seed(0)
     plain = umup_fx.transform(AlibiBlock(bloom=False), (ids,))
     assert not bloom.umup_plan.uncovered
@@ -342,9 +343,7 @@ class SquaredActivations(nn.Module):
 def test_relu2_and_square_are_activations() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
-        model = umup_fx.transform(SquaredActivations(), (ids,))
+    model = _transform_covered(SquaredActivations(), ids)
     acts = [n for n in graph_nodes(model) if n.target is ops.activation]
     assert sorted(n.args[1] for n in acts) == ["relu2", "square"]  # the norm's square: none
     assert torch.ops.aten.relu.default not in [n.target for n in graph_nodes(model)]
