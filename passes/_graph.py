@@ -33,7 +33,7 @@ TRANSPARENT = ops(
 )
 TYPE_AS = ops("type_as")
 MATMULS = ops("mm", "bmm", "matmul")
-_ASSERTS = ops("_assert_tensor_metadata")
+ASSERTS = ops("_assert_tensor_metadata")  # export's checks: read no value
 DROPOUTS = ops("dropout", "native_dropout", "feature_dropout")
 SOFTMAXES = ops("softmax.int", "_softmax", "_safe_softmax")
 ADDS = ops("add.Tensor", "add_.Tensor")  # in-place: see inplace_safe
@@ -136,7 +136,7 @@ def consumers(node: fx.Node) -> list[fx.Node]:
             continue  # reads the dtype only
         if u.target in TRANSPARENT:
             out.extend(consumers(u))
-        elif u.target not in _ASSERTS:
+        elif u.target not in ASSERTS:
             out.append(u)
     return out
 

@@ -5,7 +5,11 @@ is not a pure data movement (views, casts, slicing) or an elementwise product / 
 with a constant (RoPE, masks, which keep scale) passes through unscaled. Each one is
 listed with its source line; the report prints them and ``transform`` warns once.
 
-Reads: ``umup.rule``, ``umup.norm``, ``umup.attention``, ``umup.weight_norm``; graph key
+An add of two activations is covered by its rule (residual, plain, sum of tables) or
+by ``umup.keeps_scale`` (a rotation, a low-rank update); any other is listed.
+
+Reads: ``umup.rule``, ``umup.norm``, ``umup.attention``, ``umup.weight_norm``,
+``umup.keeps_scale``; graph key
 ``roles``.
 Writes: graph key ``uncovered``: list of (node name, op name, source line).
 Fails when: never.
@@ -23,7 +27,6 @@ from ._graph import (
     DIVS,
     MULS,
     TRANSPARENT,
-    inplace_safe,
     is_tensor,
     op_name,
     ops,
@@ -31,6 +34,7 @@ from ._graph import (
     param_of,
     where,
 )
+from .norms import NORM_OPS
 
 # Data movement and bookkeeping: no arithmetic on values, so nothing to scale.
 _PASS_THROUGH = TRANSPARENT | ops(
@@ -59,12 +63,17 @@ def _pattern_parts(gm: fx.GraphModule) -> set[str]:
         att = meta.get(node, meta.ATTENTION)
         if att:
             parts.update(v for k, v in att.items() if k in ("qk", "av", "scale", "dropout") and v)
-        if meta.get(node, meta.NORM):
+        if meta.get(node, meta.RULE) == rules.NORM_OP and node.target not in NORM_OPS:
+            # A hand-written norm's arithmetic; its input is not part of it (an add
+            # inside is on the reduced statistic, ``mean + eps``: a full-size add is
+            # what the norm reads).
             frontier = list(node.all_input_nodes)
             for _ in range(12):
                 if not frontier:
                     break
                 n = frontier.pop()
+                if n.target in ADDS and n.meta["val"].shape == node.meta["val"].shape:
+                    continue
                 if n.target in _NORM_INTERNAL and not meta.get(n, meta.RULE):
                     parts.add(n.name)
                     frontier.extend(n.all_input_nodes)
@@ -100,10 +109,10 @@ def find_uncovered(gm: fx.GraphModule) -> PassResult:
             operands = [a for a in node.args if isinstance(a, fx.Node)]
             if node.target in MULS and any(_is_gain(a, roles) for a in operands):
                 continue  # a per-channel gain (LayerScale): a norm parameter, 1 at init (§2)
-            if len([a for a in operands if a in active]) <= 1 or (
-                node.target in ADDS and inplace_safe(node)
-            ):
+            if len([a for a in operands if a in active]) <= 1:
                 continue
+            if node.target in ADDS and meta.get(node, meta.KEEPS_SCALE):
+                continue  # RoPE's rotation, LoRA's low-rank update (passes.residuals)
         out.append((node.name, op_name(node), where(node)))
     meta.graph_meta(gm)[meta.UNCOVERED] = out
     return PassResult(gm, False)

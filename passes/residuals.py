@@ -15,7 +15,9 @@ broadcast over the batch or not), each read by the sum alone, is one sum of tabl
 
 Reads: ``umup.rule``, ``umup.param``; ``gm.meta["umup"]["hparams"]``.
 Writes: ``umup.rule = "residual_add"`` and ``umup.residual`` (a ``Branch``) on residual
-adds, ``umup.rule = "add"`` on plain adds (none on rotations and low-rank updates),
+adds, ``umup.rule = "add"`` on plain adds (and ``umup.broadcast`` where their operands
+differ in shape; a broadcast add is never residual), ``umup.keeps_scale`` on rotations
+and low-rank updates (no rule),
 ``umup.rule = "table_sum"`` on the adds of a sum of tables;
 graph keys ``branches``, ``depth_scaled``, and a ``notes`` line when some adds are
 post-norm (``Branch.post_norm``: the add feeds only a norm, as in BERT;
@@ -37,6 +39,7 @@ from umup_fx.hparams import HParams
 
 from ._graph import (
     ADDS,
+    ASSERTS,
     DROPOUTS,
     MULS,
     TRANSPARENT,
@@ -46,6 +49,7 @@ from ._graph import (
     param_dependent,
     param_of,
     source,
+    where,
 )
 
 _ATTENTION_RULES = {rules.SDPA, rules.ATTENTION, rules.SOFTMAX}
@@ -120,6 +124,48 @@ def _is_low_rank_update(add: fx.Node) -> bool:
     return False
 
 
+def _own_path(x: fx.Node, add: fx.Node, active: set[fx.Node]) -> bool:
+    """Every activation ``x`` is computed from feeds ``x`` alone, and ``x`` feeds ``add``
+    alone: the edge into ``add`` is a cut edge (unit scaling's term), so a constant on
+    its gradient only rescales the gradients of the parameters behind it (rules §3,
+    "A broadcast add"). Parameters themselves may be read elsewhere (tied tables)."""
+    inside, frontier = {x}, [x]
+    while frontier:
+        for a in frontier.pop().all_input_nodes:
+            if a in active and param_of(a) is None and a not in inside:
+                inside.add(a)
+                frontier.append(a)
+    return all(u in inside or (n is x and u is add) or u.target in ASSERTS
+               for n in inside for u in n.users)
+
+
+def _mark_plain_add(add: fx.Node, active: set[fx.Node]) -> None:
+    """Rule ``add`` on ``add`` (or ``umup.keeps_scale`` on a rotation / low-rank update);
+    on a broadcast one, ``umup.broadcast``: which operands are broadcast and have their
+    own path, so their summed gradient can be brought back to unit."""
+    if _is_rotary_mix(add, active):
+        meta.node_meta(add)[meta.KEEPS_SCALE] = "rotation"
+        return
+    if _is_low_rank_update(add):
+        meta.node_meta(add)[meta.KEEPS_SCALE] = "low-rank update"
+        return
+    meta.node_meta(add)[meta.RULE] = rules.ADD
+    a, b = add.args[:2]
+    shape = add.meta["val"].shape
+    broadcast = tuple(x.meta["val"].shape != shape for x in (a, b))
+    if any(broadcast):
+        own = tuple(bc and _own_path(x, add, active) for x, bc in zip((a, b), broadcast,
+                                                                       strict=True))
+        meta.node_meta(add)[meta.BROADCAST] = own
+        if own != broadcast:
+            g = meta.graph_meta(add.graph.owning_module)
+            g.setdefault(meta.NOTES, []).append(
+                f"{add.name} ({where(add)}) adds a broadcast activation that other ops "
+                "read too: its gradient, summed over the broadcast axes, is left as the "
+                "plain add's (tied, not brought back to unit; rules §3 'A broadcast add')"
+            )
+
+
 def _summed_tables(add: fx.Node) -> list[fx.Node] | None:
     """The operands of a sum of embedding lookups: ``add``'s, with the adds nested in it
     that only it reads opened up; each lookup read by the sum alone (through casts and
@@ -171,8 +217,9 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
         a, b = node.args[:2]
         if not (is_tensor(a) and is_tensor(b) and a in active and b in active):
             continue
-        if a.meta["val"].shape != b.meta["val"].shape:
-            continue  # broadcasting adds (biases, masks) are not residual
+        if a.meta["val"].shape != b.meta["val"].shape:  # broadcast: never residual
+            _mark_plain_add(node, active)
+            continue
         residual = None
         for skip, out in ((a, b), (b, a)):
             if nx.has_path(graph, skip, out):
@@ -183,8 +230,8 @@ def find_residuals(gm: fx.GraphModule) -> PassResult:
         if residual and not (residual[1] & claimed):
             found.append((node, residual[0], residual[1]))
             claimed |= residual[1]
-        elif not (_is_rotary_mix(node, active) or _is_low_rank_update(node)):
-            meta.node_meta(node)[meta.RULE] = rules.ADD
+        else:
+            _mark_plain_add(node, active)
 
     kinds = [
         "attention" if any(meta.get(n, meta.RULE) in _ATTENTION_RULES for n in body) else "mlp"

@@ -4,12 +4,13 @@ For each residual branch ``y = skip + f(skip)`` the skip value is split once,
 ``(branch_in, skip_out) = ops.residual_split(skip, tau)`` (backward-only scales
 ``tau/sqrt(1+tau^2)`` and ``1/sqrt(1+tau^2)``), the branch reads ``branch_in``, and the
 add becomes ``ops.residual_add(f, skip_out, tau)`` = ``(tau f + skip)/sqrt(1+tau^2)``.
-Plain adds become ``ops.add`` (``2^-1/2``, tied). A sum of n tables becomes one
+Plain adds become ``ops.add`` (``2^-1/2``, tied; an operand broadcast on its own path
+gets its summed gradient back to unit at the reference sizes). A sum of n tables becomes one
 ``ops.add_tables`` of its lookups (``n^-1/2`` forward; each table's gradient the sum's,
 times its broadcast factor at the reference sizes); its nested adds are erased.
 
 Reads: graph key ``branches`` (add and skip node names, tau);
-``umup.rule`` = "add" / "table_sum".
+``umup.rule`` = "add" / "table_sum"; ``umup.broadcast`` on broadcast adds.
 Writes: inserts ``residual_split`` + two ``getitem`` nodes per branch (the split gets
 ``umup.residual`` too); swaps the adds.
 Fails when: never.
@@ -47,9 +48,24 @@ def scale_residuals(gm: fx.GraphModule) -> PassResult:
         swap(add, ops.residual_add, (branch_out, skip_out, branch.tau))
         meta.node_meta(split)[meta.RESIDUAL] = branch
     for node in nodes_with_rule(gm, rules.ADD):
-        swap(node, ops.add, tuple(node.args[:2]))
+        swap(node, ops.add, tuple(node.args[:2]), _broadcast_grad_scales(node))
     scale_table_sums(gm)
     return PassResult(gm, True)
+
+
+def _broadcast_grad_scales(add: fx.Node) -> dict:
+    """``ops.add``'s ``grad_scales`` where an operand is broadcast on its own path: the
+    plain add's tied ``2^-1/2`` times ``(its numel / the sum's numel)^1/2`` at the
+    reference sizes (its gradient is summed over the axes it was broadcast along)."""
+    own = meta.get(add, meta.BROADCAST)
+    numel = example_numel(add)
+    if not own or not any(own) or numel is None:
+        return {}
+    scales = []
+    for x, corrected in zip(add.args[:2], own, strict=True):
+        k = example_numel(x)
+        scales.append(2**-0.5 * ((k / numel) ** 0.5 if corrected and k else 1.0))
+    return {"grad_scales": tuple(scales)}
 
 
 def _is_table_sum(node: object) -> bool:

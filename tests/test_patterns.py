@@ -418,3 +418,88 @@ def test_sum_of_tables(norm: bool) -> None:
         assert records[table].grad_rms == pytest.approx(total.grad_rms, rel=1e-6)
     for table in ("word", "kind", "pos"):  # was 0.18 for word / kind behind BERT's norm
         assert 0.5 < next(r for r in report.ops if r.weight == f"{table}.weight").grad_rms < 2
+
+
+class FeaturesPlusPositions(nn.Module):
+    """Whisper's encoder front: conv features [B, S, d] plus a [S, d] position lookup."""
+
+    def __init__(self, shared: bool = False) -> None:
+        super().__init__()
+        self.shared = shared
+        self.conv = nn.Conv1d(8, D, 3, padding=1)
+        self.pos, self.mid, self.head = nn.Embedding(32, D), nn.Linear(D, D), nn.Linear(D, V)
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.conv(feats)).transpose(1, 2)
+        extra = self.mid(h[:1]) if self.shared else self.pos(torch.arange(h.shape[1]))
+        h = F.layer_norm(h + extra, (D,))
+        return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+
+
+def test_broadcast_add_scales_each_operand_against_pytorch() -> None:
+    # Forward the plain add's 2^-1/2 of PyTorch's broadcast sum; backward each operand
+    # its grad_scale times PyTorch's gradient of the sum (the broadcast one summed).
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(8, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(4, 8, 16, dtype=torch.float64, generator=gen)
+    out = ops.add(a, b, grad_scales=(0.5**0.5, 0.5**0.5 / 2))
+    torch.testing.assert_close(out, (a + b) / 2**0.5)
+    out.backward(g)
+    torch.testing.assert_close(a.grad, g / 2**0.5)
+    torch.testing.assert_close(b.grad, g.sum(0) / 2**0.5 / 2)
+
+
+def test_broadcast_add_on_its_own_path() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(4, 8, 16, generator=gen), torch.randint(0, V, (4, 16), generator=gen)
+    before = torch.export.export(FeaturesPlusPositions(), (feats, labels)).graph.nodes
+    (add,) = [n for n in before if n.target is torch.ops.aten.add.Tensor]
+    assert add.args[0].meta["val"].shape != add.args[1].meta["val"].shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.UncoveredOpWarning)
+        model = umup_fx.transform(FeaturesPlusPositions(), (feats, labels))
+    (summed,) = [n for n in graph_nodes(model) if n.target is ops.add]
+    # the position lookup is broadcast over B = 4 rows: its summed gradient x 4^-1/2
+    assert summed.kwargs["grad_scales"] == pytest.approx((0.5**0.5, 0.5**0.5 / 2))
+    report = umup_fx.check(model, (feats, labels))
+    assert report.ok, report.lines()
+    from umup_fx.diagnose.tracking import measure
+
+    records = {r.node: r for r in measure(model, feats, labels).records}
+    assert 0.8 < records[summed.name].out_rms < 1.25  # unscaled, the sum was sqrt(2)
+    pos = next(r for r in report.ops if r.weight == "pos.weight")
+    assert 0.5 < pos.grad_rms < 2  # the lookup's gradient as an unbroadcast operand's
+
+
+def test_broadcast_add_read_elsewhere_keeps_the_tie() -> None:
+    # h + mid(h[:1]): the broadcast operand's activations (h) feed the add's other side
+    # too, so no constant may go on its edge alone: the tied plain add, and a note.
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(4, 8, 16, generator=gen), torch.randint(0, V, (4, 16), generator=gen)
+    model = umup_fx.transform(FeaturesPlusPositions(shared=True), (feats, labels))
+    (summed,) = [n for n in graph_nodes(model) if n.target is ops.add]
+    assert "grad_scales" not in summed.kwargs
+    assert any(summed.name in note and "broadcast" in note for note in model.umup_plan.notes)
+
+
+def test_an_add_with_no_rule_is_listed() -> None:
+    # The coverage pass lists an add of two activations that no rule and no "keeps
+    # scale" fact covers (before, every out-of-place add was taken as covered).
+    from umup_fx.passes.coverage import find_uncovered
+
+    from umup_fx import meta
+    from umup_fx.capture.trace import capture
+    from umup_fx.options import Options
+    from umup_fx.pipeline import plan_graph
+
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(4, 8, 16, generator=gen), torch.randint(0, V, (4, 16), generator=gen)
+    gm = capture(FeaturesPlusPositions(), (feats, labels)).gm
+    plan_graph(gm, Options.build(None))
+    (add,) = [n for n in gm.graph.nodes if meta.get(n, meta.RULE) == "add"]
+    assert not meta.graph_meta(gm)[meta.UNCOVERED]
+    del meta.node_meta(add)[meta.RULE]
+    find_uncovered(gm)
+    assert [name for name, *_ in meta.graph_meta(gm)[meta.UNCOVERED]] == [add.name]

@@ -44,6 +44,12 @@ key                written by         value
 ``attention``      passes.match        for ``rule == "attention"`` patterns: dict with
                                       the pattern's nodes and whether it is causal
 ``residual``       passes.residuals   on residual adds: ``Branch`` (index, kind, tau)
+``broadcast``      passes.residuals   on plain adds whose operands differ in shape: per
+                                      operand, True when it is broadcast and has its
+                                      own path (its summed gradient is brought back
+                                      to unit, rules §3 "Plain add")
+``keeps_scale``    passes.residuals   on adds of two activations that need no rule:
+                                      "rotation" (RoPE's mix) | "low-rank update" (LoRA)
 ``fp8``            passes.fp8         on linears: True when FP8-eligible (rules §7)
 ``multiplier``     passes.mup         on the multiply μP puts after a readout: the
                                       readout op's node name (its output is the product)
@@ -100,6 +106,8 @@ ACTIVATION = "activation"
 DIRECT = "direct"
 GELU_INPUT = "gelu_input"
 RESIDUAL = "residual"
+BROADCAST = "broadcast"
+KEEPS_SCALE = "keeps_scale"
 FP8 = "fp8"
 MULTIPLIER = "multiplier"
 NORM_SCALE = "norm_scale"

@@ -27,8 +27,11 @@ def residual_add(branch_output: Tensor, skip: Tensor, tau: float) -> Tensor:
     return scale_fwd(branch_output, tau / denom) + scale_fwd(skip, 1 / denom)
 
 
-def add(a: Tensor | float, b: Tensor | float) -> Tensor:
-    """Plain-add rule: (a + b) * 2^-1/2 forward, each input grad * 2^-1/2 (tied)."""
+def add(a: Tensor | float, b: Tensor | float,
+        grad_scales: tuple[float, float] | None = None) -> Tensor:
+    """Plain-add rule: (a + b) * 2^-1/2 forward, each input grad * 2^-1/2 (tied).
+    ``grad_scales``: each input's grad scale instead, where a broadcast operand's summed
+    gradient is brought back to unit (``2^-1/2 (its numel / the sum's numel)^1/2``)."""
     # As U.add: a Python number, or a one-element tensor, does not change the scale of
     # the other operand, so the add is left unscaled. With the reference's default
     # to_output_scale constraint the grad scales equal the output scale even under
@@ -38,7 +41,8 @@ def add(a: Tensor | float, b: Tensor | float) -> Tensor:
     if a.numel() == 1 or b.numel() == 1:
         return a + b
     s = 2**-0.5
-    return scale_fwd(scale_bwd(a, s) + scale_bwd(b, s), s)
+    ga, gb = grad_scales or (s, s)
+    return scale_fwd(scale_bwd(a, ga) + scale_bwd(b, gb), s)
 
 
 def add_tables(*tables: Tensor, grad_scales: Sequence[float] | None = None) -> Tensor:
