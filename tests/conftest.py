@@ -9,6 +9,10 @@ threads each on a 2-core machine would oversubscribe it. Subprocesses the tests 
 gloo ranks, the plain export process) inherit the share through ``OMP_NUM_THREADS``. A
 serial run keeps torch's default.
 
+Each worker memoises the capture's ``torch.export`` call (``tests/export_cache.py``: a
+fresh instance of a model exported before, with the same attributes and inputs, replays
+that program; ``UMUP_FX_TEST_EXPORT_CACHE=0`` exports every time).
+
 Tests over ~8 s alone on a 2-core CPU carry ``@pytest.mark.slow`` (declared in
 pyproject.toml): ``-m "not slow"`` is the quick loop; the README's command runs them all.
 """
@@ -23,12 +27,26 @@ import torch
 
 
 def pytest_configure(config) -> None:
+    from tests import export_cache
+
+    export_cache.install()
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         threads = max(1, (cores or 1) // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
+
+
+def pytest_sessionfinish(session) -> None:
+    path = os.environ.get("UMUP_FX_TEST_EXPORT_CACHE_STATS")
+    if path:  # where the suite's time goes: hits replay a program, misses export
+        from tests import export_cache
+
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()} {export_cache.stats}\n")
+            for line in export_cache.stats.get("missed", []):
+                f.write(f"  missed {line}\n")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -237,8 +237,8 @@ _NOISY_LOGGERS = ("torch._export", "torch.export", "torch.fx.experimental.symbol
 @contextlib.contextmanager
 def _quiet_export() -> Any:
     """Export logs warnings (a size-1 dim specialised, a fake kernel failing before the
-    real error) and prints the partial graph of a failed trace to stderr, all before
-    our one-message error; the message is enough. ``UMUP_FX_DEBUG=1`` lets them through."""
+    real error), warns of its own deprecations, and prints the partial graph of a failed
+    trace to stderr, all before our one-message error; the message is enough. ``UMUP_FX_DEBUG=1`` lets them through."""
     if os.environ.get("UMUP_FX_DEBUG"):
         yield
         return
@@ -247,7 +247,12 @@ def _quiet_export() -> Any:
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        # torch's own deprecation notices from inside export (torch 2.13: pytree's
+        # LeafSpec) are not the user's to act on, and under ``-W error`` they would
+        # fail the capture.
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
