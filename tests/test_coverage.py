@@ -413,6 +413,10 @@ class _Random(nn.Module):
                 "o": nn.Linear(width // 3 if kind == "attn" else width, self.d),
             }))
         self.head = nn.Linear(self.d, 7)
+        # a position table broadcast over the batch, added to the input (rules.md, "A
+        # broadcast add"); drawn last so that the earlier draws keep their models
+        self.pos_add = rng.random() < 0.5
+        self.pos = nn.Embedding(12, self.d)
 
     def _act(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
@@ -421,6 +425,8 @@ class _Random(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inp(x)
+        if self.pos_add:
+            x = x + self.pos(torch.arange(x.shape[1], device=x.device))
         for i, (kind, act, layer) in enumerate(zip(self.kinds, self.acts, self.layers, strict=True)):
             if self.norm == "hand":
                 mu = x.mean(-1, keepdim=True)
@@ -471,6 +477,11 @@ def test_fuzz_unit_scale_or_a_clear_error(seed: int) -> None:
         assert "sin" in str(uncovered[0].message)
         return
     assert not [w for w in caught if w.category is umup_fx.ScaleWarning], model.kinds
+    # the position add: a sum of tables after a token lookup, else a broadcast plain add
+    # with the table's gradient brought back
+    target = ops.add_tables if model.tokens else ops.add
+    broadcast = [n for n in graph_nodes(model) if n.target is target and n.kwargs]
+    assert len(broadcast) == model.pos_add
     # every weight op's output, output gradient and weight gradient in its band, with the
     # gradient a loss sends the returned logits (rules §8)
     report = umup_fx.check(model, (x,))
