@@ -31,10 +31,9 @@ def test_a_replayed_export_is_a_fresh_one() -> None:
     cls = _fresh_class()
     with export_cache.uninstalled():
         fresh = umup_fx.transform(cls(), (feats, labels))
-    misses = export_cache.stats["misses"]
-    umup_fx.transform(cls(), (feats, labels))  # exported, stored
-    assert export_cache.stats["misses"] == misses + 1
     hits = export_cache.stats["hits"]
+    umup_fx.transform(cls(), (feats, labels))  # exported, stored
+    assert export_cache.stats["hits"] == hits
     torch.manual_seed(1)
     replayed = umup_fx.transform(cls(), (feats, labels))
     assert export_cache.stats["hits"] == hits + 1
@@ -50,10 +49,10 @@ def test_an_attribute_the_forward_reads_misses() -> None:
     feats, labels = _inputs()
     cls = _fresh_class()
     umup_fx.transform(cls(), (feats, labels))
-    misses = export_cache.stats["misses"]
+    hits = export_cache.stats["hits"]
     shared = umup_fx.transform(cls(shared=True), (feats, labels))
-    assert export_cache.stats["misses"] == misses + 1
+    assert export_cache.stats["hits"] == hits  # exported anew, nothing replayed
     assert any(n.target is torch.ops.aten.select.int or "slice" in str(n.target)
                for n in graph_nodes(shared))
     umup_fx.transform(cls(), (feats[:2], labels[:2]))  # other inputs
-    assert export_cache.stats["misses"] == misses + 2
+    assert export_cache.stats["hits"] == hits
