@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import time
 import warnings
 from typing import Any
 
@@ -122,9 +123,14 @@ def _cached_export(model: nn.Module, args: tuple, kwargs: dict, block_lists: lis
             return reentrant.apply(*a)
 
     cp._checkpoint_without_reentrant_generator, cp.CheckpointFunction = non_reentrant, Reentrant
+    start = time.perf_counter()
     try:
         program, why = _original(model, args, kwargs, block_lists, preserve, shadow)
+    except Exception:
+        stats["failed_s"] = stats.get("failed_s", 0.0) + time.perf_counter() - start
+        raise
     finally:
+        stats["export_s"] = stats.get("export_s", 0.0) + time.perf_counter() - start
         cp._checkpoint_without_reentrant_generator, cp.CheckpointFunction = generator, reentrant
     if not checkpointed:
         _store[key] = (_copy(program), why, refs)
