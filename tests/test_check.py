@@ -169,3 +169,48 @@ def test_reference_cross_attention_weight_grad_is_its_row_coherence() -> None:
     coherence = _row_coherence(memory.grad, attn)
     assert rms(w_out.grad) > 5 and coherence > 5
     assert rms(w_out.grad) == pytest.approx(coherence * rms(memory.grad) * rms(attn), rel=0.15)
+
+
+def test_query_coherence_measures_what_it_says_and_moves_v_output_grad_only() -> None:
+    from umup_fx.diagnose.tracking import OpScale, _query_coherence
+    from umup_fx.diagnose.unit_check import bands
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(2, 4, 64, 64, generator=gen)
+    assert _query_coherence(g) == pytest.approx(1.0, abs=0.1)  # independent queries
+    assert _query_coherence(g[:, :, :1].expand(2, 4, 64, 64)) == pytest.approx(8.0)  # alike
+    op = OpScale("n", "linear", "linear", 1.0, weight="w", role="hidden")
+    op.query_coherence = 3.0
+    assert bands(op)["output grad"] == pytest.approx((0.2, 15.0))
+    assert bands(op)["weight grad"] == (0.2, 5.0)  # the weight's is its rows' coherence
+
+
+def test_reference_pooled_self_attention_v_grad_is_its_query_coherence() -> None:
+    """The reference library's own ops: an encoder self-attention read by one learned
+    query (a MAP pooling head) at init. Every position gets nearly the same gradient,
+    and near-uniform attention hands each value their sum: v's gradient is the measured
+    query coherence times the attention output's (rules §8)."""
+    from umup_fx.diagnose.tracking import _query_coherence, rms
+
+    U = pytest.importorskip("unit_scaling.functional")
+    gen = torch.Generator().manual_seed(0)
+    b, s, d, h = 2, 64, 64, 4
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return U.linear(t, rand(d, d), None).view(b, t.shape[1], h, -1).transpose(1, 2)
+
+    x = rand(b, s, d).requires_grad_()
+    q, k, v = heads(x), heads(x), heads(x)
+    v.retain_grad()
+    out = U.scaled_dot_product_attention(q, k, v)
+    out.retain_grad()
+    enc = U.linear(out.transpose(1, 2).reshape(b, s, d), rand(d, d), None)
+    pooled = U.scaled_dot_product_attention(heads(rand(1, 1, d).expand(b, 1, d)), heads(enc),
+                                            heads(enc))
+    pooled.backward(rand(*pooled.shape))
+    coherence = _query_coherence(out.grad)
+    assert coherence > 5
+    assert rms(v.grad) / rms(out.grad) == pytest.approx(coherence, rel=0.15)

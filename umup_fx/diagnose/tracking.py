@@ -59,6 +59,8 @@ class OpScale:
     key_spread: float = 1.0  # q / k projections: how much their attention's keys and values
     # differ across key positions (1: independent positions; 0: all alike), rules §8
     row_coherence: float = 1.0  # weight ops: |sum_r g_r x_r^T| / sqrt(sum_r |g_r|^2 |x_r|^2)
+    query_coherence: float = 1.0  # v projections: how alike their attention's output
+    # gradients are across queries (1: independent; sqrt(queries): all alike), rules §8
     source: str = ""  # the user's source line
     shape: tuple[int, ...] = ()  # the output's shape
 
@@ -104,6 +106,32 @@ def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
     return found
 
 
+def _v_projections(gm: fx.GraphModule) -> dict[str, str]:
+    """{weight op node name: its SDPA node's name} for the ops that make v: the first
+    weight op on the path back from the value operand (through reshapes and casts)."""
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if not (meta.get(node, meta.RULE) == rules.SDPA or (
+                node.op == "call_function" and node.target is umup_ops.scaled_dot_product_attention)):
+            continue
+        n = node.args[2] if len(node.args) > 2 else None
+        while isinstance(n, fx.Node) and n.op == "call_function" and not meta.get(n, meta.WEIGHT) \
+                and meta.get(n, meta.RULE) != rules.RESIDUAL_ADD and n.all_input_nodes:
+            n = n.all_input_nodes[0]
+        if isinstance(n, fx.Node) and meta.get(n, meta.WEIGHT):
+            found[n.name] = node.name
+    return found
+
+
+def _query_coherence(g: Tensor) -> float:
+    """How far the sum over queries (axis -2) of an attention output's gradient is from a
+    sum of independent rows: 1 for independent queries, sqrt(queries) when all agree.
+    Near-uniform attention hands each value that sum (rules §8)."""
+    g = g.detach().float()
+    total = float(g.pow(2).sum())
+    return (float(g.sum(-2).pow(2).sum()) / total) ** 0.5 if total > 0 else 1.0
+
+
 def _use_role(plan: Any, weight: str | None, node: str) -> str | None:
     """The role of this use of ``weight`` (a tied weight's uses differ), from the plan."""
     p = plan.params.get(weight) if plan is not None and weight else None
@@ -121,6 +149,7 @@ class _Recorder(fx.Interpreter):
         self.rename = rename  # (the graph's own block path, this module's path)
         self.plan = plan
         self.qk = _qk_projections(gm)
+        self.v = _v_projections(gm)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -139,6 +168,9 @@ class _Recorder(fx.Interpreter):
                 if att == n.name and self.prefix + op_name in self.records:
                     self.records[self.prefix + op_name].key_len = int(length)
                     self.records[self.prefix + op_name].key_spread = spread
+        values = [self.prefix + v for v, att in self.v.items() if att == n.name]
+        if values and isinstance(out, Tensor) and out.requires_grad:
+            out.register_hook(lambda g, values=values: self._on_attention_grad(values, g))
         if not _recorded(n) or not isinstance(out, Tensor):
             return out
         if not out.is_floating_point() or out.numel() < 2:
@@ -174,6 +206,12 @@ class _Recorder(fx.Interpreter):
             x = first if rec.rule == rules.LINEAR and first is not None and first.is_floating_point() else None
             out.register_hook(lambda g, rec=rec, x=x: _on_grad(rec, g, x))
         return out
+
+
+    def _on_attention_grad(self, values: list[str], g: Tensor) -> None:
+        for name in values:
+            if name in self.records:
+                self.records[name].query_coherence = _query_coherence(g)
 
 
 def _on_grad(rec: OpScale, g: Tensor, x: Tensor | None) -> None:

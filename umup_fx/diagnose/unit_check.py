@@ -99,7 +99,9 @@ def bands(op: OpScale, band: tuple[float, float] = BAND) -> dict[str, tuple[floa
     reference library's decoder, times the spread of their attention's keys and values
     across positions (only their differences enter), so their gradients' lower end is
     multiplied by both. A weight gradient's upper end is multiplied by its rows'
-    measured coherence (its ``rows^-1/2`` assumes independent rows). A
+    measured coherence (its ``rows^-1/2`` assumes independent rows); a v projection's
+    output gradient's upper end by how alike its attention's output gradients are across
+    queries (near-uniform attention hands every value their sum). A
     router's gradients are its gates' (rules §10): the band around the value its top-k
     gating gives at init (``OpScale.router_grad``; down to 0 when that is 0).
     """
@@ -114,6 +116,8 @@ def bands(op: OpScale, band: tuple[float, float] = BAND) -> dict[str, tuple[floa
     if op.router_grad is not None:
         g = op.router_grad
         out["output grad"] = out["weight grad"] = (lo * g, hi * g) if g > 0 else (0.0, hi)
+    low, high = out["output grad"]
+    out["output grad"] = (low, high * max(1.0, op.query_coherence))
     low, high = out["weight grad"]
     out["weight grad"] = (low, high * max(1.0, op.row_coherence))
     return out
