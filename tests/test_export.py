@@ -379,3 +379,22 @@ def test_fp8_model_exports_in_its_dtype_as_without_fp8() -> None:
     with torch.no_grad():
         got, want = from_fp8(ids), fp8_model(ids)
     assert float((got - want).norm() / want.norm()) < 0.1
+
+
+def test_convnet_pools_relu_branch_and_batch_norm() -> None:
+    """A ReLU (positively homogeneous) carries any factor, max / average pooling too
+    (their u-muP scales are backward-only): a ReLU residual branch exports."""
+    from tests.families import ConvNet
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    model = umup_fx.transform(ConvNet(), (x, y), check=False)
+    opt = umup_fx.AdamW(model, lr=0.01)
+    for _ in range(2):
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    plain = umup_fx.export(model).eval()
+    model.eval()
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)

@@ -8,6 +8,8 @@ over ``n`` elements). Checked against PyTorch's own weight norm and the unit ban
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,11 +163,28 @@ def test_compile_backend_keeps_the_gain_out() -> None:
     assert v.grad is not None and g.grad is None and bool((g == 1).all())
 
 
-def test_export_and_import_refuse_with_the_fix() -> None:
-    """Export cannot fold through weight norm yet: refused, saying to remove it first."""
-    model = _transformed()
-    with pytest.raises(umup_fx.UmupError, match="remove_parametrizations"):
-        umup_fx.export(model)
-    torch.manual_seed(0)
-    with pytest.raises(umup_fx.UmupError, match="Remove weight norm before transform"):
-        umup_fx.transform(WeightNormNet(), _inputs(), pretrained=True, check=False)
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen_g", "trainable_g"])
+def test_export_folds_into_g_and_import_divides_it(trainable: bool) -> None:
+    """Export: the plain class (weight norm kept) computes what the trained transformed
+    model computes, the factors in g and v copied as it is. Import of a checkpoint:
+    the original's function, and its export gives the checkpoint back."""
+    x, y = _inputs()
+    model = _transformed(trainable_norms=trainable)
+    opt = umup_fx.AdamW(model, lr=0.05)
+    for _ in range(3):
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    plain = umup_fx.export(model)
+    assert type(plain) is WeightNormNet and hasattr(plain.taps, "parametrizations")
+    torch.testing.assert_close(plain(x, y), model(x, y), rtol=1e-5, atol=0)
+    assert torch.equal(dict(plain.named_parameters())[V2], dict(model.named_parameters())[V2])
+
+    torch.manual_seed(1)
+    original = WeightNormNet()
+    imported = umup_fx.transform(copy.deepcopy(original), (x, y), pretrained=True,
+                                 trainable_norms=True, check=False)
+    torch.testing.assert_close(imported(x, y), original(x, y), rtol=1e-5, atol=0)
+    back = dict(umup_fx.export(imported).named_parameters())
+    for name, p in original.named_parameters():
+        torch.testing.assert_close(back[name], p, rtol=1e-5, atol=1e-7)

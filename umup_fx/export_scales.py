@@ -106,9 +106,12 @@ ZERO = _Lin()
 
 @dataclass(frozen=True)
 class _Param:
-    """A parameter flowing through the graph (not yet an activation): its full path."""
+    """A parameter flowing through the graph (not yet an activation): its full path, and
+    the log of the constant the graph multiplies it by before a weight op reads it
+    (weight norm's ``sqrt(n)``: the fold goes to ``g``, times that)."""
 
     path: str
+    offset: float = 0.0
 
 
 _aten = torch.ops.aten
@@ -154,6 +157,9 @@ _WEIGHT_OPS: dict[Callable, tuple[int, int, int | None]] = {
 }
 _PASS_PARAM = {ops.param_grad_scale, ops.broadcast_param, ops.scale_bwd}
 _LOG_SQRT2 = 0.5 * math.log(2.0)
+
+
+_HOMOGENEOUS = ("relu", "leaky_relu")  # f(c x) = c f(x) for every c > 0
 
 
 def _act_out_scale(node: fx.Node) -> tuple[float, float]:
@@ -209,7 +215,7 @@ class _Solver:
 
     def fold(self, ref: Any, expr: _Lin, op: str) -> None:
         if isinstance(ref, _Param):
-            self.uses.append((ref.path, expr, op, self.current))
+            self.uses.append((ref.path, expr + ref.offset, op, self.current))
 
     def frozen_gain(self, n: fx.Node) -> tuple[str, float] | None:
         """(this region's name of the frozen gain the original model multiplies norm
@@ -418,6 +424,9 @@ class _Solver:
                 return ZERO
             self.require(a - b, where)
             return a + _LOG_SQRT2
+        if t is ops.activation and n.args[1] in _HOMOGENEOUS:
+            # f(c x) = c f(x) for c > 0: any factor passes (T = s f(x), whatever mult)
+            return self.actual(args[0], n, path) - math.log(_act_out_scale(n)[1])
         if t in (ops.silu, ops.gelu, ops.activation):
             mult, s = _act_out_scale(n)
             self.require(self.actual(args[0], n, path) - math.log(mult), where)
@@ -461,19 +470,36 @@ class _Solver:
                 raise ExportError(f"export needs a static inner size at {where}")
             a, b = self.actual(args[0], n, path), self.actual(args[1], n, path)
             return a + b - 0.5 * math.log(k)
-        if t is ops.weight_norm:  # rules.md "Weight norm": no fold through g * v / ||v|| yet
-            raise ExportError(
-                f"export (and pretrained=True's import) cannot fold scales through weight norm "
-                f"yet, at {where}. Remove weight norm before transform "
-                "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'), or "
-                "torch.nn.utils.remove_weight_norm(module) for the older hook) to export or "
-                "import this model.")
+        if t is ops.weight_norm:
+            return self.weight_norm(n, args, where)
+        if t in (ops.mean_over, ops.max_pool):  # the plain forward (grad-only scales);
+            return self.actual(args[0], n, path)  # a mean or a max carries a positive factor
         if getattr(t, "__module__", "").startswith("umup_fx"):
             raise ExportError(
                 f"export does not know how to fold the u-muP op {where}; the plain model "
                 "would compute something else there. Keep the transformed model for "
                 "inference, or report the op.")
         return self.aten(n, args, kwargs, path, where)
+
+    def weight_norm(self, n: fx.Node, args: list, where: str) -> _Param:
+        """T's weight is ``sqrt(n) g v / ||v||``, O's ``g v / ||v||``: whatever factor the
+        weight op folds into the weight goes to ``g``, times ``sqrt(n)``; ``v`` is kept
+        (its scale cancels). A gain u-muP keeps out of the graph is found by its name
+        (O's value then is the factor itself: frozen gains are set to 1 first)."""
+        found = meta.get(n, meta.WEIGHT_NORM) or {}
+        g = args[1] if len(args) > 1 else None
+        if not isinstance(g, _Param):
+            name = found.get("g")
+            if not isinstance(name, str) or not isinstance(args[0], _Param):
+                raise ExportError(f"export cannot find the gain of the weight norm at {where}")
+            if self.template and name.startswith(self.template):
+                name = name[len(self.template):]  # the shared graph's block -> this block
+            local = canonical_name(self.prefix + name)
+            g = _Param(self.canonical.get(local, local))
+        count = n.kwargs.get("n") or found.get("n")
+        if not isinstance(count, int):
+            raise ExportError(f"export needs the weight norm's size at {where}")
+        return _Param(g.path, g.offset + 0.5 * math.log(count))
 
     def sdpa(self, n: fx.Node, args: list, path: str, where: str) -> _Lin:
         seq_len = n.kwargs.get("seq_len")
