@@ -7,10 +7,14 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import umup_fx
+from tests.tiny_models import graph_nodes
+from umup_fx import meta
 from umup_fx.__main__ import main
+from umup_fx.runtime import ops
 
 D, VOCAB = 64, 96
 
@@ -214,3 +218,41 @@ def test_reference_pooled_self_attention_v_grad_is_its_query_coherence() -> None
     coherence = _query_coherence(out.grad)
     assert coherence > 5
     assert rms(v.grad) / rms(out.grad) == pytest.approx(coherence, rel=0.15)
+
+
+class TwoTermLogits(nn.Module):
+    """Attention logits assembled from two products (DeBERTa's content + position terms,
+    here both from the hidden states): not the hand-written attention pattern, so a
+    stand-alone softmax weighing values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.q, self.k, self.v, self.pos_k, self.o = (nn.Linear(D, D) for _ in range(5))
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        x = F.layer_norm(h, (D,))
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        logits = (q @ k.transpose(-1, -2) + q @ self.pos_k(x).transpose(-1, -2)) / (2 * D) ** 0.5
+        h = h + self.o(torch.softmax(logits, -1) @ v)
+        return self.head(F.layer_norm(h, (D,)))
+
+
+def test_softmax_weighing_values_has_q_k_projections() -> None:
+    # Its logits' projections get the q / k band (their gradients near S^-1/2 at init,
+    # rules §8), as SDPA's do: before, the check flagged q, k and pos_k near 0.1.
+    from umup_fx.diagnose.tracking import _qk_projections
+
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = umup_fx.transform(TwoTermLogits(), (ids,), check=False)
+    assert ops.softmax in [n.target for n in graph_nodes(model)]
+    (gm,) = model.region_graphs().values()
+    weights = {meta.get(n, meta.WEIGHT) for n in gm.graph.nodes if n.name in _qk_projections(gm)}
+    assert weights == {"q.weight", "k.weight", "pos_k.weight"}
+    report = umup_fx.check(model, (ids,))
+    assert report.ok, report.lines()
+    qk = [r for r in report.ops if r.weight in weights]
+    assert all(r.key_len == 16 and r.weight_grad_rms < 0.2 for r in qk)  # low, and in band

@@ -91,6 +91,8 @@ def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
             starts = node.args[:2]
         elif rule == rules.ATTENTION and by_name.get(meta.get(node, meta.ATTENTION)["qk"]):
             starts = by_name[meta.get(node, meta.ATTENTION)["qk"]].args[:2]
+        elif _weighs_values(node):
+            starts = node.args[:1]  # logits assembled otherwise (DeBERTa's relative terms)
         else:
             continue
         stack, seen = [a for a in starts if isinstance(a, fx.Node)], set()
@@ -104,6 +106,22 @@ def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
             elif meta.get(n, meta.RULE) != rules.RESIDUAL_ADD:  # through q/k norms (Qwen3)
                 stack.extend(n.all_input_nodes)
     return found
+
+
+def _weighs_values(node: fx.Node) -> bool:
+    """A stand-alone softmax (rule "softmax") whose probabilities weigh values: it reaches
+    a matmul of activations through dropout and casts. Its logits' weight ops are q / k
+    projections for the check's band (rules §8), however the logits are assembled."""
+    if not (meta.get(node, meta.RULE) == rules.SOFTMAX or (
+            node.op == "call_function" and node.target is umup_ops.softmax)):
+        return False
+    frontier = list(node.users)
+    for _ in range(4):
+        if any(u.target is umup_ops.matmul or meta.get(u, meta.RULE) == rules.MATMUL
+               for u in frontier):
+            return True
+        frontier = [v for u in frontier if not meta.get(u, meta.WEIGHT) for v in u.users]
+    return False
 
 
 def _v_projections(gm: fx.GraphModule) -> dict[str, str]:
@@ -161,8 +179,9 @@ class _Recorder(fx.Interpreter):
         if n.name in self.qk.values() and isinstance(out, Tensor):
             # the attention's key length: softmax's last axis, or SDPA's value rows
             args = self.fetch_args_kwargs_from_env(n)[0]
-            length = out.shape[-1] if meta.get(n, meta.RULE) == rules.ATTENTION else args[2].shape[-2]
-            spread = 1.0 if meta.get(n, meta.RULE) == rules.ATTENTION else (
+            sdpa = meta.get(n, meta.RULE) == rules.SDPA or n.target is umup_ops.scaled_dot_product_attention
+            length = args[2].shape[-2] if sdpa else out.shape[-1]
+            spread = 1.0 if not sdpa else (
                 _spread(args[1]) * _spread(args[2]))
             for op_name, att in self.qk.items():
                 if att == n.name and self.prefix + op_name in self.records:
