@@ -125,8 +125,8 @@ def _is_low_rank_update(add: fx.Node) -> bool:
 
 
 def _own_path(x: fx.Node, add: fx.Node, active: set[fx.Node]) -> bool:
-    """Every activation ``x`` is computed from feeds ``x`` alone, and ``x`` feeds ``add``
-    alone: the edge into ``add`` is a cut edge (unit scaling's term), so a constant on
+    """Each activation that ``x`` is computed from feeds only ``x``'s computation, and
+    ``x`` feeds ``add`` alone: the edge into ``add`` is a cut edge (unit scaling's term), so a constant on
     its gradient only rescales the gradients of the parameters behind it (rules §3,
     "A broadcast add"). Parameters themselves may be read elsewhere (tied tables)."""
     inside, frontier = {x}, [x]
