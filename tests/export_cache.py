@@ -21,11 +21,13 @@ and a failed export is never stored. ``UMUP_FX_TEST_EXPORT_CACHE=0`` turns it of
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -146,9 +148,18 @@ def install() -> None:
         trace._export = _cached_export
 
 
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """The memo on for a block, whatever the environment says (for its own test)."""
+    saved, trace._export = trace._export, _cached_export
+    try:
+        yield
+    finally:
+        trace._export = saved
+
+
 def uninstalled() -> Any:
     """A context in which the capture exports for real (for the cache's own test)."""
-    import contextlib
 
     @contextlib.contextmanager
     def ctx() -> Any:

@@ -3,6 +3,7 @@ and misses where the model differs in anything its forward may read."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import umup_fx
@@ -25,8 +26,13 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 8, 16, generator=gen), torch.randint(0, 64, (4, 16), generator=gen)
 
 
+@pytest.fixture(autouse=True)
+def _memo_on():
+    with export_cache.installed():  # even under UMUP_FX_TEST_EXPORT_CACHE=0
+        yield
+
+
 def test_a_replayed_export_is_a_fresh_one() -> None:
-    export_cache.install()
     feats, labels = _inputs()
     cls = _fresh_class()
     with export_cache.uninstalled():
@@ -45,7 +51,6 @@ def test_a_replayed_export_is_a_fresh_one() -> None:
 
 def test_an_attribute_the_forward_reads_misses() -> None:
     # shared=True changes only a Python attribute (no weight, no input): another graph.
-    export_cache.install()
     feats, labels = _inputs()
     cls = _fresh_class()
     umup_fx.transform(cls(), (feats, labels))
