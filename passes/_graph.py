@@ -33,6 +33,7 @@ TRANSPARENT = ops(
 )
 TYPE_AS = ops("type_as")
 MATMULS = ops("mm", "bmm", "matmul")
+BADDBMM = ops("baddbmm")  # bias + alpha * (b1 @ b2): Bloom's ALiBi logits
 ASSERTS = ops("_assert_tensor_metadata")  # export's checks: read no value
 DROPOUTS = ops("dropout", "native_dropout", "feature_dropout")
 SOFTMAXES = ops("softmax.int", "_softmax", "_safe_softmax")

@@ -31,6 +31,7 @@ from umup_fx.runtime import ops as ops_
 
 from ._graph import (
     ADDS,
+    BADDBMM,
     DIVS,
     DROPOUTS,
     MATMULS,
@@ -63,7 +64,6 @@ _SIGMOID = ops("sigmoid")
 _RELU = ops("relu")
 _SQUARE = ops("square")
 _MOMENTS = ops("mean.dim", "mean", "sum.dim_IntList", "sum")
-_BADDBMM = ops("baddbmm")
 _CONV = ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding",
             "convolution")
 _INDEX = ops("index.Tensor")
@@ -131,7 +131,7 @@ def _direct_use(param: fx.Node, active: set[fx.Node]) -> dict[str, str] | None:
     op = next(iter(node.users))
     if op.target in _EXPAND and len(op.users) == 1 and next(iter(op.users)).target in _CAT:
         return {"kind": "expand", "op": op.name, "operand": node.name}
-    if _copies_over_batch(op, node):  # learned queries / latents read as activations
+    if op.args[0] is node and copy_sizes(op) is not None:  # learned queries / latents
         return {"kind": "expand", "op": op.name, "operand": node.name}
     if op.target in _CAT:
         return {"kind": "cat", "op": op.name, "operand": node.name}
@@ -166,19 +166,22 @@ def _match_relu2(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _copies_over_batch(op: fx.Node, node: fx.Node) -> bool:
-    """``op`` copies ``node`` (``[1, ..., d]``) over new or size-1 axes only:
-    ``q.expand(B, -1, -1)`` / ``q.repeat(B, 1, 1)`` (SigLIP's probe, Perceiver latents);
-    a tiling of a real axis is not a copy over the batch."""
-    if op.target not in _EXPAND | _REPEAT or op.args[0] is not node:
-        return False
-    shape, times = list(node.meta["val"].shape), list(op.args[1])
+def copy_sizes(op: fx.Node) -> list[int] | None:
+    """``op``'s ``expand`` sizes when it copies its input (``[1, ..., d]``) over new or
+    size-1 axes only: ``q.expand(B, -1, -1)`` / ``q.repeat(B, 1, 1)`` (SigLIP's probe,
+    Perceiver latents); None otherwise (a tiling of a real axis is not a copy over the
+    batch)."""
+    if op.target not in _EXPAND | _REPEAT:
+        return None
+    shape, times = list(op.args[0].meta["val"].shape), list(op.args[1])
     shape = [1] * (len(times) - len(shape)) + shape
+    pairs = list(zip(shape, times, strict=False))
+    if len(times) != len(shape):
+        return None
     if op.target in _REPEAT:
-        return len(times) == len(shape) and all(
-            t == 1 or s == 1 for s, t in zip(shape, times, strict=True))
-    return len(times) == len(shape) and all(
-        t in (-1, s) or s == 1 for s, t in zip(shape, times, strict=True))
+        return [t if s == 1 else -1 for s, t in pairs] if all(
+            t == 1 or s == 1 for s, t in pairs) else None
+    return times if all(t in (-1, s) or s == 1 for s, t in pairs) else None
 
 
 def _activation_kind(node: fx.Node) -> tuple[str, dict[str, Any]] | None:
@@ -229,7 +232,7 @@ def _set(node: fx.Node, rule: str, **extra: Any) -> None:
 
 def _qk_operands(qk: fx.Node) -> tuple[Any, Any]:
     """(q, k^T) of an attention's logits op: ``q @ k^T`` or ``baddbmm(bias, q, k^T)``."""
-    return tuple(qk.args[1:3]) if qk.target in _BADDBMM else tuple(qk.args[:2])
+    return tuple(qk.args[1:3]) if qk.target in BADDBMM else tuple(qk.args[:2])
 
 
 def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] | None:
@@ -239,7 +242,7 @@ def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] |
     scale: fx.Node | None = None
     masked = False
     for _ in range(6):
-        if node.target in MATMULS | _BADDBMM:
+        if node.target in MATMULS | BADDBMM:
             break
         capped = _softcap_input(node)
         if capped is not None:  # Gemma 2's c * tanh(logits / c): near 1 at u-muP logits
@@ -256,10 +259,10 @@ def _match_attention(softmax: fx.Node, active: set[fx.Node]) -> dict[str, Any] |
         else:
             return None
         node = source(next(a for a in node.args if isinstance(a, fx.Node) and a in active))
-    if node.target not in MATMULS | _BADDBMM:
+    if node.target not in MATMULS | BADDBMM:
         return None
     qk = node
-    if qk.target in _BADDBMM and qk.args[0] in active:  # bias + alpha q @ k^T: the bias
+    if qk.target in BADDBMM and qk.args[0] in active:  # bias + alpha q @ k^T: the bias
         return None  # (Bloom's ALiBi) must be a constant
     if not all(isinstance(a, fx.Node) and a in active for a in _qk_operands(qk)):
         return None

@@ -40,7 +40,7 @@ from umup_fx import meta, rules
 from umup_fx.errors import AnalysisError
 from umup_fx.runtime import ops
 
-from ._graph import MULS, TRANSPARENT, where
+from ._graph import BADDBMM, MULS, TRANSPARENT, where
 from ._graph import ops as aten_ops
 from ._rewrite import (
     ancestors,
@@ -55,7 +55,6 @@ from ._rewrite import (
 )
 
 _aten = torch.ops.aten
-_BADDBMM = aten_ops("baddbmm")
 
 
 _CPU = torch.device("cpu")
@@ -162,7 +161,7 @@ def scale_manual_attention(gm: fx.GraphModule) -> PassResult:
     for softmax in softmaxes:
         pattern = meta.get(softmax, meta.ATTENTION)
         qk, av = by_name[pattern["qk"]], by_name[pattern["av"]]
-        first = 1 if qk.target in _BADDBMM else 0  # baddbmm(bias, q, k^T, alpha=c)
+        first = 1 if qk.target in BADDBMM else 0  # baddbmm(bias, q, k^T, alpha=c)
         q, k_t = qk.args[first:first + 2]
         v = av.args[1]
         d_head = shape_of(v)[-1] if shape_of(v) else None

@@ -39,12 +39,12 @@ from ._rewrite import (
     shape_of,
     swap,
 )
+from .match import copy_sizes
 
 _LINEAR = aten_ops("linear")
 _ADDMM = aten_ops("addmm")
 _INDEX = aten_ops("index.Tensor")
 _CONVOLUTION = aten_ops("convolution")
-_REPEAT = aten_ops("repeat")
 
 
 def _use_role(plan, weight: str, node: fx.Node) -> str:
@@ -185,11 +185,8 @@ def scale_direct_params(gm: fx.GraphModule) -> PassResult:
             continue
         op, operand = by_name[use["op"]], by_name[use["operand"]]
         if use["kind"] == "expand":  # expand(sizes), or repeat(times) of size-1 axes
-            sizes = op.args[1] if op.target not in _REPEAT else [
-                t if s == 1 else -1 for s, t in zip(
-                    [1] * (len(op.args[1]) - op.args[0].meta["val"].dim())
-                    + list(op.args[0].meta["val"].shape), op.args[1], strict=True)]
-            swap(op, ops.expand_param, (op.args[0], sizes, example_numel(op)))
+            swap(op, ops.expand_param, (op.args[0], copy_sizes(op) or op.args[1],
+                                        example_numel(op)))
         else:
             other = op.args[1] if op.args[0] is operand else op.args[0]
             scaled = insert_call(gm, op, ops.broadcast_param, (operand, other, example_numel(op)),

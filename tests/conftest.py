@@ -38,17 +38,6 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(threads)
 
 
-def pytest_sessionfinish(session) -> None:
-    path = os.environ.get("UMUP_FX_TEST_EXPORT_CACHE_STATS")
-    if path:  # where the suite's time goes: hits replay a program, misses export
-        from tests import export_cache
-
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()} {export_cache.stats}\n")
-            for line in export_cache.stats.get("missed", []):
-                f.write(f"  missed {line}\n")
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_dynamo_per_file():
     """Each file starts with Dynamo's caches empty: compiles of the same forward in earlier

@@ -25,13 +25,11 @@ import contextlib
 import copy
 import hashlib
 import os
-import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.utils.checkpoint as cp
 from torch import nn
 
 from umup_fx.capture import trace
@@ -107,33 +105,9 @@ def _cached_export(model: nn.Module, args: tuple, kwargs: dict, block_lists: lis
         program, why, _ = _store[key]
         return _copy(program), why
     stats["misses"] += 1
-    if os.environ.get("UMUP_FX_TEST_EXPORT_CACHE_STATS"):  # what missed, for the log
-        stats.setdefault("missed", []).append(
-            f"{type(model).__name__} {[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}"
-            f" {sorted(kwargs)} shadow={shadow} kept={[b.kept for b in block_lists]}")
-    checkpointed = []
-    generator, reentrant = cp._checkpoint_without_reentrant_generator, cp.CheckpointFunction
-
-    def non_reentrant(*a: Any, **k: Any) -> Any:
-        checkpointed.append(True)
-        return generator(*a, **k)
-
-    class Reentrant:
-        @staticmethod
-        def apply(*a: Any) -> Any:
-            checkpointed.append(True)
-            return reentrant.apply(*a)
-
-    cp._checkpoint_without_reentrant_generator, cp.CheckpointFunction = non_reentrant, Reentrant
-    start = time.perf_counter()
-    try:
+    # what the capture records of activation checkpoints (its own recorder, nested)
+    with trace._recording_checkpoints() as checkpointed:
         program, why = _original(model, args, kwargs, block_lists, preserve, shadow)
-    except Exception:
-        stats["failed_s"] = stats.get("failed_s", 0.0) + time.perf_counter() - start
-        raise
-    finally:
-        stats["export_s"] = stats.get("export_s", 0.0) + time.perf_counter() - start
-        cp._checkpoint_without_reentrant_generator, cp.CheckpointFunction = generator, reentrant
     if not checkpointed:
         _store[key] = (_copy(program), why, refs)
     return program, why
@@ -149,24 +123,19 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
-    """The memo on for a block, whatever the environment says (for its own test)."""
-    saved, trace._export = trace._export, _cached_export
+def _routed(export: Any) -> Iterator[None]:
+    saved, trace._export = trace._export, export
     try:
         yield
     finally:
         trace._export = saved
 
 
-def uninstalled() -> Any:
-    """A context in which the capture exports for real (for the cache's own test)."""
+def installed() -> contextlib.AbstractContextManager[None]:
+    """The memo on for a block, whatever the environment says (for its own test)."""
+    return _routed(_cached_export)
 
-    @contextlib.contextmanager
-    def ctx() -> Any:
-        saved, trace._export = trace._export, _original
-        try:
-            yield
-        finally:
-            trace._export = saved
 
-    return ctx()
+def uninstalled() -> contextlib.AbstractContextManager[None]:
+    """The capture exports for real in a block (for the memo's own test)."""
+    return _routed(_original)

@@ -61,3 +61,15 @@ def test_an_attribute_the_forward_reads_misses() -> None:
                for n in graph_nodes(shared))
     umup_fx.transform(cls(), (feats[:2], labels[:2]))  # other inputs
     assert export_cache.stats["hits"] == hits
+
+
+def test_a_checkpointed_capture_is_never_replayed() -> None:
+    # The capture's record of activation checkpoints points at the model's own modules:
+    # such a capture is exported every time (and the capture keeps its checkpoints).
+    from tests.test_calls import VOCAB, _CheckpointingLM
+
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    hits = export_cache.stats["hits"]
+    for _ in range(2):
+        umup_fx.transform(_CheckpointingLM("whole"), (ids, ids), check=False)
+    assert export_cache.stats["hits"] == hits

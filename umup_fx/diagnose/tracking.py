@@ -77,34 +77,44 @@ def _spread(x: Tensor) -> float:
     return (float((x - x.mean(-2, keepdim=True)).pow(2).mean()) / total) ** 0.5 if total > 0 else 1.0
 
 
-def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
-    """{weight op node name: its attention node's name} for the ops that make q and k.
+def _is_sdpa(node: fx.Node) -> bool:
+    return meta.get(node, meta.RULE) == rules.SDPA or (
+        node.op == "call_function" and node.target is umup_ops.scaled_dot_product_attention)
 
-    Walks back from an attention's q and k operands (through reshapes, RoPE, casts, q / k
-    norms; never past a residual add) to the first weight op on each path; their gradients sit near ``S^-1/2`` (rules §8).
-    """
+
+def _weight_ops_behind(starts: Any) -> list[fx.Node]:
+    """The first weight op on each path back from ``starts`` (through reshapes, RoPE,
+    casts, q / k norms; never past a residual add)."""
+    stack, seen, found = [a for a in starts if isinstance(a, fx.Node)], set(), []
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        if meta.get(n, meta.WEIGHT):
+            found.append(n)
+        elif meta.get(n, meta.RULE) != rules.RESIDUAL_ADD:  # through q/k norms (Qwen3)
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
+    """{weight op node name: its attention node's name} for the ops that make q and k:
+    the weight ops behind an attention's q and k operands, or behind the logits of a
+    softmax weighing values; their gradients sit near ``S^-1/2`` (rules §8)."""
     by_name = {n.name: n for n in gm.graph.nodes}
     found: dict[str, str] = {}
     for node in gm.graph.nodes:
-        rule = meta.get(node, meta.RULE)
-        if rule == rules.SDPA or (node.op == "call_function" and node.target is umup_ops.scaled_dot_product_attention):
+        if _is_sdpa(node):
             starts = node.args[:2]
-        elif rule == rules.ATTENTION and by_name.get(meta.get(node, meta.ATTENTION)["qk"]):
+        elif meta.get(node, meta.RULE) == rules.ATTENTION and by_name.get(
+                meta.get(node, meta.ATTENTION)["qk"]):
             starts = by_name[meta.get(node, meta.ATTENTION)["qk"]].args[:2]
         elif _weighs_values(node):
             starts = node.args[:1]  # logits assembled otherwise (DeBERTa's relative terms)
         else:
             continue
-        stack, seen = [a for a in starts if isinstance(a, fx.Node)], set()
-        while stack:
-            n = stack.pop()
-            if n in seen or n.op != "call_function":
-                continue
-            seen.add(n)
-            if meta.get(n, meta.WEIGHT):
-                found[n.name] = node.name
-            elif meta.get(n, meta.RULE) != rules.RESIDUAL_ADD:  # through q/k norms (Qwen3)
-                stack.extend(n.all_input_nodes)
+        found.update((op.name, node.name) for op in _weight_ops_behind(starts))
     return found
 
 
@@ -125,20 +135,10 @@ def _weighs_values(node: fx.Node) -> bool:
 
 
 def _v_projections(gm: fx.GraphModule) -> dict[str, str]:
-    """{weight op node name: its SDPA node's name} for the ops that make v: the first
-    weight op on the path back from the value operand (through reshapes and casts)."""
-    found: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if not (meta.get(node, meta.RULE) == rules.SDPA or (
-                node.op == "call_function" and node.target is umup_ops.scaled_dot_product_attention)):
-            continue
-        n = node.args[2] if len(node.args) > 2 else None
-        while isinstance(n, fx.Node) and n.op == "call_function" and not meta.get(n, meta.WEIGHT) \
-                and meta.get(n, meta.RULE) != rules.RESIDUAL_ADD and n.all_input_nodes:
-            n = n.all_input_nodes[0]
-        if isinstance(n, fx.Node) and meta.get(n, meta.WEIGHT):
-            found[n.name] = node.name
-    return found
+    """{weight op node name: its SDPA node's name} for the ops that make v: the weight
+    ops behind the value operand."""
+    return {op.name: node.name for node in gm.graph.nodes if _is_sdpa(node)
+            for op in _weight_ops_behind(node.args[2:3])}
 
 
 def _query_coherence(g: Tensor) -> float:
@@ -179,7 +179,7 @@ class _Recorder(fx.Interpreter):
         if n.name in self.qk.values() and isinstance(out, Tensor):
             # the attention's key length: softmax's last axis, or SDPA's value rows
             args = self.fetch_args_kwargs_from_env(n)[0]
-            sdpa = meta.get(n, meta.RULE) == rules.SDPA or n.target is umup_ops.scaled_dot_product_attention
+            sdpa = _is_sdpa(n)
             length = args[2].shape[-2] if sdpa else out.shape[-1]
             spread = 1.0 if not sdpa else (
                 _spread(args[1]) * _spread(args[2]))
@@ -225,7 +225,6 @@ class _Recorder(fx.Interpreter):
             x = first if rec.rule == rules.LINEAR and first is not None and first.is_floating_point() else None
             out.register_hook(lambda g, rec=rec, x=x: _on_grad(rec, g, x))
         return out
-
 
     def _on_attention_grad(self, values: list[str], g: Tensor) -> None:
         for name in values:
