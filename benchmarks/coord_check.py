@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # examples/; umup_fx as installed
 
 from benchmarks._doc import command, machine, write_section  # noqa: E402
 from examples.llama import Llama, LlamaConfig  # noqa: E402

@@ -25,7 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # examples/; umup_fx as installed
 
 from benchmarks._doc import command, machine, write_section  # noqa: E402
 from tests.families import FAMILIES, Result, check, is_qk  # noqa: E402

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # examples/; umup_fx as installed
 
 from benchmarks._doc import command, machine, write_section  # noqa: E402
 

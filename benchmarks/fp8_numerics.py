@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # examples/; umup_fx as installed
 
 import umup_fx  # noqa: E402
 from benchmarks._doc import command, machine, write_section  # noqa: E402

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # examples/; umup_fx as installed
 
 import umup_fx  # noqa: E402
 from benchmarks._doc import command, machine, write_section  # noqa: E402

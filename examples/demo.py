@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # examples/; umup_fx as installed
 
 import umup_fx  # noqa: E402
 from examples.data import get_batch, load_corpus, train_val_split  # noqa: E402

@@ -1,5 +1,16 @@
 """umup_fx: u-muP and static-scale FP8 as a compiler pass on unmodified PyTorch models."""
 
+import importlib.util as _importlib_util
+
+if _importlib_util.find_spec("umup_fx.passes") is None:
+    # passes/ installs as umup_fx.passes; a bare source tree on sys.path has no such folder.
+    raise ImportError(
+        f"umup_fx was imported from its source folder {__path__[0]} without an install, so "
+        "umup_fx.passes (the repository's passes/) cannot be found: run `pip install -e .` in "
+        "that clone, or start Python outside it so the installed umup_fx is imported"
+    )
+
+from umup_fx._version import __version__  # noqa: E402
 from umup_fx.backend import prepare, register
 from umup_fx.capture.trace import StaticSizeWarning
 from umup_fx.diagnose.unit_check import CheckReport, ScaleWarning, check
@@ -32,6 +43,7 @@ from umup_fx.transform import (
 )
 
 __all__ = [
+    "__version__",
     "AdamW",
     "AlwaysClippedWarning",
     "SpikeClipper",
@@ -69,6 +81,5 @@ __all__ = [
     "prepare",
     "transform",
 ]
-__version__ = "0.1.0"
 
 register()  # torch.compile(model, backend="umup")

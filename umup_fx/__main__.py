@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from umup_fx._version import __version__
 from umup_fx.errors import CaptureError, UmupError
 from umup_fx.pipeline import analyze
 
@@ -164,6 +165,7 @@ def _main(argv: list[str] | None) -> int:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"umup_fx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print the u-muP plan of a model (nothing is changed)")
     p.add_argument("target", help="MODULE:FACTORY, e.g. examples.llama:Llama")
