@@ -380,6 +380,16 @@ def transform(
             OneGraphWarning,
             stacklevel=2,
         )
+    elif not captured.blocks and (repeats := discovery.unlisted_repeats(model)):
+        warnings.warn(
+            f"umup_fx: {captured.model_name} runs as one graph: it has no list of blocks "
+            "(an nn.ModuleList, ModuleDict or Sequential of two or more layers), and "
+            f"{', '.join(repeats[:4])} look like blocks held as attributes. Keep them in an "
+            "nn.ModuleList or ModuleDict so each runs as a module of its own (per-block "
+            "fully_shard, activation checkpointing and compile).",
+            OneGraphWarning,
+            stacklevel=2,
+        )
     plan = built[0]
     if plan.uncovered and opts.parametrization == "umup":
         listed = "; ".join(f"{op} at {src}" for _, op, src in plan.uncovered)

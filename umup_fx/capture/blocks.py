@@ -1,7 +1,7 @@
 """Blocks and the capture-time views of a model: which repeats are captured, on what.
 
-A *block* is a child of an ``nn.ModuleList`` (or ``nn.Sequential``) of at least two
-callable modules: the transformer layers that FSDP2, activation checkpointing and
+A *block* is a child of an ``nn.ModuleList``, ``nn.ModuleDict`` (torchtitan's
+``self.layers``) or ``nn.Sequential`` of at least two callable modules: the transformer layers that FSDP2, activation checkpointing and
 regional ``torch.compile`` each wrap one at a time. umup_fx keeps every block as its
 own module running its own rewritten graph (``umup_fx.runtime.modules``), and captures only a
 *prefix* of each block list: blocks with the same structure key (class, parameter
@@ -32,7 +32,7 @@ _INDEX_ATTRS = {"layer_idx", "layer_id", "layer_index", "idx", "block_idx", "lay
 class BlockList:
     """One list of blocks: ``model.get_submodule(path)[i]`` for ``i`` in ``names``."""
 
-    path: str  # canonical path of the ModuleList / Sequential ("model.layers")
+    path: str  # canonical path of the ModuleList / ModuleDict / Sequential ("model.layers")
     names: list[str]  # child names in call order ("0", "1", ...)
     keys: list[Any]  # structure key per child
     kept: int = 0  # how many leading children the capture keeps
@@ -66,12 +66,15 @@ def structure_key(block: nn.Module) -> Any:
     return tuple(parts)
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
 def find_blocks(model: nn.Module) -> list[BlockList]:
-    """The outermost lists of two or more callable modules (the model's layers)."""
+    """The outermost containers of two or more callable modules (the model's layers)."""
     found: list[BlockList] = []
     taken: list[str] = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+        if not isinstance(module, _CONTAINERS) or len(module) < 2:
             continue
         path = canonical_name(name)
         if any(path == t or path.startswith(t + ".") for t in taken):
@@ -79,7 +82,7 @@ def find_blocks(model: nn.Module) -> list[BlockList]:
         children = list(module._modules.items())
         if any(
             c is None
-            or isinstance(unwrap(c), (nn.ModuleList, nn.ModuleDict))
+            or isinstance(unwrap(c), (nn.ModuleList, nn.ModuleDict))  # a table, not layers
             or not any(True for _ in c.parameters())
             for _, c in children
         ):
@@ -129,3 +132,22 @@ def live_path(model: nn.Module, canonical: str) -> str:
         if canonical_name(name) == canonical:
             return name
     raise CaptureError(f"umup_fx lost track of submodule {canonical!r}.")
+
+
+def unlisted_repeats(model: nn.Module) -> list[str]:
+    """Sibling submodules of one structure held as plain attributes, not in a container
+    (``self.block1``, ``self.block2``): blocks umup_fx cannot keep as modules of their own.
+    Leaf modules (two linears of one shape) are not blocks."""
+    repeats: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, _CONTAINERS):
+            continue
+        by_key: dict[Any, list[str]] = {}
+        for child_name, child in module._modules.items():
+            if child is None or not unwrap(child)._modules or not any(True for _ in child.parameters()):
+                continue
+            by_key.setdefault(structure_key(child), []).append(
+                canonical_name(f"{name}.{child_name}" if name else child_name))
+        repeats += [n for names in by_key.values() if len(names) >= 2 for n in names]
+    return repeats
+
