@@ -27,7 +27,7 @@ SOURCE_PACKAGES = {"umup_fx": "umup_fx", "passes": "umup_fx/passes"}
 
 def _from_source_tree() -> bool:
     """An editable install (or the source tree on sys.path): umup_fx is imported from here."""
-    return ROOT in Path(umup_fx.__file__).resolve().parents
+    return (ROOT / "umup_fx") in Path(umup_fx.__file__).resolve().parents
 
 
 def _installed_distribution() -> metadata.Distribution:
@@ -73,7 +73,7 @@ def test_the_suite_imports_the_installed_package_not_the_source_tree() -> None:
     assert not direct_url.get("dir_info", {}).get("editable"), direct_url
     from umup_fx import passes
 
-    assert ROOT not in Path(passes.__file__).resolve().parents
+    assert (ROOT / "passes") not in Path(passes.__file__).resolve().parents
 
 
 def test_version_is_one_value_everywhere() -> None:

@@ -91,7 +91,10 @@ def _load(target: str) -> Any:
     module_name, _, attr = target.partition(":")
     if not attr or not module_name:
         raise UsageError(f"bad target {target!r}: expected MODULE:FACTORY, e.g. examples.llama:Llama")
-    sys.path.insert(0, ".")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # Last, not first: the directory's own copy of a package (a clone's umup_fx/)
+        # must not shadow the installed one for this process and the ones it spawns.
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
