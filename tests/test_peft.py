@@ -213,3 +213,16 @@ def test_exported_adapters_save_and_load_onto_the_plain_base(tmp_path) -> None:
     umup_fx.export(model).save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(hf_llama(), tmp_path)  # the pretrained base
     torch.testing.assert_close(_logits(loaded), want, rtol=1e-4, atol=1e-4)
+
+
+def test_switching_to_an_adapter_the_graphs_do_not_run_is_refused() -> None:
+    model = peft.get_peft_model(hf_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("other", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    ids = _ids()
+    umup_fx.transform(model.base_model.model, (ids,), {"labels": ids}, pretrained=True)
+    want = _logits(model)
+    model.set_adapter("default")  # the adapter the graphs run: allowed
+    with pytest.raises(AdapterError, match="switch the active adapters to .'other'.*No layer"):
+        model.set_adapter("other")
+    model.set_adapter("default")
+    assert model.active_adapters == ["default"] and torch.equal(_logits(model), want)

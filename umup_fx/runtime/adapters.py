@@ -119,11 +119,12 @@ _ROUTE = (
 )
 
 
-def _refuse(layer: nn.Module, what: str, why: str) -> AdapterError:
+def _refuse(layer: nn.Module, what: str, why: str,
+            state: str = "Nothing was changed.") -> AdapterError:
     owner = layer.__dict__.get(_MARK, "a transformed model")
     return AdapterError(
         f"PEFT cannot {what} on a model that umup_fx.transform rewrote ({owner}): {why}. "
-        f"Nothing was changed. {_ROUTE}")
+        f"{state} {_ROUTE}")
 
 
 class _LoraGuard(nn.Module):
@@ -150,7 +151,10 @@ class _LoraGuard(nn.Module):
         if names != active:
             raise _refuse(self, f"switch the active adapters to {names}",
                           f"the installed graphs run the adapters active at transform "
-                          f"({active}) whatever PEFT's flags say")
+                          f"({active}) whatever PEFT's flags say",
+                          "No layer was changed (PeftModel.set_adapter relabels its "
+                          "active_adapter first: set_adapter back to "
+                          f"{active[0] if len(active) == 1 else active!r} to match).")
         super().set_adapter(adapter_names, *args, **kwargs)  # type: ignore[misc]
 
 
