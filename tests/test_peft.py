@@ -162,3 +162,67 @@ def test_the_adapter_add_is_recognised_through_dropout_and_in_the_mlp() -> None:
     nodes = [n for gm in inner.region_graphs().values() for n in gm.graph.nodes]
     assert any("dropout" in str(n.target) for n in nodes)
     assert not [n for n in nodes if n.op == "call_function" and "adds_add" in str(n.target)]
+
+
+def _trained_lora() -> tuple[peft.PeftModel, torch.Tensor]:
+    """A transformed LoRA model whose adapters trained 2 steps, and its logits."""
+    model = _lora_model(b_std=0.05)
+    inner, ids = model.base_model.model, _ids()
+    umup_fx.transform(inner, (ids,), {"labels": ids}, pretrained=True)
+    opt = umup_fx.AdamW(inner, lr=2**-4)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    return model, _logits(model)
+
+
+def _disable(model: peft.PeftModel) -> None:
+    with model.disable_adapter():
+        pass
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.merge_and_unload(), lambda m: m.merge_adapter(), lambda m: m.unload(),
+    _disable, lambda m: m.base_model.disable_adapter_layers(),
+], ids=["merge_and_unload", "merge_adapter", "unload", "disable_adapter", "disable_layers"])
+def test_merging_unloading_or_disabling_adapters_is_refused_before_anything_changes(call) -> None:
+    model, want = _trained_lora()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(AdapterError, match=r"Nothing was changed.*umup_fx.export\(peft_model\)"):
+        call(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert torch.equal(_logits(model), want)  # today merge_and_unload merged layer 0 first
+
+
+def test_export_then_merge_is_the_merged_plain_model() -> None:
+    model, want = _trained_lora()
+    exported = umup_fx.export(model)
+    assert isinstance(exported, peft.PeftModel) and exported is not model
+    assert type(exported.base_model.model) is type(hf_llama())  # plain class, LoRA layers in it
+    torch.testing.assert_close(_logits(exported), want, rtol=1e-5, atol=1e-5)
+    merged = exported.merge_and_unload()
+    assert type(merged) is type(hf_llama()) and not any("lora" in n for n, _ in merged.state_dict().items())
+    torch.testing.assert_close(_logits(merged), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(_logits(model), want)  # the transformed model goes on as it was
+
+
+def test_exported_adapters_save_and_load_onto_the_plain_base(tmp_path) -> None:
+    model, want = _trained_lora()
+    umup_fx.export(model).save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(hf_llama(), tmp_path)  # the pretrained base
+    torch.testing.assert_close(_logits(loaded), want, rtol=1e-4, atol=1e-4)
+
+
+def test_switching_to_an_adapter_the_graphs_do_not_run_is_refused() -> None:
+    model = peft.get_peft_model(hf_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("other", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    ids = _ids()
+    umup_fx.transform(model.base_model.model, (ids,), {"labels": ids}, pretrained=True)
+    want = _logits(model)
+    model.set_adapter("default")  # the adapter the graphs run: allowed
+    with pytest.raises(AdapterError, match="switch the active adapters to .'other'.*No layer"):
+        model.set_adapter("other")
+    model.set_adapter("default")
+    assert model.active_adapters == ["default"] and torch.equal(_logits(model), want)

@@ -30,7 +30,7 @@ from umup_fx.runtime.clip import AlwaysClippedWarning, SpikeClipper, clip_grad_n
 from umup_fx.runtime.init import init_
 from umup_fx.runtime.modules import UmupBlock
 from umup_fx.runtime.ops import cross_entropy
-from umup_fx.runtime.optim import DEFAULT_LR, AdamW, param_groups
+from umup_fx.runtime.optim import DEFAULT_LR, AdamW, ForeignOptimizerWarning, param_groups
 from umup_fx.transfer.sweep import sweep
 from umup_fx.transform import (
     CheckpointWarning,
@@ -55,6 +55,7 @@ __all__ = [
     "CheckReport",
     "CaptureError",
     "ExportError",
+    "ForeignOptimizerWarning",
     "HParams",
     "HParamsError",
     "CheckpointWarning",

@@ -25,6 +25,7 @@ from torch import nn
 
 from umup_fx.export_scales import ExportError, Folding, solve_folding
 from umup_fx.passes.scale_norms import NORM_SCALE_PREFIX
+from umup_fx.runtime.adapters import peft_inner, unguard
 from umup_fx.runtime.modules import UmupModule, UmupRegion
 from umup_fx.runtime.names import canonical_name, unwrap
 
@@ -42,6 +43,7 @@ def _plain_copy(model: UmupModule) -> nn.Module:
                 skip[id(value)] = None  # graphs, plan: not copied
     plain = copy.deepcopy(model, skip)
     for m in plain.modules():
+        unguard(m)  # a LoRA layer's class that refuses merges
         if isinstance(m, UmupRegion):
             m.__class__ = next(c for c in type(m).__mro__
                                if not issubclass(c, UmupRegion) and issubclass(c, nn.Module))
@@ -143,6 +145,16 @@ def check_importable(model: nn.Module) -> None:
             "pretrained=True, then fully_shard it.")
 
 
+def _export_peft(wrapper: nn.Module, inner: nn.Module) -> nn.Module:
+    """A copy of a ``PeftModel`` around ``export(inner)``: PEFT's own merge, unload and
+    adapter ``save_pretrained`` then act on plain weights (docs/training.md, "LoRA / PEFT")."""
+    plain = export(inner)
+    plain_modules = dict(plain.named_modules(remove_duplicate=False))
+    memo: dict[int, Any] = {id(m): plain_modules[name]
+                            for name, m in inner.named_modules(remove_duplicate=False)}
+    return copy.deepcopy(wrapper, memo)  # the wrapper copied, the transformed model never
+
+
 def export(model: nn.Module) -> nn.Module:
     """A new module of ``model``'s original class with u-muP's scales folded into its weights.
 
@@ -152,7 +164,10 @@ def export(model: nn.Module) -> nn.Module:
     model's dtype. A tied weight whose uses need different factors is untied (and a
     Hugging Face config says ``tie_word_embeddings=False``); a model transformed with
     ``pretrained=True`` keeps its ties (the import's factors, so its norms' eps is the
-    checkpoint's). ``model`` is not changed.
+    checkpoint's). ``model`` is not changed. A PEFT ``PeftModel`` whose model was
+    transformed gives a new ``PeftModel`` over the exported model (its LoRA weights in
+    plain units too): ``umup_fx.export(peft_model).merge_and_unload()`` is the merged
+    plain model.
 
     Raises:
         ExportError: ``model`` is not transformed, its parameters are sharded (DTensor:
@@ -160,6 +175,9 @@ def export(model: nn.Module) -> nn.Module:
             cannot express one of its scales (the error names the op and its source
             line), or an imported model's norm factor buffers were overwritten.
     """
+    inner = peft_inner(model)
+    if inner is not None:
+        return _export_peft(model, inner)
     if _is_sharded(model):
         # Gathering here would be a collective every rank must join, and the usual
         # ``if rank == 0: export(model)`` would hang instead of failing.

@@ -42,6 +42,7 @@ from umup_fx.runtime.modules import (
     is_transformed,
 )
 from umup_fx.runtime.names import unwrap
+from umup_fx.runtime.optim import install_step_check
 
 __all__ = ["CheckpointWarning", "OneGraphWarning", "PostNormWarning", "ReferenceSizeWarning",
            "UmupModule",
@@ -317,7 +318,8 @@ def _as_written(model: nn.Module, args: Any, kwargs: dict | None, opts: Options)
     parametrizations.apply(plan, opts.parametrization, opts.base, opts.sigma_init)
     model.umup_plan = plan
     for p in model.parameters():
-        setattr(p, TRANSFORMED_ATTR, True)
+        setattr(p, TRANSFORMED_ATTR, opts.parametrization)
+    install_step_check()
     return model
 
 
@@ -417,8 +419,9 @@ def transform(
     if opts.pretrained:  # the inverse of export: the same function, u-muP's weights
         import_pretrained(model)
     guard_tree(model)  # adapters (or any module) put in later would never be called
-    for p in model.parameters():
-        setattr(p, TRANSFORMED_ATTR, True)  # the "umup" backend must not rewrite it again
+    for p in model.parameters():  # the "umup" backend must not rewrite it again, and an
+        setattr(p, TRANSFORMED_ATTR, opts.parametrization)  # optimizer needs u-muP's groups
+    install_step_check()  # warns on an optimizer not built from them
     if opts.check and opts.parametrization == "umup" and opts.reinit and unit_check.cheap(model):
         unit_check.warn_if_off(model, example_inputs, example_kwargs)  # rules §8
     return model

@@ -16,9 +16,12 @@ keeps near 1 at every width:
   of the RMS. Adam's step does not depend on the gradient's scale, so what clipping
   protects an Adam run from is a step whose gradient is far larger than usual.
 
-``warn_if_always_clipped`` (called by the optimizer hook of ``runtime/optim.py``) warns
-once when the first steps' gradients all have the same global norm: something clipped
-every one of them, which under u-muP usually means an SP threshold.
+``warn_if_always_clipped`` (called by the optimizer hook of ``runtime/optim.py`` for any
+optimizer stepping on a transformed model's parameters, umup_fx's or not) warns once
+when the first steps' gradients all have the same global norm: something clipped every
+one of them (torch's ``clip_grad_norm_``, Trainer's ``max_grad_norm``, anything), which
+under u-muP usually means an SP threshold. Equal norms, not a threshold, because the
+hook cannot know the threshold, and a clipped gradient's norm is the threshold.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ for the baselines, whose Adam rates are of the usual size.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -33,7 +34,13 @@ from umup_fx.runtime.names import canonical_name
 # eta when none is given, per parametrization: the project's sweeps (docs/transfer.md).
 DEFAULT_LR: dict[str, float] = {"umup": 2.0**0, "mup": 2.0**-9, "sp": 2.0**-9, "sp_emb_lr": 2.0**-9}
 _PENDING = "_umup_pending_groups"  # parameter attribute: its pending group dicts
+# transform marks every parameter with its model's parametrization (export removes it)
+_TRANSFORMED_ATTR = "_umup_transformed"
 _hook_installed = False
+
+
+class ForeignOptimizerWarning(UserWarning):
+    """An optimizer not built from umup_fx's parameter groups steps on a u-muP model."""
 
 
 def _group(params: list, names: list, lr: float, weight_decay: float, factor: float,
@@ -73,7 +80,7 @@ def param_groups(
         UmupError: a trainable parameter the plan does not know (added after
             ``transform``): u-muP cannot guess its LR rule.
     """
-    _install_step_check()
+    install_step_check()
     try:
         plan = plan_of(model)
     except UmupError:
@@ -133,17 +140,69 @@ def resolve_pending_groups(param: torch.Tensor, factor: float) -> None:
         delattr(param, _PENDING)
 
 
-def _install_step_check() -> None:
-    """An optimizer stepping on a pending group, or applying u-muP's weight decay as a
-    coupled L2 penalty, is an error, not a wrong update; gradients clipped on every one
-    of the first steps are a warning (``runtime/clip.py``)."""
+def _needs_groups(param: torch.Tensor) -> bool:
+    """Whether ``param`` belongs to a model whose LRs differ by parameter (not plain SP)."""
+    return getattr(param, _TRANSFORMED_ATTR, None) not in (None, False, "sp")
+
+
+def _foreign_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The groups not built by ``param_groups`` that hold a transformed model's parameters,
+    worked out once per optimizer (again if its groups change)."""
+    groups = optimizer.param_groups
+    cached = optimizer.__dict__.get("_umup_foreign")
+    if cached is None or cached[0] != len(groups):
+        found = [i for i, g in enumerate(groups)
+                 if "umup_base" not in g and any(_needs_groups(p) for p in g["params"])]
+        cached = (len(groups), found)
+        optimizer.__dict__["_umup_foreign"] = cached
+    return [groups[i] for i in cached[1]]
+
+
+def _warn_foreign(optimizer: torch.optim.Optimizer, foreign: list[dict]) -> None:
+    if optimizer.__dict__.get("_umup_foreign_warned"):
+        return
+    optimizer.__dict__["_umup_foreign_warned"] = True
+    lrs = sorted({g.get("lr") for g in foreign}, key=str)
+    n = sum(len(g["params"]) for g in foreign)
+    warnings.warn(
+        f"umup_fx: {type(optimizer).__name__} steps on {n} parameters of a u-muP model "
+        f"without u-muP's parameter groups: each gets its group's learning rate "
+        f"({', '.join(f'{lr:g}' if isinstance(lr, float) else str(lr) for lr in lrs)}), "
+        "where u-muP sets every parameter's own from its fan-in, fan-out and depth around "
+        "eta ~ 2^0 (rules §5); the model then trains with standard-parametrisation "
+        "learning rates on unit-scale weights, slowly or not at all. Build the optimizer "
+        "with umup_fx.AdamW(model, lr=1.0), or from umup_fx.param_groups(model, lr=1.0) "
+        "(torch.optim.AdamW(umup_fx.param_groups(model, lr=1.0))); with HF Trainer, pass "
+        "Trainer(..., optimizers=(umup_fx.AdamW(model, lr=1.0), None)) (docs/training.md, "
+        "'HF Trainer').",
+        ForeignOptimizerWarning,
+        stacklevel=3,
+    )
+
+
+def install_step_check() -> None:
+    """One global optimizer step pre-hook (``param_groups`` and ``transform`` install it).
+
+    An optimizer stepping on a pending group, or applying u-muP's weight decay as a
+    coupled L2 penalty, is an error, not a wrong update; one whose groups were not built
+    by ``param_groups`` but hold a transformed model's parameters is a
+    ``ForeignOptimizerWarning`` (once per optimizer); and for either, gradients clipped
+    on every one of the first steps are an ``AlwaysClippedWarning`` (``runtime/clip.py``).
+    Other optimizers cost one cached lookup per step.
+    """
     global _hook_installed
     if _hook_installed:
         return
 
     def check(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if any("umup_base" in group for group in optimizer.param_groups):
+        ours = any("umup_base" in group for group in optimizer.param_groups)
+        foreign = _foreign_groups(optimizer)
+        if foreign:
+            _warn_foreign(optimizer, foreign)
+        if ours or foreign:
             warn_if_always_clipped(optimizer)
+        if not ours:
+            return
         for group in optimizer.param_groups:
             if (
                 "umup_base" in group
