@@ -130,7 +130,8 @@ def test_a_checkpoint_of_another_transform_is_refused_before_anything_loads(tmp_
     torch.save(model.state_dict(), tmp_path / "step.pt")
     saved = saved_state.decode(torch.load(tmp_path / "step.pt")["_extra_state"])
     assert saved["reference"] == {"idx": [2, 16]} and saved["hparams"]["output_mult"] == 1.0
-    for other in ((_ids(2, 32),), {}), ((_ids(2, 16),), {"hparams": {"output_mult": 2.0}}):
+    for other in (((_ids(2, 32),), {}), ((_ids(2, 16),), {"hparams": {"output_mult": 2.0}}),
+                  ((_ids(2, 16),), {"pretrained": True})):
         twin = _quiet_transform(_llama(seed=1), *other[0:1], **other[1])
         before = {k: v.clone() for k, v in twin.state_dict().items()}
         with pytest.raises(CheckpointError, match="idx \\[2, 16\\]"):

@@ -24,7 +24,9 @@ u-muP multiplier alone, on the proxy, and checks the combination at the target w
 python -m umup_fx export MODULE:FACTORY [--arg ...] [--input ...] --checkpoint DIR --out
 DIR turns a u-muP torch.distributed.checkpoint of that model into a plain safetensors
 checkpoint (Hugging Face layout: shards + index, and config.json for HF models), one
-tensor in memory at a time; the model is built on meta (docs/deploy.md).
+tensor in memory at a time; the model is built on meta and transformed as the checkpoint
+says (its reference sizes, whatever --input's are; its hparams and options), or the
+checkpoint is refused (docs/deploy.md).
 
 python -m umup_fx sweep MODULE:FACTORY --width-arg NAME --widths W... --steps N
 [--lrs ETA...] [--parametrization P...] [--seeds S...] [--data FILE] --json OUT

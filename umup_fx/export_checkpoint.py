@@ -7,7 +7,10 @@ the torch.distributed.checkpoint (DCP) directory, multiplies it and writes it as
 safetensors shard, with Hugging Face's ``model.safetensors.index.json`` (and the model's
 config, for a Hugging Face model). Peak memory is about the largest tensor, twice (the
 loaded one and the written copy), beyond the process itself: never a copy of the model.
-``python -m umup_fx export`` is the command line for it.
+The checkpoint's own settings (the root's ``_extra_state``: reference sizes, hparams,
+options; ``runtime/saved_state.py``) must be the model's transform's, else
+``CheckpointError``; ``python -m umup_fx export`` is the command line for it, and
+transforms the model as those settings say.
 """
 
 from __future__ import annotations

@@ -132,7 +132,10 @@ def fold_extras(unit: dict[str, torch.Tensor], plain: dict[str, torch.Tensor],
         fixes[key].append(n_delta)
         n_delta += len(deltas[-1])
     extras = dict(values)
-    extras[f"{PREFIX}index"] = torch.cat([torch.zeros(0, dtype=torch.long), *indices])
+    index = torch.cat([torch.zeros(0, dtype=torch.long), *indices])
+    if not len(index) or index.max() < 2**31:  # positions within one tensor: int32 holds them
+        index = index.to(torch.int32)
+    extras[f"{PREFIX}index"] = index
     extras[f"{PREFIX}delta"] = torch.cat([torch.zeros(0, dtype=torch.int8), *deltas])
     extras[EXTRA_STATE] = encode({**state, "form": "folded", "factors": factors, "fixes": fixes})
     return extras
