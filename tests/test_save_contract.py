@@ -199,3 +199,23 @@ def test_cli_export_refuses_what_it_cannot_rebuild_and_the_api_a_mismatch(tmp_pa
     (tmp_path / "ck2").rename(tmp_path / "ck")
     assert _cli_export(tmp_path, capsys, f"long:2x16:{VOCAB}") == 2
     assert "pretrained=True" in capsys.readouterr().err
+
+
+def test_fold_corrections_restore_every_kind_of_tensor_exactly() -> None:
+    """Sparse and dense corrections, a tensor stored as it is, one written unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    unit = {"a": torch.randn(64, 32, generator=gen), "b": torch.randn(16, generator=gen),
+            "c": torch.ones(8), "d": torch.arange(4), "e": torch.randn(8, generator=gen).bfloat16()}
+    plain = {"a": unit["a"] * 0.37, "c": torch.linspace(0.5, 2.0, 8), "d": unit["d"].clone(),
+             "e": unit["e"] * 3.1}
+    # b: every element corrected (dense), as if folded by a factor that is not one
+    plain["b"] = (unit["b"].double() * 1.3 * (1 + 1e-7 * torch.randn(16, generator=gen))).float()
+    extras = saved_state.fold_extras(unit, plain, {"umup_fx": 1})
+    fixes = saved_state.decode(extras["_extra_state"])["fixes"]
+    assert fixes["a"][0] == "sparse" and fixes["b"][0] == "dense" and fixes["c"] == ["value"]
+    assert "d" not in fixes
+    state = {**plain, **extras}
+    saved_state._restore(state, "", saved_state.decode(extras["_extra_state"]))
+    assert set(state) == set(plain) | {"_extra_state"}
+    for key in plain:
+        assert state[key].dtype == unit[key].dtype and torch.equal(state[key], unit[key]), key
