@@ -103,12 +103,16 @@ def test_example_llama_exact_after_training() -> None:
 
 
 def test_loading_umup_state_dict_into_the_class_is_not_the_model() -> None:
-    # The silent trap export replaces: same keys, another function.
+    # The trap export replaces: a strict load fails on the transform's settings
+    # (_extra_state, tests/test_save_contract.py); without them, the same keys compute
+    # another function.
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
     model = _transform(Llama(cfg), 64).eval()
     naive = Llama(cfg).eval()
-    naive.load_state_dict(model.state_dict())
+    with pytest.raises(RuntimeError, match="_extra_state"):
+        naive.load_state_dict(model.state_dict())
+    naive.load_state_dict(model.state_dict(), strict=False)
     ids = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         assert not torch.allclose(naive(ids), model(ids), rtol=1e-2)
@@ -243,7 +247,8 @@ def test_pretrained_is_exact_with_a_small_stream(family: str) -> None:
                 p.normal_(std=0.02)
     original = copy.deepcopy(model).eval()
     umup_fx.transform(model, case.args, pretrained=True).eval()
-    assert list(model.state_dict()) == list(original.state_dict())  # the class's keys
+    # The class's keys, and the transform's settings (tests/test_save_contract.py).
+    assert [k for k in model.state_dict() if k != "_extra_state"] == list(original.state_dict())
     scales = [n for n, _ in model.named_buffers() if "_umup_norm_scale_" in n]
     assert len(scales) == 2 * 2 + 1  # two per block, the final norm
     ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(2))

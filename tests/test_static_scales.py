@@ -164,7 +164,9 @@ def test_a_sum_divided_by_the_item_count_is_a_mean() -> None:
     idx, tgt = _ids(4, T, seed=8), _ids(4, T, seed=9)
     mean = umup_fx.transform(_llama(), (idx, tgt))
     summed = umup_fx.transform(_SumOverItems(), (idx, tgt, torch.tensor(float(tgt.numel()))))
-    summed.model.load_state_dict(mean.state_dict())
+    weights = mean.state_dict()
+    del weights["_extra_state"]  # the root's settings: summed.model is not a root
+    summed.model.load_state_dict(weights)
     mean(idx, tgt).backward()
     summed(idx, tgt, torch.tensor(float(tgt.numel()))).backward()
     for name, p in summed.model.named_parameters():

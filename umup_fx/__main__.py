@@ -24,7 +24,9 @@ u-muP multiplier alone, on the proxy, and checks the combination at the target w
 python -m umup_fx export MODULE:FACTORY [--arg ...] [--input ...] --checkpoint DIR --out
 DIR turns a u-muP torch.distributed.checkpoint of that model into a plain safetensors
 checkpoint (Hugging Face layout: shards + index, and config.json for HF models), one
-tensor in memory at a time; the model is built on meta (docs/deploy.md).
+tensor in memory at a time; the model is built on meta and transformed as the checkpoint
+says (its reference sizes, whatever --input's are; its hparams and options), or the
+checkpoint is refused (docs/deploy.md).
 
 python -m umup_fx sweep MODULE:FACTORY --width-arg NAME --widths W... --steps N
 [--lrs ETA...] [--parametrization P...] [--seeds S...] [--data FILE] --json OUT
@@ -261,18 +263,58 @@ def _model_and_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict[str, A
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Build the model on meta (no weights in memory), transform it as it was trained,
-    and convert the checkpoint tensor by tensor (umup_fx.export_checkpoint)."""
-    from umup_fx.export_checkpoint import export_checkpoint
+    """Build the model on meta (no weights in memory), transform it as it was trained
+    (the checkpoint's reference sizes, hparams and options, whatever --input says), and
+    convert the checkpoint tensor by tensor (umup_fx.export_checkpoint)."""
+    from umup_fx.export_checkpoint import export_checkpoint, read_settings
     from umup_fx.transform import transform
 
+    saved = read_settings(args.checkpoint)
     with torch.device("meta"):
         model, inputs, kwargs = _model_and_inputs(args)
-    transform(model, inputs, kwargs)
+    options: dict[str, Any] = {"check": False}
+    if saved is None:
+        print("umup_fx: the checkpoint carries no transform settings (saved by an umup_fx "
+              "before they travelled with it): its reference sizes are taken from --input "
+              "and its hparams and options are the defaults", file=sys.stderr)
+    else:
+        inputs, kwargs = _as_trained(saved, model, inputs, kwargs)
+        options.update(hparams=saved["hparams"], trainable_norms=saved["trainable_norms"],
+                       roles=saved["roles"])
+    transform(model, inputs, kwargs, **options)
     index = export_checkpoint(model, args.checkpoint, args.out)
     print(f"wrote {len(index['weight_map'])} tensors "
           f"({index['metadata']['total_size'] / 2**30:.2f} GiB) to {args.out}")
     return 0
+
+
+def _as_trained(saved: dict[str, Any], model: Any, inputs: tuple,
+                kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """The example call at the checkpoint's reference sizes (rules §3), or a refusal."""
+    from umup_fx.capture.reference import at_reference_sizes, reference_shapes
+    from umup_fx.errors import CheckpointError
+    from umup_fx.runtime.saved_state import reference_inputs_note
+
+    if saved["parametrization"] != "umup" or saved["pretrained"]:
+        how = ("transform(..., pretrained=True): its norms' factors come from the original "
+               "weights, which a model on meta does not hold" if saved["pretrained"] else
+               f"parametrization={saved['parametrization']!r}")
+        raise CheckpointError(
+            f"the checkpoint comes from a model transformed with {how}; export it in "
+            "Python: transform the model as it was, load this checkpoint into it and call "
+            "umup_fx.export (docs/deploy.md).")
+    reference = {k: tuple(v) for k, v in saved["reference"].items()}
+    resized = at_reference_sizes(model.forward, reference, inputs, kwargs)
+    if resized is None:
+        raise CheckpointError(
+            f"the checkpoint was trained with example inputs {reference_inputs_note(reference)}"
+            ", and the --input / factory call shares none of them (or maps one size to two): "
+            "give --input of that call (these sizes).")
+    given = reference_shapes(model.forward, tuple(inputs), dict(kwargs))
+    if any(given.get(k, v) != v for k, v in reference.items()):
+        print(f"umup_fx: exporting at the checkpoint's reference sizes "
+              f"({reference_inputs_note(reference)}), not --input's", file=sys.stderr)
+    return resized
 
 
 def _check(args: argparse.Namespace, model: Any, inputs: tuple, kwargs: dict[str, Any]) -> int:

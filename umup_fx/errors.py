@@ -35,3 +35,8 @@ class CallError(UmupError, TypeError):
 
 class AdapterError(UmupError):
     """LoRA / PEFT adapters meet a transformed model (not supported yet)."""
+
+
+class CheckpointError(UmupError):
+    """A checkpoint does not fit the transformed model it is loaded into (other reference
+    sizes, hparams or options), or cannot be written so that it loads back exactly."""

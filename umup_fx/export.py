@@ -9,9 +9,11 @@ multiplied by; this module copies the model, restores its classes, applies the f
 Face config), sets the norm parameters u-muP froze to their neutral values, and
 restores ``requires_grad``.
 
-Loading a u-muP ``state_dict`` straight into the original class gives a model that runs
-and computes something else: the weights are at unit scale and the scales live in the
-transformed graphs. ``export`` is the one way out (docs/deploy.md).
+Loading a u-muP ``state_dict`` straight into the original class would give a model that
+runs and computes something else: the weights are at unit scale and the scales live in
+the transformed graphs (a strict load refuses it on the root's ``_extra_state``).
+``export`` is the way out; ``save_pretrained`` of a transformed Hugging Face model takes
+it (``umup_fx.hf_save``, docs/deploy.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ the torch.distributed.checkpoint (DCP) directory, multiplies it and writes it as
 safetensors shard, with Hugging Face's ``model.safetensors.index.json`` (and the model's
 config, for a Hugging Face model). Peak memory is about the largest tensor, twice (the
 loaded one and the written copy), beyond the process itself: never a copy of the model.
-``python -m umup_fx export`` is the command line for it.
+The checkpoint's own settings (the root's ``_extra_state``: reference sizes, hparams,
+options; ``runtime/saved_state.py``) must be the model's transform's, else
+``CheckpointError``; ``python -m umup_fx export`` is the command line for it, and
+transforms the model as those settings say.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from umup_fx.errors import UmupError
+from umup_fx.errors import CheckpointError, UmupError
 from umup_fx.export import _aliases, _untie_config
 from umup_fx.export_scales import ExportError, solve_folding
+from umup_fx.runtime import saved_state
 from umup_fx.runtime.names import canonical_name
+from umup_fx.runtime.saved_state import EXTRA_STATE
 
 
 def _targets(model: nn.Module) -> dict[str, list[tuple[str, float | None]]]:
@@ -72,9 +77,46 @@ def _model_keys(stored: dict[str, Any], params: list[str]) -> dict[str, str]:
     return {k[len(prefix):]: key for k, key in tensors.items() if k.startswith(prefix)}
 
 
+def read_settings(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The transform's settings a u-muP DCP checkpoint carries (its root's
+    ``_extra_state``, the shortest such key that holds them: a training checkpoint nests
+    the model's under a prefix), or None for one saved before umup_fx kept them."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(checkpoint))
+    stored = reader.read_metadata().state_dict_metadata
+    keys = sorted((k for k, md in stored.items() if k.rpartition(".")[2] == EXTRA_STATE
+                   and getattr(getattr(md, "properties", None), "dtype", None) == torch.uint8),
+                  key=len)
+    for key in keys:
+        tensor = torch.empty(stored[key].size, dtype=torch.uint8)
+        dcp.load({key: tensor}, storage_reader=reader)
+        try:
+            return saved_state.decode(tensor)
+        except CheckpointError:
+            continue  # another module's extra state
+    return None
+
+
+def check_settings(model: nn.Module, saved: dict[str, Any] | None) -> None:
+    """Refuse a checkpoint saved from another transform than ``model``'s."""
+    differ = saved_state.mismatch(saved, saved_state.settings(model)) if saved else []
+    if differ:
+        raise CheckpointError(
+            f"the checkpoint was saved from a model transformed with other settings than "
+            f"this {type(model).__name__} ({'; '.join(differ)}): its factors would be "
+            "folded at the wrong scales. Transform the model as the checkpoint's was "
+            "(python -m umup_fx export does: it reads them from the checkpoint).")
+
+
 def export_checkpoint(model: nn.Module, checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the plain checkpoint of the u-muP DCP ``checkpoint`` of transformed ``model``
-    to ``out`` (safetensors shards + index; config for HF models). Returns the index."""
+    to ``out`` (safetensors shards + index; config for HF models). Returns the index.
+
+    Raises:
+        CheckpointError: the checkpoint carries settings (reference sizes, hparams,
+            options) other than ``model``'s transform.
+    """
     import torch.distributed.checkpoint as dcp
     try:
         from safetensors.torch import save_file
@@ -84,6 +126,7 @@ def export_checkpoint(model: nn.Module, checkpoint: str | Path, out: str | Path)
             "(or pip install safetensors)."
         ) from exc
 
+    check_settings(model, read_settings(checkpoint))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reader = dcp.FileSystemReader(str(checkpoint))
@@ -100,7 +143,7 @@ def export_checkpoint(model: nn.Module, checkpoint: str | Path, out: str | Path)
             if key is None and factor is not None:
                 raise ExportError(f"the checkpoint has no tensor for parameter {name!r}")
             jobs.append((write_as, key, factor, stored.get(key) if key else None))
-    buffers = {canonical_name(n) for n in model.state_dict()} - params
+    buffers = {canonical_name(n) for n in model.state_dict()} - params - {EXTRA_STATE}
     for name in sorted(buffers & set(by_canonical)):  # persistent buffers, as saved
         jobs.append((name, by_canonical[name], 1.0, stored[by_canonical[name]]))
     weight_map: dict[str, str] = {}

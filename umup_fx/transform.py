@@ -9,6 +9,7 @@ model's own modules (``umup_fx.runtime.modules``), initialise to unit scale.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from typing import Any
@@ -24,11 +25,13 @@ from umup_fx.capture.trace import Captured, capture
 from umup_fx.diagnose import unit_check
 from umup_fx.errors import AlreadyTransformedError, CallError, CaptureError, UmupError
 from umup_fx.export import check_importable, import_pretrained
+from umup_fx.hf_save import UmupPretrainedModel, is_hf_model
 from umup_fx.options import Options
 from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
 from umup_fx.passes.placement import generalize_placement
 from umup_fx.pipeline import plan_graph, rewrite_graph
 from umup_fx.plan import expand_blocks
+from umup_fx.runtime import saved_state
 from umup_fx.runtime.adapters import guard_tree, refuse_adapters
 from umup_fx.runtime.init import initialise
 from umup_fx.runtime.modules import (
@@ -160,14 +163,29 @@ def _build(captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
     return plan, taus, graphs, split.root, original
 
 
-def _install(model: nn.Module, captured: Captured, built: tuple, recapture: Any) -> None:
+def _settings(opts: Options, reference: dict[str, tuple]) -> dict[str, Any]:
+    """How the model was transformed, as its checkpoints carry it (runtime/saved_state.py):
+    what its graphs' scales depend on, and FP8 (numerics only: not checked on load)."""
+    found = {"umup_fx": saved_state.VERSION,
+             "reference": {k: list(v) for k, v in sorted(reference.items())},
+             "hparams": dataclasses.asdict(opts.hparams), "parametrization": opts.parametrization,
+             "trainable_norms": opts.trainable_norms, "pretrained": opts.pretrained,
+             "roles": dict(sorted(opts.roles.items())) if opts.roles else None, "fp8": opts.fp8}
+    if opts.parametrization != "umup":
+        found["sigma_init"] = opts.sigma_init
+    return found
+
+
+def _install(model: nn.Module, captured: Captured, built: tuple, recapture: Any,
+             settings: dict[str, Any]) -> None:
     plan, taus, graphs, root, original = built
     for b in captured.blocks:
         container = model.get_submodule(discovery.live_path(model, b.path))
         for k, name in enumerate(b.names):
             path = b.block_path(k)
             install_block(container._modules[name], graphs[path], taus.get(path, []))
-    install_root(model, root, plan, original, recapture)
+    install_root(model, root, plan, original, recapture, settings,
+                 UmupPretrainedModel if is_hf_model(model) else UmupModule)
 
 
 def _capture_build(model: nn.Module, args: Any, kwargs: dict | None, opts: Options,
@@ -412,9 +430,10 @@ def transform(
             PostNormWarning,
             stacklevel=2,
         )
+    reference = _reference_of(model, example_inputs, example_kwargs)
     _install(model, captured, built,
-             functools.partial(_add_call_structure, opts=opts, mode=mode,
-                               reference=_reference_of(model, example_inputs, example_kwargs)))
+             functools.partial(_add_call_structure, opts=opts, mode=mode, reference=reference),
+             _settings(opts, reference))
     initialise(model, plan, opts.reinit)
     if opts.pretrained:  # the inverse of export: the same function, u-muP's weights
         import_pretrained(model)

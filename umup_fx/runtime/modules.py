@@ -31,6 +31,7 @@ import torch.utils.checkpoint
 from torch import fx, nn
 
 from umup_fx.errors import CallError, GraphRunError
+from umup_fx.runtime import saved_state
 from umup_fx.runtime.graph_errors import explain_graph_error
 from umup_fx.runtime.names import canonical_name, unwrap
 
@@ -290,6 +291,17 @@ class UmupModule(UmupRegion):
     def original_graph(self) -> fx.GraphModule:
         return self.__dict__["_umup_original"]
 
+    # How it was transformed travels with its state_dict (runtime/saved_state.py).
+    def get_extra_state(self) -> torch.Tensor:
+        return saved_state.encode({**saved_state.settings(self), "form": "unit"})
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # checked (and a folded folder restored) in _load_from_state_dict, first
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        saved_state.before_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def region_graphs(self) -> dict[str, fx.GraphModule]:
         """Every region's rewritten graph by module path ("" for the root), blocks
         included, for the transform's call (``graphs_of(module)``: every structure's)."""
@@ -375,10 +387,14 @@ def install_root(
     plan: Plan,
     original: fx.GraphModule,
     recapture: Callable[[nn.Module, tuple, dict], None] | None = None,
+    settings: dict[str, Any] | None = None,
+    mixin: type[UmupModule] = UmupModule,
 ) -> None:
     """Make ``model`` run ``rg``; ``recapture(model, args, kwargs)`` adds the graphs of a
-    call structure it has none for (``add_graph``)."""
-    _attach(model, rg, UmupModule)
+    call structure it has none for (``add_graph``); ``settings`` (how it was transformed)
+    go into its state_dict; ``mixin`` may add methods (a Hugging Face model's save)."""
+    _attach(model, rg, mixin)
+    model.__dict__["_umup_settings"] = dict(settings or {})
     model.__dict__["_umup_plan"] = plan
     model.__dict__["_umup_original"] = original
     model.__dict__["_umup_recapture"] = recapture
