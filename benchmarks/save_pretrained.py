@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # examples/; umup_fx as installed
 
 import umup_fx  # noqa: E402
 from benchmarks._doc import command, machine, write_section  # noqa: E402
