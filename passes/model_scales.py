@@ -128,3 +128,20 @@ def drop_model_scales(gm: fx.GraphModule) -> PassResult:
             gm.graph.erase_node(node)
             changed = True
     return PassResult(gm, changed)
+
+
+def model_scale_constants(gm: fx.GraphModule) -> dict[str, tuple]:
+    """The numbers ``find_model_scales`` marked to drop, by the source line that
+    multiplies them in (``where``). A transformed model compares them between call
+    structures: one that differs came from a call's non-tensor argument, which the
+    dropped multiply would silently ignore."""
+    active = param_dependent(gm)
+    found: dict[str, set] = {}
+    for node in gm.graph.nodes:
+        if meta.get(node, meta.RULE) != rules.MODEL_SCALE:
+            continue
+        x = _constant_operand(node, active)
+        for c in node.args:
+            if c is not x and isinstance(c, (int, float)):
+                found.setdefault(where(node), set()).add(c)
+    return {k: tuple(sorted(v)) for k, v in found.items()}
