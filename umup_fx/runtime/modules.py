@@ -210,12 +210,20 @@ def graph_for(module: nn.Module, args: tuple, kwargs: dict) -> RegionGraph | Non
 
 def own_error(module: nn.Module, args: tuple, kwargs: dict) -> BaseException | None:
     """The error ``module`` as written (its own class and its blocks', no grad) raises on
-    this call, marked as the user's; None when it runs it."""
+    this call, marked as the user's; None when it runs it. The trial leaves no trace:
+    buffers (batch-norm statistics) and the RNG streams are as before."""
+    buffers = [(b, b.clone()) for b in module.buffers()]
+    devices = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"} |
+                     {p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
-        with as_written(module), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), as_written(module), torch.no_grad():
             module(*args, **kwargs)
     except Exception as own:  # noqa: BLE001 - the model's own error for this call
         return mark_reported(own)
+    finally:
+        with torch.no_grad():
+            for b, before in buffers:
+                b.copy_(before)
     return None
 
 
