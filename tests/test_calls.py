@@ -413,3 +413,15 @@ def test_a_changed_non_tensor_argument_is_honoured_or_refused() -> None:
         with pytest.raises(CallError, match=r"h = self.emb\(ids\) \* scale \(2.0 in a call "
                                             r"before, 3.0 now\).*no effect"):
             model(3.0, x)  # only the embedding's multiplier, which u-muP drops
+
+
+def test_a_tensor_scale_argument_is_the_callers_not_a_model_constant() -> None:
+    """A one-element tensor argument on the embedding's output stays in the graph (it
+    was dropped as the model's own scale, so every value gave the same output)."""
+    torch.manual_seed(0)
+    model, x = _ScaledLM(), _ids(seq=8)
+    umup_fx.transform(model, (torch.tensor(2.0), x), check=False)
+    with torch.no_grad():
+        three = model(torch.tensor(3.0), x)
+        model.emb.weight.mul_(1.5)  # 2 x (1.5 W) = 3 x W: the same embedding output
+        torch.testing.assert_close(model(torch.tensor(2.0), x), three)
