@@ -32,8 +32,20 @@ from ._graph import ADDS, DIVS, MULS, consumers, ops, param_dependent, source, w
 _ADDMM = ops("addmm")
 
 
+def _from_call(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on a call's tensor argument (a user input)."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if (node.op == "placeholder" and meta.get(node, meta.KIND) == "input") or any(
+                a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
 def _constant_operand(node: fx.Node, active: set[fx.Node]) -> fx.Node | None:
-    """The activation operand of ``x * c`` / ``x / c`` with ``c`` a constant, else None."""
+    """The activation operand of ``x * c`` / ``x / c`` with ``c`` a constant, else None.
+    ``active`` holds the nodes that are no constant: the activations and, for tensors,
+    whatever a call's tensor argument feeds (its value changes between calls)."""
     if node.target not in (MULS | DIVS) or len(node.args) != 2:
         return None
     x, c = node.args
@@ -93,10 +105,12 @@ def _where_it_sits(node: fx.Node, x: fx.Node, roles: dict) -> str | None:
 
 
 def find_model_scales(gm: fx.GraphModule) -> PassResult:
-    """Mark a model's own embedding / readout constants; see the module docstring."""
+    """Mark a model's own embedding / readout constants; see the module docstring.
+    A one-element tensor that a call's argument feeds is the caller's, not the model's:
+    dropping it would ignore the argument, so it stays."""
     g = meta.graph_meta(gm)
     roles = g[meta.ROLES]
-    active = param_dependent(gm)
+    active = param_dependent(gm) | _from_call(gm)
     notes = g.setdefault(meta.NOTES, [])
     for node in gm.graph.nodes:
         if node.op != "call_function" or meta.get(node, meta.RULE) is not None:
@@ -128,3 +142,20 @@ def drop_model_scales(gm: fx.GraphModule) -> PassResult:
             gm.graph.erase_node(node)
             changed = True
     return PassResult(gm, changed)
+
+
+def model_scale_constants(gm: fx.GraphModule) -> dict[str, tuple]:
+    """The numbers ``find_model_scales`` marked to drop, by the source line that
+    multiplies them in (``where``). A transformed model compares them between call
+    structures: one that differs came from a call's non-tensor argument, which the
+    dropped multiply would silently ignore."""
+    active = param_dependent(gm)
+    found: dict[str, set] = {}
+    for node in gm.graph.nodes:
+        if meta.get(node, meta.RULE) != rules.MODEL_SCALE:
+            continue
+        x = _constant_operand(node, active)
+        for c in node.args:
+            if c is not x and isinstance(c, (int, float)):
+                found.setdefault(where(node), set()).add(c)
+    return {k: tuple(sorted(v)) for k, v in found.items()}

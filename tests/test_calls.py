@@ -325,3 +325,103 @@ def test_forward_that_indexes_its_blocks_keeps_them(monkeypatch) -> None:
     assert all(isinstance(b, modules.UmupBlock) for b in model.layers)
     _, loss1, _ = _loss_and_grads(_IndexedBlocks, True, monkeypatch)
     torch.testing.assert_close(loss, loss1)
+
+
+# -- the original model's errors and non-tensor arguments (issue 30 item 4) ----------
+
+
+def _own_error(model: nn.Module, **kwargs: torch.Tensor) -> BaseException:
+    with pytest.raises(Exception) as own:
+        model(**kwargs)
+    return own.value
+
+
+@pytest.mark.parametrize("call", ["float_labels", "1d_input_ids", "short_labels"])
+def test_a_call_the_plain_model_rejects_gets_its_own_error(llama, call: str) -> None:
+    model, _ = llama
+    x = _ids()
+    kwargs = {"float_labels": {"input_ids": x, "labels": x.float()},
+              "1d_input_ids": {"input_ids": x[0], "labels": x[0]},
+              "short_labels": {"input_ids": x, "labels": x[:, :8]}}[call]
+    plain = _own_error(_llama(), **kwargs)
+    ours = _own_error(model, **kwargs)
+    assert type(ours) is type(plain) and str(ours) == str(plain)  # not a CallError
+
+
+def test_a_mask_the_plain_model_takes_only_for_its_values_is_refused_with_why(llama) -> None:
+    model, _ = llama
+    x, mask = _ids(), torch.ones(12, dtype=torch.long)  # 1-D: dropped as all ones
+    with torch.no_grad():
+        _llama()(input_ids=x, attention_mask=mask)  # the plain model runs it
+    with pytest.raises(CallError, match=r"values.*attention_mask of input_ids' shape"):
+        model(input_ids=x, attention_mask=mask)
+
+
+def test_a_block_called_directly_names_only_what_differs(llama) -> None:
+    model, _ = llama
+    with pytest.raises(CallError) as err:
+        model.model.layers[0](torch.randn(2, 12, 32))
+    text = str(err.value)
+    assert "keyword arguments ['attention_mask'" in text and "call the model" in text
+    assert text.count("position_ids") == 1
+
+
+def test_3d_input_ids_of_gpt2_run_as_a_new_structure() -> None:
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+        bos_token_id=0, eos_token_id=0))
+    x = _ids()
+    umup_fx.transform(model, (), {"input_ids": x, "labels": x}, check=False)
+    model.eval()  # no dropout
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its own sizes: a leading axis of 1 is fixed
+        flat = model(input_ids=x, use_cache=False).logits
+        nested = model(input_ids=x.view(1, 2, 12), use_cache=False).logits  # GPT-2 flattens
+    assert nested.shape == (1, 2, 12, VOCAB)
+    torch.testing.assert_close(nested[0], flat)
+
+
+class _ScaledLM(nn.Module):
+    """``forward(self, scale, ids, flip=False)``: ``scale`` multiplies the embedding's
+    output (a constant u-muP drops), ``flip`` negates the residual stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, scale: float, ids: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        h = self.emb(ids) * scale
+        for layer in self.layers:
+            h = h + F.silu(layer(h))
+        return self.out(-h if flip else h)
+
+
+def test_a_changed_non_tensor_argument_is_honoured_or_refused() -> None:
+    torch.manual_seed(0)
+    model, x = _ScaledLM(), _ids(seq=8)
+    umup_fx.transform(model, (2.0, x), check=False)
+    with torch.no_grad():
+        flipped = model(2.0, x, flip=True)  # a new structure, honoured
+        twin = _ScaledLM()
+        umup_fx.transform(twin, (2.0, x), {"flip": True}, check=False)
+        twin.load_state_dict(model.state_dict())
+        torch.testing.assert_close(flipped, twin(2.0, x, flip=True))
+        assert not torch.allclose(flipped, model(2.0, x))
+        with pytest.raises(CallError, match=r"h = self.emb\(ids\) \* scale \(2.0 in a call "
+                                            r"before, 3.0 now\).*no effect"):
+            model(3.0, x)  # only the embedding's multiplier, which u-muP drops
+
+
+def test_a_tensor_scale_argument_is_the_callers_not_a_model_constant() -> None:
+    """A one-element tensor argument on the embedding's output stays in the graph (it
+    was dropped as the model's own scale, so every value gave the same output)."""
+    torch.manual_seed(0)
+    model, x = _ScaledLM(), _ids(seq=8)
+    umup_fx.transform(model, (torch.tensor(2.0), x), check=False)
+    with torch.no_grad():
+        three = model(torch.tensor(3.0), x)
+        model.emb.weight.mul_(1.5)  # 2 x (1.5 W) = 3 x W: the same embedding output
+        torch.testing.assert_close(model(torch.tensor(2.0), x), three)

@@ -256,3 +256,82 @@ def test_softmax_weighing_values_has_q_k_projections() -> None:
     assert report.ok, report.lines()
     qk = [r for r in report.ops if r.weight in weights]
     assert all(r.key_len == 16 and r.weight_grad_rms < 0.2 for r in qk)  # low, and in band
+
+
+# -- an embedding's table at the model's sizes (rules §8, issue 30 item 6) -------------
+
+
+def test_lookup_factor_is_the_row_sums_size_u_mup_predicts() -> None:
+    """sqrt(1 - rho + rho sum_v c_v^2 / N) against the exact norm of the rows' sums."""
+    from umup_fx.diagnose.tracking import lookup_factor
+
+    gen = torch.Generator().manual_seed(0)
+    rows, n, d = 64, 4096, 32
+    zipf = 1.0 / torch.arange(1, rows + 1).double()
+    ids = torch.multinomial(zipf, n, replacement=True, generator=gen)
+    counts = torch.bincount(ids, minlength=rows).double()
+    for rho in (0.0, 0.05, 0.3, 1.0):
+        g = rho ** 0.5 * torch.randn(d, generator=gen) + (1 - rho) ** 0.5 * torch.randn(n, d, generator=gen)
+        exact = float(torch.zeros(rows, d).index_add_(0, ids, g).norm() / g.norm())
+        assert lookup_factor(g, ids, rows) == pytest.approx(exact, rel=0.1)
+    # every token the same gradient: each row's sum is c_v times it
+    assert lookup_factor(torch.ones(n, d), ids, rows) == pytest.approx(
+        float((counts.pow(2).sum() / n).sqrt()))
+    uniform = torch.randint(0, rows, (n,), generator=gen)
+    assert lookup_factor(torch.randn(n, d, generator=gen), uniform, rows) == pytest.approx(1, abs=0.05)
+
+
+def _on_bytes(family: str) -> tuple[nn.Module, dict]:
+    transformers = pytest.importorskip("transformers")
+    from examples.data import get_batch, load_corpus
+
+    ids = get_batch(load_corpus(200_000), 16, 128, torch.Generator().manual_seed(0))[0]
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=256))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+            bos_token_id=0, eos_token_id=0))
+    return model, {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_small_vocab_lm_on_text_passes_with_its_tables_predicted(family: str) -> None:
+    """Bytes of text over 256 rows: a few rows (space, 'e') take hundreds of the 2048
+    tokens, whose gradients share a part, so the tables' gradients are far above 5 and
+    the check expects it (GPT-2's position table too: each row sums the batch's)."""
+    model, kwargs = _on_bytes(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.ScaleWarning)
+        umup_fx.transform(model, (), kwargs)
+    report = umup_fx.check(model, (), kwargs)
+    assert report.ok, report.lines()
+    tables = [r for r in report.ops if r.rule == "embedding"]
+    tokens = tables[0]
+    assert tokens.weight_grad_rms > 5  # outside the plain band: what used to warn
+    # the prediction is the measurement's size: within 40% of factor x output gradient
+    assert 0.6 < tokens.weight_grad_rms / (tokens.lookup_factor * tokens.grad_rms) < 1.4
+    if family == "gpt2":
+        positions = tables[1]
+        assert positions.summed_copies == 16 and positions.lookup_factor > 1.2
+        assert positions.grad_rms > 5
+
+
+def test_an_embedding_with_its_weight_gradient_unscaled_is_still_flagged(monkeypatch) -> None:
+    """The band moves by the prediction, not by what was measured: a table whose
+    gradient misses u-muP's (V / N)^1/2 (here 40x too large) stays flagged."""
+    model, kwargs = _on_bytes("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        umup_fx.transform(model, (), kwargs, check=False)
+    real = ops.linears.scale_bwd
+
+    def broken(x: torch.Tensor, scale: float) -> torch.Tensor:
+        return real(x, scale * 40 if x.shape == (256, 64) else scale)
+
+    monkeypatch.setattr(ops.linears, "scale_bwd", broken)
+    report = umup_fx.check(model, (), kwargs)
+    assert ("model.embed_tokens.weight", "weight grad") in {(f.op.weight, f.what) for f in report.flags}

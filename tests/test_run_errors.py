@@ -71,3 +71,27 @@ def test_a_failure_of_the_rewrite_names_the_users_line_and_op(models) -> None:
     assert f"node {node.name}" in text and "simulated bug" in text
     assert "as written runs this call without error" in text
     assert isinstance(err.value.__cause__, RuntimeError)
+
+
+class _NormThenAdd(torch.nn.Module):
+    """Batch norm, then an add the caller's ``bias`` must fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.out = torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(self.fc(x))) + bias
+
+
+def test_the_model_as_written_tried_on_a_failing_call_leaves_no_trace() -> None:
+    """The call updates the batch-norm statistics once, before it fails, as the plain
+    model's does; the trial run of the model as written adds nothing."""
+    torch.manual_seed(0)
+    model = umup_fx.transform(_NormThenAdd(), (torch.randn(32, 8), torch.randn(32, 4)), check=False)
+    x, bias = torch.randn(32, 8), torch.randn(32, 5)
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="size of tensor a"):  # the model's own error
+        model(x, bias)
+    assert int(model.bn.num_batches_tracked) == 1
+    assert torch.equal(rng, torch.get_rng_state())

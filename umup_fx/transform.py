@@ -28,6 +28,7 @@ from umup_fx.export import check_importable, import_pretrained
 from umup_fx.hf_save import UmupPretrainedModel, is_hf_model
 from umup_fx.options import Options
 from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
+from umup_fx.passes.model_scales import model_scale_constants
 from umup_fx.passes.placement import generalize_placement
 from umup_fx.pipeline import plan_graph, rewrite_graph
 from umup_fx.plan import expand_blocks
@@ -40,9 +41,11 @@ from umup_fx.runtime.modules import (
     UmupModule,
     add_graph,
     as_written,
+    call_key,
     install_block,
     install_root,
     is_transformed,
+    own_error,
 )
 from umup_fx.runtime.names import unwrap
 from umup_fx.runtime.optim import install_step_check
@@ -137,6 +140,7 @@ def _build(captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
     gm = captured.gm
     original = fx.GraphModule(gm, gm.graph.__deepcopy__())
     plan = plan_graph(gm, opts, captured.model_name)
+    scales = model_scale_constants(gm)  # before the rewrite drops them
     taus = expand_blocks(plan, gm, captured.blocks)
     parametrizations.apply(plan, opts.parametrization, opts.base, opts.sigma_init)
     rewrite_graph(gm, plan, opts)
@@ -160,7 +164,7 @@ def _build(captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
     split.root.gm.recompile()
     for rg in [split.root, *{id(g): g for g in graphs.values()}.values()]:
         generalize_placement(rg)
-    return plan, taus, graphs, split.root, original
+    return plan, taus, graphs, split.root, original, scales
 
 
 def _settings(opts: Options, reference: dict[str, tuple]) -> dict[str, Any]:
@@ -178,7 +182,7 @@ def _settings(opts: Options, reference: dict[str, tuple]) -> dict[str, Any]:
 
 def _install(model: nn.Module, captured: Captured, built: tuple, recapture: Any,
              settings: dict[str, Any]) -> None:
-    plan, taus, graphs, root, original = built
+    plan, taus, graphs, root, original, _ = built
     for b in captured.blocks:
         container = model.get_submodule(discovery.live_path(model, b.path))
         for k, name in enumerate(b.names):
@@ -261,12 +265,21 @@ def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Op
                     )
             captured, built, _, _ = found
     except UmupError as exc:
+        own = own_error(model, args, kwargs)
+        if own is not None:  # the call is wrong (1-D input_ids, float labels): its error
+            raise own from None
+        name = type(model).__name__
         raise CallError(
-            f"{type(model).__name__} got a call structure it has no graph for ({what}) and "
-            f"could not capture it: {exc}"
+            f"{name} as written runs this call ({what}), but no graph could be captured "
+            f"for it: {exc}\nA call's graph is traced for the shapes and dtypes of its "
+            "tensors, not their values, so a call the model takes only for some values "
+            "cannot have one (transformers models drop an attention_mask of all ones "
+            "whatever its shape). Pass tensors whose sizes agree with each other (an "
+            "attention_mask of input_ids' shape), or call the model as at transform."
         ) from exc
     _warn_unkept_checkpoints(captured)
-    plan, taus, graphs, root, _ = built
+    plan, taus, graphs, root, _, scales = built
+    _refuse_ignored_arguments(model, args, kwargs, scales, what)
     installed = model.umup_plan
     for name, p in plan.params.items():
         q = installed.params.get(name)
@@ -300,6 +313,41 @@ def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Op
             stacklevel=4,
         )
     add_graph(model, root)
+    model.__dict__.setdefault(_SCALES_SEEN, []).append((call_key(args, kwargs), scales))
+
+
+_SCALES_SEEN = "_umup_model_scales"  # per root call structure: its call_key, its dropped constants
+
+
+def _refuse_ignored_arguments(model: nn.Module, args: tuple, kwargs: dict,
+                              scales: dict[str, tuple], what: str) -> None:
+    """A ``CallError`` when a non-tensor argument reaches only a constant the rewrite
+    drops (an embedding's or the logits' multiplier: rules section 3, the model's own
+    scales): the graph would ignore it. Told by comparing the dropped constants with
+    those of the model's other call structures: a source line that drops another
+    number, or (for calls whose tensors are the same, so only non-tensor values
+    differ) one that drops a number only in one of them."""
+    key = call_key(args, kwargs)
+    for seen, before in model.__dict__.get(_SCALES_SEEN, []):
+        same_tensors = seen[0] == key[0] and all(
+            (a is TENSOR) == (b is TENSOR) for a, b in zip(seen[1], key[1], strict=True))
+        lines = set(scales) | set(before) if same_tensors else set(scales) & set(before)
+        for line in sorted(lines):
+            if scales.get(line) != before.get(line):
+                raise CallError(
+                    f"{type(model).__name__} called with {what}: a non-tensor argument "
+                    f"changes a constant the model multiplies in at {line} "
+                    f"({_numbers(before.get(line))} in a call before, "
+                    f"{_numbers(scales.get(line))} now), and u-muP drops that multiply (the "
+                    "model's own scale on an embedding or the logits, which u-muP sets: "
+                    "docs/rules.md section 3), so the argument would have no effect. Call "
+                    "the model with the value it was transformed with, or apply the factor "
+                    "outside the model."
+                )
+
+
+def _numbers(values: tuple | None) -> str:
+    return "none" if not values else ", ".join(repr(v) for v in values)
 
 
 def _describe_call(args: tuple, kwargs: dict) -> str:
@@ -434,6 +482,8 @@ def transform(
     _install(model, captured, built,
              functools.partial(_add_call_structure, opts=opts, mode=mode, reference=reference),
              _settings(opts, reference))
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    model.__dict__[_SCALES_SEEN] = [(call_key(args, dict(example_kwargs or {})), built[5])]
     initialise(model, plan, opts.reinit)
     if opts.pretrained:  # the inverse of export: the same function, u-muP's weights
         import_pretrained(model)

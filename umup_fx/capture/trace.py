@@ -468,7 +468,7 @@ def _runs_at_other_sizes(gm: fx.GraphModule, fixed: dict[fx.Node, tuple]) -> boo
         return torch.empty(shape, dtype=val.dtype, device=val.device)
 
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), _quiet_export():
             inputs = [stand_in(n) for n in gm.graph.nodes if n.op == "placeholder"]
             fx.Interpreter(gm).run(*inputs)
     except Exception:  # noqa: BLE001 - it does not: the size is the graph's

@@ -59,6 +59,10 @@ class OpScale:
     key_spread: float = 1.0  # q / k projections: how much their attention's keys and values
     # differ across key positions (1: independent positions; 0: all alike), rules §8
     row_coherence: float = 1.0  # weight ops: |sum_r g_r x_r^T| / sqrt(sum_r |g_r|^2 |x_r|^2)
+    lookup_factor: float = 1.0  # embeddings: the weight gradient's predicted RMS over its
+    # tokens' gradient's, sqrt(1 - rho + rho * sum_v c_v^2 / N), rules §8
+    summed_copies: int = 1  # embeddings broadcast over the batch by a sum of tables: the
+    # copies whose gradients its output gradient sums (then also lookup_factor times unit)
     query_coherence: float = 1.0  # v projections: how alike their attention's output
     # gradients are across queries (1: independent; sqrt(queries): all alike), rules §8
     source: str = ""  # the user's source line
@@ -168,6 +172,7 @@ class _Recorder(fx.Interpreter):
         self.plan = plan
         self.qk = _qk_projections(gm)
         self.v = _v_projections(gm)
+        self.lookups: dict[int, tuple[OpScale, Tensor, int, int | None]] = {}  # by output id
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -190,6 +195,8 @@ class _Recorder(fx.Interpreter):
         values = [self.prefix + v for v, att in self.v.items() if att == n.name]
         if values and isinstance(out, Tensor) and out.requires_grad:
             out.register_hook(lambda g, values=values: self._on_attention_grad(values, g))
+        if n.target is umup_ops.add_tables and isinstance(out, Tensor) and out.requires_grad:
+            self._on_table_sum(n, out)
         if not _recorded(n) or not isinstance(out, Tensor):
             return out
         if not out.is_floating_point() or out.numel() < 2:
@@ -224,7 +231,30 @@ class _Recorder(fx.Interpreter):
         if out.requires_grad:
             x = first if rec.rule == rules.LINEAR and first is not None and first.is_floating_point() else None
             out.register_hook(lambda g, rec=rec, x=x: _on_grad(rec, g, x))
+            if rec.rule == rules.EMBEDDING and n.target is umup_ops.embedding:
+                args = self.fetch_args_kwargs_from_env(n)[0]
+                indices, table = args[0], args[1]
+                padding = args[2] if len(args) > 2 else None
+                self.lookups[id(out)] = (rec, indices, table.shape[0], padding)
+                out.register_hook(lambda g, rec=rec, i=indices, v=table.shape[0], p=padding:
+                                  _on_lookup_grad(rec, g, i, v, p))
         return out
+
+    def _on_table_sum(self, n: fx.Node, out: Tensor) -> None:
+        """A lookup broadcast into a sum of tables (a position table over the batch):
+        its gradient is the scaled sum of its copies', so its factor is measured on the
+        sum's per-token gradient with its indices broadcast the same way."""
+        for t in self.fetch_args_kwargs_from_env(n)[0]:
+            if not isinstance(t, Tensor) or id(t) not in self.lookups or t.numel() >= out.numel():
+                continue
+            rec, indices, rows, padding = self.lookups[id(t)]
+            try:
+                spread = torch.broadcast_to(indices, out.shape[:-1])
+            except RuntimeError:
+                continue
+            rec.summed_copies = out.numel() // t.numel()
+            out.register_hook(lambda g, rec=rec, i=spread, v=rows, p=padding:
+                              _on_lookup_grad(rec, g, i, v, p))
 
     def _on_attention_grad(self, values: list[str], g: Tensor) -> None:
         for name in values:
@@ -246,6 +276,38 @@ def _row_coherence(g: Tensor, x: Tensor) -> float:
     g2, x2 = g.detach().float().reshape(-1, g.shape[-1]), x.detach().float().reshape(-1, x.shape[-1])
     terms = float((g2.pow(2).sum(-1) * x2.pow(2).sum(-1)).sum())
     return float(torch.linalg.matrix_norm(g2.T @ x2)) / terms**0.5 if terms > 0 else 1.0
+
+
+def lookup_factor(g: Tensor, indices: Tensor, rows: int, padding_idx: int | None = None) -> float:
+    """What u-muP predicts an embedding's weight gradient RMS to be, over its output
+    gradient's (rules §8). ``ops.embedding`` scales the table's gradient by
+    ``(V / N)^1/2`` (V rows, N indices): unit when each row's sum of the ``c_v``
+    output gradients of the tokens that hit it grows like ``c_v^1/2`` (independent
+    gradients). A part ``rho`` of the gradients' power that every position shares (at
+    init, the logits' softmax is near uniform, so ``W_out^T p`` is the same at every
+    position) adds up like ``c_v`` instead, so the sum over rows is
+    ``(1 - rho) N + rho sum_v c_v^2`` and the RMS ``sqrt(1 - rho + rho sum_v c_v^2 / N)``
+    times the output gradient's: ``sum_v c_v^2 / N`` is ``1 + (N - 1) / V`` for uniform
+    ids, and much more for text, whose few common tokens hit their rows hundreds of
+    times. ``g``: the output gradient, ``[..., d]``; padding tokens get no gradient."""
+    g2 = g.detach().float().reshape(-1, g.shape[-1])
+    ids = indices.detach().reshape(-1)
+    if padding_idx is not None:
+        kept = ids != padding_idx % rows
+        g2, ids = g2[kept], ids[kept]
+    total = float(g2.pow(2).sum(-1).mean()) if len(ids) else 0.0
+    if total <= 0:
+        return 1.0
+    rho = float(g2.mean(0).pow(2).sum()) / total
+    counts = torch.bincount(ids, minlength=rows).double()
+    return math.sqrt(1 - rho + rho * float(counts.pow(2).sum()) / len(ids))
+
+
+def _on_lookup_grad(rec: OpScale, g: Tensor, indices: Tensor, rows: int,
+                    padding_idx: int | None) -> None:
+    # A broadcast lookup's factor comes first, from the sum's gradient (its own output's
+    # gradient, summed over the copies, has each row once): keep the larger.
+    rec.lookup_factor = max(rec.lookup_factor, lookup_factor(g, indices, rows, padding_idx))
 
 
 def _output_grad(y: Tensor, records: Any) -> Tensor:

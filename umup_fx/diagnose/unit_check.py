@@ -101,7 +101,9 @@ def bands(op: OpScale, band: tuple[float, float] = BAND) -> dict[str, tuple[floa
     multiplied by both. A weight gradient's upper end is multiplied by its rows'
     measured coherence (its ``rows^-1/2`` assumes independent rows); a v projection's
     output gradient's upper end by how alike its attention's output gradients are across
-    queries (near-uniform attention hands every value their sum). A
+    queries (near-uniform attention hands every value their sum); an embedding's by
+    the factor u-muP predicts for its table (``tracking.lookup_factor``: rows hit by
+    many tokens sum a gradient part that every position shares). A
     router's gradients are its gates' (rules §10): the band around the value its top-k
     gating gives at init (``OpScale.router_grad``; down to 0 when that is 0).
     """
@@ -117,9 +119,10 @@ def bands(op: OpScale, band: tuple[float, float] = BAND) -> dict[str, tuple[floa
         g = op.router_grad
         out["output grad"] = out["weight grad"] = (lo * g, hi * g) if g > 0 else (0.0, hi)
     low, high = out["output grad"]
-    out["output grad"] = (low, high * max(1.0, op.query_coherence))
+    copies = op.lookup_factor if op.summed_copies > 1 else 1.0
+    out["output grad"] = (low, high * max(1.0, op.query_coherence, copies))
     low, high = out["weight grad"]
-    out["weight grad"] = (low, high * max(1.0, op.row_coherence))
+    out["weight grad"] = (low, high * max(1.0, op.row_coherence, op.lookup_factor))
     return out
 
 

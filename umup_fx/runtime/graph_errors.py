@@ -2,10 +2,10 @@
 
 A rewritten graph is generated code (``<eval_with_key>``) calling umup_fx's ops, so a
 raw exception from it points at neither the user's model nor the op they wrote. When
-a region's graph raises, ``explain_graph_error`` first runs the module as written
-(its own class, no grad) on the same call: if that raises too, the call itself is
-wrong and the user gets their model's own error. Otherwise the failing graph node is
-found from the traceback (``GraphModule._lineno_map``) and a ``GraphRunError`` names
+a region's graph raises, the module is first run as written (its own classes, every
+block's too, no grad: ``runtime.modules.own_error``) on the same call: if that raises
+too, the call itself is wrong and the user gets their model's own error. Otherwise the
+failing graph node is found from the traceback (``GraphModule._lineno_map``) and a ``GraphRunError`` names
 the user's source line (the node's ``stack_trace``) and the op they wrote.
 """
 
@@ -54,24 +54,23 @@ def _written_op(node: fx.Node) -> str:
     return str(aten) if aten is not None else str(getattr(node.target, "__name__", node.target))
 
 
+def mark_reported(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as already in the user's terms (passed on as it is)."""
+    setattr(exc, _REPORTED, True)
+    return exc
+
+
 def explain_graph_error(
-    module: nn.Module, gm: fx.GraphModule, exc: Exception, args: tuple, kwargs: dict
+    module: nn.Module, gm: fx.GraphModule, exc: Exception, own: BaseException | None
 ) -> BaseException:
-    """The exception to raise for ``exc``, raised by ``gm`` running ``module(*args,
-    **kwargs)``: the model's own error for this call, or a ``GraphRunError``."""
+    """The exception to raise for ``exc``, raised by ``gm`` running a call of ``module``:
+    ``own``, the model's own error for this call (``runtime.modules.own_error``: the
+    module as written run on it), or a ``GraphRunError``."""
     if isinstance(exc, UmupError) or getattr(exc, _REPORTED, False):
         return exc
-    written = type(module).__bases__[-1]  # runtime.modules._subclass: (mixin, the class)
-    rewritten = type(module)
-    try:
-        module.__class__ = written
-        with torch.no_grad():
-            module(*args, **kwargs)
-    except Exception as own:  # noqa: BLE001 - the model's own error for this call
-        setattr(own, _REPORTED, True)
+    if own is not None:
         return own
-    finally:
-        module.__class__ = rewritten
+    written = type(module).__bases__[-1]  # runtime.modules._subclass: (mixin, the class)
     node = failing_node(gm, exc)
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     if node is None:
@@ -86,8 +85,7 @@ def explain_graph_error(
         "rewrite: please report it with the model (the chained exception has the graph's "
         "traceback)."
     )
-    setattr(error, _REPORTED, True)
-    return error
+    return mark_reported(error)
 
 
 def expect_sizes(x: torch.Tensor, sizes: tuple[int | None, ...], model: str, name: str) -> None:

@@ -30,9 +30,9 @@ import torch.utils._pytree as pytree
 import torch.utils.checkpoint
 from torch import fx, nn
 
-from umup_fx.errors import CallError, GraphRunError
+from umup_fx.errors import CallError, GraphRunError, UmupError
 from umup_fx.runtime import saved_state
-from umup_fx.runtime.graph_errors import explain_graph_error
+from umup_fx.runtime.graph_errors import explain_graph_error, mark_reported
 from umup_fx.runtime.names import canonical_name, unwrap
 
 if TYPE_CHECKING:
@@ -112,12 +112,14 @@ def _placement(module: nn.Module, flat: list[Any]) -> tuple[torch.device, torch.
 
 def _call_error(rg: RegionGraph, module: nn.Module, args: tuple, kwargs: dict, why: str) -> CallError:
     want_args, want_kwargs = pytree.tree_unflatten([None] * rg.in_spec.num_leaves, rg.in_spec)
+    differ = [f"{len(want_args)} positional argument(s), not {len(args)}"] if len(
+        want_args) != len(args) else []
+    missing, extra = sorted(set(want_kwargs) - set(kwargs)), sorted(set(kwargs) - set(want_kwargs))
+    differ += [f"keyword arguments {missing} too"] if missing else []
+    differ += [f"no keyword arguments {extra}"] if extra else []
     return CallError(
         f"This u-muP {type(module).__name__} ({rg.name}) was captured for calls with "
-        f"{len(want_args)} positional argument(s) and keyword arguments "
-        f"{list(want_kwargs)}; it got {len(args)} positional and {sorted(kwargs)}: {why}. "
-        "The graph is fixed at transform time: transform with example inputs of the call "
-        "you make (for example include the targets if the model computes its loss)."
+        f"{', '.join(differ) or 'these arguments'}: {why}."
     )
 
 
@@ -146,25 +148,49 @@ def _flatten_call(rg: RegionGraph, module: nn.Module, args: tuple, kwargs: dict)
 MAX_CALL_STRUCTURES = 8
 
 
-def call_key(args: tuple, kwargs: dict) -> tuple[pytree.TreeSpec, list[Any]]:
-    """A call's structure: its argument tree (keywords in name order) and the values of
-    its non-tensor leaves (tensors, of any size, stand as ``TENSOR``)."""
+def tensor_kind(x: torch.Tensor) -> tuple[int, str]:
+    """What a graph is traced for about a tensor input besides its sizes: its number of
+    axes and its dtype's kind (export specialises both; a float where integers were
+    captured would run a ``.to(device)`` the graph turned into a cast to int64)."""
+    kind = ("bool" if x.dtype is torch.bool else "complex" if x.is_complex()
+            else "float" if x.is_floating_point() else "int")
+    return x.dim(), kind
+
+
+def call_key(args: tuple, kwargs: dict) -> tuple[pytree.TreeSpec, list[Any], list[Any]]:
+    """A call's structure: its argument tree (keywords in name order), the values of its
+    non-tensor leaves (tensors, of any size, stand as ``TENSOR``) and each tensor leaf's
+    ``tensor_kind`` (None elsewhere)."""
     flat, spec = pytree.tree_flatten((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))
-    return spec, [TENSOR if isinstance(x, torch.Tensor) or x is TENSOR else x for x in flat]
+    return (spec, [TENSOR if isinstance(x, torch.Tensor) or x is TENSOR else x for x in flat],
+            [tensor_kind(x) if isinstance(x, torch.Tensor) else None for x in flat])
 
 
-def _graph_key(rg: RegionGraph) -> tuple[pytree.TreeSpec, list[Any]]:
-    args, kwargs = pytree.tree_unflatten(list(rg.leaves), rg.in_spec)
-    return call_key(args, kwargs)
+def _graph_key(rg: RegionGraph) -> tuple[pytree.TreeSpec, list[Any], list[Any]]:
+    """``call_key`` of the calls ``rg`` takes; a tensor leaf the graph never reads takes
+    any kind (None)."""
+    kinds: list[Any] = [None] * len(rg.leaves)
+    placeholders = [n for n in rg.gm.graph.nodes if n.op == "placeholder"]
+    for node, (source, i) in zip(placeholders, rg.inputs, strict=False):
+        val = node.meta.get("val")
+        if source == "input" and isinstance(val, torch.Tensor):
+            kinds[i] = tensor_kind(val)
+    order = list(range(len(rg.leaves)))
+    args, kwargs = pytree.tree_unflatten(order, rg.in_spec)
+    spec, _, _ = call_key(args, kwargs)  # the leaves in call_key's order (keywords sorted)
+    index = pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))
+    return spec, [rg.leaves[i] for i in index], [kinds[i] for i in index]
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
     if a[0] != b[0] or len(a[1]) != len(b[1]):
         return False
-    for x, y in zip(a[1], b[1], strict=True):
+    for x, y, kx, ky in zip(a[1], b[1], a[2], b[2], strict=True):
         if (x is TENSOR) != (y is TENSOR):
             return False
         if x is not TENSOR and (type(x) is not type(y) or x != y):
+            return False
+        if kx is not None and ky is not None and kx != ky:
             return False
     return True
 
@@ -183,6 +209,25 @@ def graph_for(module: nn.Module, args: tuple, kwargs: dict) -> RegionGraph | Non
     return None
 
 
+def own_error(module: nn.Module, args: tuple, kwargs: dict) -> BaseException | None:
+    """The error ``module`` as written (its own class and its blocks', no grad) raises on
+    this call, marked as the user's; None when it runs it. The trial leaves no trace:
+    buffers (batch-norm statistics) and the RNG streams are as before."""
+    buffers = [(b, b.clone()) for b in module.buffers()]
+    devices = sorted({b.device.index or 0 for b, _ in buffers if b.device.type == "cuda"} |
+                     {p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), as_written(module), torch.no_grad():
+            module(*args, **kwargs)
+    except Exception as own:  # noqa: BLE001 - the model's own error for this call
+        return mark_reported(own)
+    finally:
+        with torch.no_grad():
+            for b, before in buffers:
+                b.copy_(before)
+    return None
+
+
 def _select(module: nn.Module, args: tuple, kwargs: dict) -> RegionGraph:
     rg = graph_for(module, args, kwargs)
     if rg is not None:
@@ -191,7 +236,8 @@ def _select(module: nn.Module, args: tuple, kwargs: dict) -> RegionGraph:
     recapture = module.__dict__.get("_umup_recapture")
     if recapture is None:
         raise _call_error(first, module, args, kwargs,
-                          "a block runs the graphs its model's captures made for it")
+                          "a block runs the graphs its model's captures made for it; call "
+                          "the model, and the model calls its blocks")
     if len(module.__dict__["_umup_graphs"]) >= MAX_CALL_STRUCTURES:
         raise CallError(
             f"This u-muP {type(module).__name__} was called with {MAX_CALL_STRUCTURES + 1} "
@@ -241,7 +287,8 @@ def run_region(module: nn.Module, rg: RegionGraph, args: tuple, kwargs: dict) ->
         except _CONTROL_FLOW:
             raise  # checkpoint's recompute stops early by raising: not a failure
         except Exception as exc:
-            error = explain_graph_error(module, rg.gm, exc, args, kwargs)
+            own = None if isinstance(exc, UmupError) else own_error(module, args, kwargs)
+            error = explain_graph_error(module, rg.gm, exc, own)
             if error is exc:
                 raise
             # The model's own error for this call stands alone; ours chains the graph's.
