@@ -1,31 +1,35 @@
-"""Cut the rewritten flat graph into the root's graph and one graph per block.
+"""Cut the rewritten flat graph at every module call: the root's graph, and one graph
+per submodule call (blocks among them) that the module runs as its ``forward``.
 
-The capture preserved each kept block's call signature (``program.module_call_graph``:
-the graph nodes of its flattened inputs and outputs, its argument structure). Every
-node is assigned to the block whose module path its ``nn_module_stack`` names (nodes
-the rewrite inserted follow their users), then:
+The capture preserved the call signature of every module it could call
+(``program.module_call_graph``: the graph nodes of its flattened inputs and outputs,
+its argument structure). Every node is assigned to the deepest module call whose path
+its ``nn_module_stack`` names (nodes the rewrite inserted go with their users), then:
 
-* each kept block's nodes become a graph of their own whose placeholders are the
-  block's call arguments, its own parameters and buffers (read from the block module
-  at call time, so FSDP2's unsharded parameters and a checkpoint wrapper's recompute
-  are what it sees), the training flag and the block's residual taus;
-* the root keeps the other nodes and calls each block through ``call_block`` with the
-  original arguments, so the block's ``__call__`` (hooks, wrappers) runs;
-* a kept prefix stands for the whole list: the root's calls are unrolled to every
-  block (``unroll_calls``) when the calls form a chain (each block's output feeds the
-  next one, all other arguments shared);
-* a block that is a whole residual branch of its parent (``x = x + block(x)`` in the
-  parent's loop) reads the residual split's branch side of its argument: the split and
-  the add stay in the root, which passes the branch side as the block's argument
-  (``_branch_entries``). Such calls chain through the root's adds, not directly, so
-  ``transform`` captures every block of that list (``full``).
+* each call's nodes become a graph whose placeholders are the call's arguments, the
+  module's own parameters and buffers (read from the module at call time, so FSDP2's
+  unsharded parameters and a checkpoint wrapper's recompute are what it sees), the
+  training flag, and for a block its residual taus;
+* a graph calls each direct child through ``call_block`` with the original arguments,
+  so the child's ``__call__`` (hooks, FSDP2's unshard, tensor parallel's
+  redistribution, wrappers) runs;
+* a kept prefix of blocks stands for the whole list: the calls are unrolled to every
+  block (``unroll_calls``) when they form a chain (each block's output feeds the next
+  one, all other arguments shared);
+* a module that reads the branch side of a residual split of its argument (a pre-norm,
+  or a block that is a whole residual branch of its parent) gets that side as its
+  argument: the split and the add stay in the caller (``_branch_entries``);
+* a submodule whose call cannot be cut (the rewrite fused its op with its caller's, its
+  caller reads a value inside it, it holds its block's residual add, it is called twice)
+  runs inside its caller's graph, listed in ``Split.inlined`` with why.
 
 Reads: ``program.module_call_graph``; ``nn_module_stack``; ``umup.kind`` / ``umup.param``
 / ``umup.norm_scale`` on placeholders; ``umup.residual`` on residual ops; ``umup.training`` (graph).
 Writes: new ``fx.GraphModule`` objects (the flat graph is not modified).
-Fails when: a block's nodes read a value its call does not pass, or two blocks of one
-structure key rewrite differently: ``RegionError``; ``transform`` then captures all
-blocks (``capture(..., full=True)``) or runs the model as one graph, and says so.
+Fails when: a block's (or the root's) nodes read a value its call does not pass, or two
+blocks of one structure key rewrite differently: ``RegionError``; ``transform`` then
+captures all blocks (``capture(..., full=True)``) or runs the model as one graph, and
+says so.
 """
 
 from __future__ import annotations
@@ -58,10 +62,11 @@ class RegionError(UmupError):
 
 def call_block(root: torch.nn.Module, path: str, args: tuple, kwargs: dict,
                checkpoint: dict[str, Any] | None = None) -> list[Any]:
-    """Call the block at ``path`` of ``root`` as the model would (its ``__call__`` runs
-    hooks, checkpoint and compile wrappers), under ``torch.utils.checkpoint`` with
-    ``checkpoint``'s options where the model's forward checkpointed it; its output,
-    flattened."""
+    """Call the submodule at ``path`` of ``root`` (the calling module) as the model
+    would: its ``__call__`` runs hooks (FSDP2's unshard, tensor parallel's
+    redistribution, the user's) and checkpoint and compile wrappers, under
+    ``torch.utils.checkpoint`` with ``checkpoint``'s options where the model's forward
+    checkpointed it; its output, flattened."""
     block = root.get_submodule(path)
     if checkpoint is None:
         return pytree.tree_leaves(block(*args, **kwargs))
@@ -69,42 +74,59 @@ def call_block(root: torch.nn.Module, path: str, args: tuple, kwargs: dict,
 
 
 
-def _region_of(node: fx.Node, paths: list[str]) -> str | None:
+def _innermost_module(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    for path, _ in stack.values():
-        path = canonical_name(path.split("@")[0])
-        for p in paths:
-            if path == p or path.startswith(p + "."):
-                return p
+    path, _ = list(stack.values())[-1]
+    return canonical_name(path.split("@")[0])
+
+
+def _deepest(path: str, regions: list[str]) -> str:
+    """The deepest region (module path) holding ``path``; "" (the root) if none."""
+    for r in regions:  # deepest first
+        if path == r or path.startswith(r + "."):
+            return r
+    return ""
+
+
+def _common(paths: set[str], regions: list[str]) -> str:
+    """The deepest region holding every one of ``paths``."""
+    for r in regions:
+        if all(p == r or p.startswith(r + ".") for p in paths):
+            return r
     return ""
 
 
 def assign_regions(gm: fx.GraphModule, paths: list[str]) -> dict[fx.Node, str]:
-    """Block path (or "" for the root) of every call_function node."""
+    """The deepest region among ``paths`` (or "" for the root) of every call_function
+    node; a node the rewrite inserted goes with its users (their common region)."""
+    regions = sorted(paths, key=lambda p: p.count(".") + 1, reverse=True)
     region: dict[fx.Node, str] = {}
     pending = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        r = _region_of(node, paths)
-        if r is None:
+        inner = _innermost_module(node)
+        if inner is None:
             pending.append(node)
         else:
-            region[node] = r
+            region[node] = _deepest(inner, regions)
     for node in reversed(pending):  # inserted nodes go with their users
         users = {region.get(u, "") for u in node.users if u.op != "output"}
-        region[node] = users.pop() if len(users) == 1 else ""
+        if any(u.op == "output" for u in node.users):
+            users.add("")
+        region[node] = _common(users, regions) if users else ""
     return region
 
 
 def _branch_entries(gm: fx.GraphModule, sig: Any, by_name: dict[str, fx.Node],
-                    region: dict[fx.Node, str], block: str) -> dict[int, fx.Node]:
-    """{input leaf: branch input} for a block that is a whole residual branch of its
-    parent (``x = x + block(x)`` in the parent's loop): the block reads the residual
-    split's branch side of its argument, which the root computes and passes instead
-    (rules §4: the split belongs to the skip, in the root, next to the add)."""
+                    region: dict[fx.Node, str], block: str, parent: str) -> dict[int, fx.Node]:
+    """{input leaf: branch input} for a module that reads the branch side of a residual
+    split of its argument (a pre-norm's norm; a block that is a whole residual branch of
+    its parent, ``x = x + block(x)`` in the parent's loop): its caller computes the split
+    and passes the branch side instead (rules §4: the split belongs to the skip, next to
+    the add, in the caller)."""
     first = {}
     for i, a in enumerate(sig.inputs):
         if not isinstance(a, ConstantArgument) and a.name in by_name:
@@ -114,9 +136,9 @@ def _branch_entries(gm: fx.GraphModule, sig: Any, by_name: dict[str, fx.Node],
         if (region.get(node) == block and node.target is operator.getitem
                 and node.args[1] == 0 and isinstance(node.args[0], fx.Node)
                 and node.args[0].target is ops.residual_split
-                and region.get(node.args[0]) != block  # the split sits in the root
+                and region.get(node.args[0]) != block  # the split sits in the caller
                 and node.args[0].args[0] in first):
-            region[node] = ""
+            region[node] = parent
             entries[first[node.args[0].args[0]]] = node
     return entries
 
@@ -176,7 +198,11 @@ class _Builder:
         self.inputs: list[tuple[str, Any]] = []
 
     def placeholder(self, name: str, source: tuple[str, Any], like: fx.Node | None = None) -> fx.Node:
-        node = self.graph.placeholder(name)
+        # After the placeholders made so far (their order is ``inputs``'), before any op.
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        with (self.graph.inserting_after(placeholders[-1]) if placeholders
+              else self.graph.inserting_before(None)):
+            node = self.graph.placeholder(name)
         if like is not None:
             node.meta.update({k: v for k, v in like.meta.items() if k != "umup"})
             node.meta["umup"] = dict(like.meta.get("umup", {}))
@@ -190,81 +216,8 @@ class _Builder:
         return new
 
 
-def _block_graph(
-    gm: fx.GraphModule,
-    block: str,
-    nodes: list[fx.Node],
-    call: Any,
-    by_name: dict[str, fx.Node],
-    targets: dict[str, tuple[str, Any]],
-    constants: dict[str, torch.Tensor],
-    entries: dict[int, fx.Node],
-) -> RegionGraph:
-    sig = call.signature
-    b = _Builder()
-    leaves: list[Any] = []
-    for i, a in enumerate(sig.inputs):
-        if isinstance(a, ConstantArgument):
-            leaves.append(a.value)
-            continue
-        leaves.append(TENSOR)
-        src = entries.get(i, by_name[a.name])
-        if src in b.env:  # the same value passed twice: one placeholder is enough
-            b.placeholder(f"arg{i}", ("input", i))
-            continue
-        b.placeholder(f"arg{i}", ("input", i), like=src)
-    members = set(nodes)
-    sizes: list[fx.Node] = []
-    for node in nodes:
-        for inp in node.all_input_nodes:
-            if inp in b.env or inp in members or inp in sizes:
-                continue
-            if inp.op != "placeholder":
-                if not isinstance(inp.meta.get("val"), torch.SymInt):
-                    raise RegionError(
-                        f"block {block} reads {inp.name} ({inp.op}), which its call does not pass"
-                    )
-                sizes.append(inp)  # a size the root computed: recomputed in the block
-                continue
-            kind, target = targets[inp.name]
-            if kind in ("param", "buffer"):
-                rel = _relative(canonical_name(target), block)
-                if rel is None:
-                    raise RegionError(f"block {block} uses {target}, which it does not own")
-                b.placeholder(inp.name, (kind, rel), like=inp)
-            elif kind == "constant":
-                b.placeholder(inp.name, ("constant", target), like=inp)
-            elif kind == "training":
-                b.placeholder(inp.name, ("training", None), like=inp)
-            else:
-                raise RegionError(f"block {block} reads model input {inp.name} directly")
-    for size in sizes:
-        _size_in_block(b, size, block)
-    for node in nodes:
-        b.copy(node)
-    out_nodes = _leaf_nodes(sig.outputs, by_name)
-    out_leaves = [v if not isinstance(v, fx.Node) else TENSOR for v in out_nodes]
-    try:
-        outs = [b.env[n] for n in out_nodes if isinstance(n, fx.Node)]
-    except KeyError as exc:
-        raise RegionError(f"block {block} returns a value it does not compute") from exc
-    b.graph.output(tuple(outs))
-    _taus_as_input(b)
-    used = {t for k, t in b.inputs if k == "constant"}
-    return RegionGraph(
-        fx.GraphModule(gm, b.graph, class_name=f"umup_{block.replace('.', '_')}"),
-        b.inputs,
-        [("user", None)] * len(outs),
-        sig.in_spec,
-        leaves,
-        sig.out_spec,
-        out_leaves,
-        {k: v for k, v in constants.items() if k in used},
-        block,
-    )
-
-
 _SYM_SIZE = torch.ops.aten.sym_size.int
+_ASSERT_METADATA = getattr(getattr(torch.ops.aten, "_assert_tensor_metadata", None), "default", None)
 
 
 def _size_in_block(b: _Builder, size: fx.Node, block: str) -> fx.Node:
@@ -313,95 +266,203 @@ def _taus_as_input(b: _Builder) -> None:
 @dataclass
 class Split:
     root: RegionGraph
-    blocks: dict[str, RegionGraph]  # kept block path -> its graph
-    calls: list[tuple[str, fx.Node]]  # (block path, call node) in the root graph, in order
+    regions: dict[str, RegionGraph]  # every module call kept (blocks included) -> its graph
+    calls: list[tuple[str, fx.Node]]  # (module path, call node in its caller's graph), in order
+    inlined: dict[str, str]  # module called whose ops stay in its caller's graph -> why
 
 
-def split_regions(
-    gm: fx.GraphModule,
-    program: ExportedProgram,
-    block_paths: list[str],
-    example_leaves: list[Any],
-    name: str,
-    checkpointed: dict[str, dict[str, Any]] | None = None,
-) -> Split:
-    """Cut ``gm`` (rewritten) into the root graph and one graph per kept block; the root
-    calls the blocks in ``checkpointed`` under ``torch.utils.checkpoint``."""
-    by_name = {n.name: n for n in gm.graph.nodes}
-    for old, new in meta.graph_meta(gm).get(meta.REPLACED, {}).items():
-        by_name.setdefault(old, by_name[new])
-    targets = _placeholder_targets(program, gm)
-    constants = dict(program.constants)
-    calls = {e.fqn: e for e in program.module_call_graph if e.fqn in block_paths}
-    if set(calls) != set(block_paths) or any(e.signature is None for e in calls.values()):
-        raise RegionError("the export did not record every block call")
-    region = assign_regions(gm, block_paths)
-    entries = {p: _branch_entries(gm, calls[p].signature, by_name, region, p) for p in block_paths}
-    members: dict[str, list[fx.Node]] = {p: [] for p in block_paths}
-    for node in gm.graph.nodes:
-        r = region.get(node, "")
-        if r:
-            members[r].append(node)
-    blocks = {
-        p: _block_graph(gm, p, members[p], calls[p], by_name, targets, constants, entries[p])
-        for p in block_paths
-        if members[p]
-    }
-    # The root: every other node, with one call per block at its last node's place.
-    b = _Builder()
-    for node in gm.graph.nodes:
+class _Inline(Exception):  # noqa: N818 - control flow inside split_regions, never raised out
+    """A submodule's call cannot be cut out: its ops go back into its caller's graph."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(why)
+        self.path, self.why = path, why
+
+
+class _Cut:
+    """One attempt at cutting ``gm`` at ``regions`` (module paths, blocks among them)."""
+
+    def __init__(self, gm: fx.GraphModule, program: ExportedProgram, regions: list[str],
+                 blocks: list[str], calls: dict[str, Any]) -> None:
+        self.gm, self.program, self.blocks, self.calls = gm, program, set(blocks), calls
+        self.by_name = {n.name: n for n in gm.graph.nodes}
+        for old, new in meta.graph_meta(gm).get(meta.REPLACED, {}).items():
+            self.by_name.setdefault(old, self.by_name[new])
+        self.targets = _placeholder_targets(program, gm)
+        self.constants = dict(program.constants)
+        deepest_first = sorted(regions, key=lambda p: p.count(".") + 1, reverse=True)
+        self.parent = {r: _common({r.rpartition(".")[0]}, deepest_first) if "." in r else ""
+                       for r in regions}
+        self.region = assign_regions(gm, regions)
+        # Deepest first: a norm called on a residual split's branch side takes that side
+        # as its argument, computed in its caller (the split belongs next to its add).
+        self.entries = {p: _branch_entries(gm, calls[p].signature, self.by_name, self.region,
+                                           p, self.parent[p]) for p in deepest_first}
+        self.last: dict[str, fx.Node] = {}  # region -> the last node of its subtree
+        for node in gm.graph.nodes:
+            r = self.region.get(node)
+            while r:
+                self.last[r] = node
+                r = self.parent[r]
+
+    def fail(self, path: str, why: str) -> Exception:
+        if path and path not in self.blocks:
+            return _Inline(path, why)
+        return RegionError(f"{f'block {path}' if path else 'the root'} {why}")
+
+    def child_of(self, r: str, owner: str) -> str | None:
+        """The direct child region of ``r`` whose subtree holds region ``owner``."""
+        while owner and self.parent[owner] != r:
+            owner = self.parent[owner]
+        return owner or None
+
+    def in_block(self, r: str) -> bool:
+        while r:
+            r = self.parent[r]
+            if r in self.blocks:
+                return True
+        return False
+
+    def value(self, b: _Builder, node: fx.Node, r: str) -> fx.Node:
+        """``node``'s value in region ``r``'s graph: computed there, passed in, or read."""
+        if node in b.env:
+            return b.env[node]
         if node.op == "placeholder":
-            b.placeholder(node.name, targets[node.name], like=node)
-    root_ph = b.graph.placeholder("umup_self")
-    b.inputs.append(("module", None))
-    last = {p: members[p][-1] for p in blocks}
-    call_nodes: list[tuple[str, fx.Node]] = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        r = region.get(node, "")
-        if r and r in blocks:
-            if node is last[r]:
-                call_nodes.append((r, _emit_call(b, root_ph, r, calls[r].signature, by_name,
-                                                 entries[r], (checkpointed or {}).get(r))))
-            continue
-        if node.op == "output":
-            b.graph.output(fx.node.map_arg(node.args[0], lambda n: b.env[n]))
-            continue
-        try:
-            b.copy(node)
-        except KeyError as exc:
-            raise RegionError(f"root node {node.name} reads a value inside a block") from exc
-    outputs = []
-    for spec in program.graph_signature.output_specs:
-        if spec.kind == OutputKind.USER_OUTPUT:
-            outputs.append(("user", None))
-        elif spec.kind == OutputKind.BUFFER_MUTATION:
-            outputs.append(("buffer", spec.target))
+            kind, target = self.targets[node.name]
+            if kind in ("param", "buffer"):
+                rel = _relative(canonical_name(target), r) if r else canonical_name(target)
+                if rel is None:
+                    raise self.fail(r, f"uses {target}, which it does not own")
+                return b.placeholder(node.name, (kind, rel), like=node)
+            if kind in ("constant", "training"):
+                return b.placeholder(node.name, (kind, target if kind == "constant" else None),
+                                     like=node)
+            raise self.fail(r, f"reads model input {node.name} directly")
+        if isinstance(node.meta.get("val"), torch.SymInt):
+            try:
+                return _size_in_block(b, node, r)  # a size its caller computed: recomputed
+            except RegionError as exc:
+                raise self.fail(r, str(exc)) from None
+        owner = self.region.get(node, "")
+        child = self.child_of(r, owner) if owner != r else None
+        if child is not None:
+            raise self.fail(child, f"computes {node.name}, which its caller reads but its call "
+                                   "does not return")
+        raise self.fail(r, f"reads {node.name} ({node.op}), which its call does not pass")
+
+    def copy(self, b: _Builder, node: fx.Node, r: str) -> fx.Node:
+        for inp in node.all_input_nodes:
+            self.value(b, inp, r)
+        return b.copy(node)
+
+    def graph(self, r: str, example_leaves: list[Any], name: str,
+              checkpointed: dict[str, dict[str, Any]]) -> tuple[RegionGraph, list]:
+        """Region ``r``'s graph: its own nodes, and one call per direct child region at
+        the place of that child's last node."""
+        b = _Builder()
+        if r == "":
+            for node in self.gm.graph.nodes:
+                if node.op == "placeholder":
+                    b.placeholder(node.name, self.targets[node.name], like=node)
+            leaves = example_leaves
         else:
-            raise UmupError(
-                f"umup_fx cannot handle graph output {spec.arg} of kind {spec.kind} "
-                "(for example an in-place update of a model input)."
-            )
-    _drop_unused_placeholders(b)
-    used = {t for k, t in b.inputs if k == "constant"}
-    root = RegionGraph(
-        fx.GraphModule(gm, b.graph, class_name="umup_root"),
-        b.inputs,
-        outputs,
-        program.call_spec.in_spec,
-        example_leaves,
-        program.call_spec.out_spec,
-        [],
-        {k: v for k, v in constants.items() if k in used},
-        name,
-    )
-    return Split(root, blocks, call_nodes)
+            sig = self.calls[r].signature
+            leaves = []
+            for i, a in enumerate(sig.inputs):
+                if isinstance(a, ConstantArgument):
+                    leaves.append(a.value)
+                    continue
+                leaves.append(TENSOR)
+                src = self.entries.get(r, {}).get(i, self.by_name.get(a.name))
+                if src is None:
+                    raise self.fail(r, f"takes {a.name}, which the rewrite removed")
+                like = None if src in b.env else src  # the same value twice: one binding
+                b.placeholder(f"arg{i}", ("input", i), like=like)
+        self_ph = b.graph.placeholder("umup_self")
+        b.inputs.append(("module", None))
+        calls: list[tuple[str, fx.Node]] = []
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                if r == "":
+                    for inp in node.all_input_nodes:
+                        self.value(b, inp, r)
+                    b.graph.output(fx.node.map_arg(node.args[0], lambda n: b.env[n]))
+                continue
+            owner = self.region.get(node, "")
+            if node.target is _ASSERT_METADATA:
+                continue  # export's check of the capture's stand-ins (passes/placement.py)
+            if owner == r:
+                self.copy(b, node, r)
+                continue
+            child = self.child_of(r, owner)
+            if child is not None and node is self.last[child]:
+                calls.append((child, self._emit_call(b, self_ph, r, child, checkpointed.get(child))))
+        if r == "":
+            outputs = _root_outputs(self.program)
+            in_spec, out_spec, out_leaves = (self.program.call_spec.in_spec,
+                                             self.program.call_spec.out_spec, [])
+        else:
+            sig = self.calls[r].signature
+            outs = []
+            for a in sig.outputs:
+                if isinstance(a, ConstantArgument):
+                    outs.append(a.value)
+                elif a.name not in self.by_name:
+                    raise self.fail(r, f"returns {a.name}, which the rewrite removed")
+                else:
+                    outs.append(self.by_name[a.name])
+            out_leaves = [v if not isinstance(v, fx.Node) else TENSOR for v in outs]
+            try:
+                b.graph.output(tuple(b.env[n] for n in outs if isinstance(n, fx.Node)))
+            except KeyError:
+                raise self.fail(r, "returns a value it does not compute") from None
+            outputs = [("user", None)] * sum(isinstance(n, fx.Node) for n in outs)
+            in_spec, out_spec = sig.in_spec, sig.out_spec
+            if r in self.blocks:
+                _taus_as_input(b)
+            elif self.in_block(r) and _has_residual_ops(b):
+                raise self.fail(r, "holds a residual add of its block (taus differ per block)")
+        _drop_unused_placeholders(b)
+        used = {t for k, t in b.inputs if k == "constant"}
+        gm = fx.GraphModule(self.gm, b.graph,
+                            class_name=f"umup_{r.replace('.', '_')}" if r else "umup_root")
+        return RegionGraph(gm, b.inputs, outputs, in_spec, leaves, out_spec, out_leaves,
+                           {k: v for k, v in self.constants.items() if k in used},
+                           r or name), calls
+
+    def _emit_call(self, b: _Builder, self_ph: fx.Node, r: str, child: str,
+                   checkpoint: dict[str, Any] | None) -> fx.Node:
+        sig = self.calls[child].signature
+        entries = self.entries.get(child, {})
+        leaves = []
+        try:
+            signature_inputs = _leaf_nodes(sig.inputs, self.by_name)
+            signature_outputs = _leaf_nodes(sig.outputs, self.by_name)
+        except RegionError as exc:
+            raise self.fail(child, str(exc)) from None
+        for i, v in enumerate(signature_inputs):
+            if i in entries:
+                v = entries[i]
+            leaves.append(self.value(b, v, r) if isinstance(v, fx.Node) else v)
+        args, kwargs = pytree.tree_unflatten(leaves, sig.in_spec)
+        rel = _relative(child, r) if r else child
+        call = b.graph.call_function(call_block, (self_ph, rel, tuple(args), dict(kwargs),
+                                                  checkpoint))
+        call.meta["umup_call"] = {"path": child, "caller": r, "in_spec": sig.in_spec,
+                                  "leaves": leaves}
+        for i, out in enumerate(signature_outputs):
+            if isinstance(out, fx.Node):
+                item = b.graph.call_function(operator.getitem, (call, i))
+                item.meta["val"] = out.meta.get("val")
+                b.env[out] = item
+        return call
 
 
 def _drop_unused_placeholders(b: _Builder) -> None:
-    """The root does not read the blocks' weights (each block reads its own, at its call:
-    under FSDP2 only then are they unsharded); dead size reads go too."""
+    """A graph does not read its children's weights (each child reads its own, at its
+    call: under FSDP2 only then are they unsharded); dead size reads go too."""
     for node in reversed(list(b.graph.nodes)):
         if node.op == "call_function" and node.target is _SYM_SIZE and not node.users:
             b.graph.erase_node(node)
@@ -415,20 +476,70 @@ def _drop_unused_placeholders(b: _Builder) -> None:
     b.inputs[:] = keep
 
 
-def _emit_call(b: _Builder, root_ph: fx.Node, path: str, sig: Any, by_name: dict[str, fx.Node],
-               entries: dict[int, fx.Node], checkpoint: dict[str, Any] | None) -> fx.Node:
-    leaves = [b.env[entries.get(i, v)] if isinstance(v, fx.Node) else v
-              for i, v in enumerate(_leaf_nodes(sig.inputs, by_name))]
-    args, kwargs = pytree.tree_unflatten(leaves, sig.in_spec)
-    call = b.graph.call_function(call_block,
-                                 (root_ph, path, tuple(args), dict(kwargs), checkpoint))
-    call.meta["umup_call"] = {"path": path, "in_spec": sig.in_spec, "leaves": leaves}
-    for i, out in enumerate(_leaf_nodes(sig.outputs, by_name)):
-        if isinstance(out, fx.Node):
-            item = b.graph.call_function(operator.getitem, (call, i))
-            item.meta["val"] = out.meta.get("val")
-            b.env[out] = item
-    return call
+def _has_residual_ops(b: _Builder) -> bool:
+    return any(n.op == "call_function" and n.target in (ops.residual_split, ops.residual_add)
+               for n in b.graph.nodes)
+
+
+def _root_outputs(program: ExportedProgram) -> list[tuple[str, Any]]:
+    outputs = []
+    for spec in program.graph_signature.output_specs:
+        if spec.kind == OutputKind.USER_OUTPUT:
+            outputs.append(("user", None))
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            outputs.append(("buffer", spec.target))
+        else:
+            raise UmupError(
+                f"umup_fx cannot handle graph output {spec.arg} of kind {spec.kind} "
+                "(for example an in-place update of a model input)."
+            )
+    return outputs
+
+
+def split_regions(
+    gm: fx.GraphModule,
+    program: ExportedProgram,
+    block_paths: list[str],
+    module_paths: list[str],
+    example_leaves: list[Any],
+    name: str,
+    checkpointed: dict[str, dict[str, Any]] | None = None,
+) -> Split:
+    """Cut ``gm`` (rewritten) into one graph per module call the capture kept (every
+    kept block, and every module in ``module_paths`` called once) and the root's; each
+    graph calls its direct children through ``call_block``, under
+    ``torch.utils.checkpoint`` for those in ``checkpointed``. A module whose call cannot
+    be cut (the rewrite fused its ops with its caller's, its caller reads a value inside
+    it, it holds a residual add of its block) stays inside its caller's graph: listed in
+    ``Split.inlined`` with why."""
+    calls: dict[str, Any] = {}
+    inlined: dict[str, str] = {}
+    for e in program.module_call_graph:
+        path, _, again = e.fqn.partition("@")
+        if again:
+            inlined[canonical_name(path)] = "called more than once in one forward"
+        elif e.fqn and e.signature is not None:
+            calls[canonical_name(e.fqn)] = e
+    if any(p not in calls for p in block_paths):
+        raise RegionError("the export did not record every block call")
+    for p in block_paths:
+        inlined.pop(p, None)
+    regions = [p for p in dict.fromkeys([*block_paths, *module_paths])
+               if p in calls and p not in inlined]
+    while True:
+        try:
+            cut = _Cut(gm, program, regions, block_paths, calls)
+            built = {r: cut.graph(r, example_leaves, name, checkpointed or {})
+                     for r in ["", *regions]}
+        except _Inline as exc:
+            regions.remove(exc.path)
+            inlined[exc.path] = exc.why
+            continue
+        break
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    made = sorted((c for _, cs in built.values() for c in cs), key=lambda c: order[cut.last[c[0]]])
+    root, _ = built.pop("")
+    return Split(root, {r: g for r, (g, _) in built.items()}, made, inlined)
 
 
 def _chain(prev: fx.Node, cur: fx.Node) -> dict[int, int] | None:
@@ -484,8 +595,10 @@ def unroll_calls(split: Split, path_of: list[str]) -> None:
                 leaves[i] = items[o]
         args, kwargs = pytree.tree_unflatten(leaves, template["in_spec"])
         with graph.inserting_after(max(items.values(), key=lambda n: list(graph.nodes).index(n))):
+            caller = template["caller"]
             call = graph.call_function(
-                call_block, (last.args[0], path, tuple(args), dict(kwargs), last.args[4])
+                call_block, (last.args[0], _relative(path, caller) if caller else path,
+                             tuple(args), dict(kwargs), last.args[4])
             )
         call.meta["umup_call"] = {**template, "path": path, "leaves": leaves}
         anchor, prev = call, call

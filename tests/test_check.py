@@ -249,8 +249,13 @@ def test_softmax_weighing_values_has_q_k_projections() -> None:
     torch.manual_seed(0)
     model = umup_fx.transform(TwoTermLogits(), (ids,), check=False)
     assert ops.softmax in [n.target for n in graph_nodes(model)]
-    (gm,) = model.region_graphs().values()
-    weights = {meta.get(n, meta.WEIGHT) for n in gm.graph.nodes if n.name in _qk_projections(gm)}
+    weights = set()
+    for path, gm in model.region_graphs().items():  # each linear runs as its own call
+        module = model.get_submodule(path) if path else model
+        for sub, name in _qk_projections(gm, module):
+            owner = module.get_submodule(sub.rstrip(".")) if sub else module
+            node = next(n for n in owner.graph_module.graph.nodes if n.name == name)
+            weights.add(meta.get(node, meta.WEIGHT))
     assert weights == {"q.weight", "k.weight", "pos_k.weight"}
     report = umup_fx.check(model, (ids,))
     assert report.ok, report.lines()

@@ -93,11 +93,11 @@ def _exit_when_done(rank: int, worker, tmp: str, port: int) -> None:
     os._exit(0)
 
 
-def _run(worker, tmp: Path, timeout_s: float = 300.0) -> None:
+def _run(worker, tmp: Path, timeout_s: float = 300.0, world: int = WORLD) -> None:
     """Spawn the ranks; a rank that fails, or ranks still running after ``timeout_s``,
     fail the test instead of hanging the suite."""
     port = _free_port()
-    context = mp.spawn(_exit_when_done, args=(worker, str(tmp), port), nprocs=WORLD,
+    context = mp.spawn(_exit_when_done, args=(worker, str(tmp), port), nprocs=world,
                        join=False)
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=5):
@@ -107,10 +107,10 @@ def _run(worker, tmp: Path, timeout_s: float = 300.0) -> None:
             pytest.fail(f"{worker.__name__}: ranks still running after {timeout_s:.0f} s")
 
 
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, port: int, world: int = WORLD) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     # A rank that fails must not leave the other waiting on a collective forever.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)
 

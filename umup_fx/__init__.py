@@ -34,6 +34,7 @@ from umup_fx.runtime.optim import DEFAULT_LR, AdamW, ForeignOptimizerWarning, pa
 from umup_fx.transfer.sweep import sweep
 from umup_fx.transform import (
     CheckpointWarning,
+    InlinedCallWarning,
     OneGraphWarning,
     PostNormWarning,
     ReferenceSizeWarning,
@@ -59,6 +60,7 @@ __all__ = [
     "HParams",
     "HParamsError",
     "CheckpointWarning",
+    "InlinedCallWarning",
     "ReferenceSizeWarning",
     "OneGraphWarning",
     "PostNormWarning",

@@ -298,11 +298,10 @@ class _Solver:
         placeholders = [n for n in rg.gm.graph.nodes if n.op == "placeholder"]
         prefix = f"{path}." if path else ""
         outer = self.template, self.prefix  # restored on return (a block inside the root)
-        self.template, self.prefix = "", prefix  # where the shared graph was captured
+        # Where the (shared) graph was captured: a block past the prefix runs its
+        # template's graph, whose nodes name the template's parameters.
+        self.template, self.prefix = (f"{rg.name}." if path else ""), prefix
         for node, (kind, target) in zip(placeholders, rg.inputs, strict=True):
-            captured = meta.get(node, meta.PARAM)
-            if kind == "param" and captured and captured.endswith(target):
-                self.template = captured[: len(captured) - len(target)]
             if kind == "input":
                 values[node] = inputs[target]
             elif kind == "param":

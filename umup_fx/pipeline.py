@@ -47,6 +47,7 @@ from umup_fx.passes.scale_weights import (
     scale_embeddings,
     scale_linears,
 )
+from umup_fx.passes.shard_sizes import free_shard_sizes
 from umup_fx.passes.weight_norm import find_weight_norms, scale_weight_norms
 from umup_fx.plan import Plan, build_plan, expand_blocks
 
@@ -98,6 +99,7 @@ def rewrite_passes(parametrization: str = "umup") -> list[Callable[[fx.GraphModu
         scale_matmuls,
         scale_cross_entropy,  # the loss's backward: mean x reference rows (§3)
         scale_readout_outputs,  # logits returned for a loss outside the model (§3)
+        free_shard_sizes,  # reshapes keep a shard's head count (tensor parallel)
     ]
 
 

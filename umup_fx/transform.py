@@ -27,7 +27,7 @@ from umup_fx.errors import AlreadyTransformedError, CallError, CaptureError, Umu
 from umup_fx.export import check_importable, import_pretrained
 from umup_fx.hf_save import UmupPretrainedModel, is_hf_model
 from umup_fx.options import Options
-from umup_fx.passes.cut_regions import RegionError, split_regions, unroll_calls
+from umup_fx.passes.cut_regions import RegionError, Split, split_regions, unroll_calls
 from umup_fx.passes.model_scales import model_scale_constants
 from umup_fx.passes.placement import generalize_placement
 from umup_fx.pipeline import plan_graph, rewrite_graph
@@ -44,13 +44,14 @@ from umup_fx.runtime.modules import (
     call_key,
     install_block,
     install_root,
+    install_submodule,
     is_transformed,
     own_error,
 )
-from umup_fx.runtime.names import unwrap
+from umup_fx.runtime.names import canonical_name, unwrap
 from umup_fx.runtime.optim import install_step_check
 
-__all__ = ["CheckpointWarning", "OneGraphWarning", "PostNormWarning", "ReferenceSizeWarning",
+__all__ = ["CheckpointWarning", "InlinedCallWarning", "OneGraphWarning", "PostNormWarning", "ReferenceSizeWarning",
            "UmupModule",
            "UncoveredOpWarning", "transform"]
 
@@ -68,6 +69,12 @@ class PostNormWarning(UserWarning):
 
 class OneGraphWarning(UserWarning):
     """The model runs as one graph: its blocks could not be kept as modules of their own."""
+
+
+class InlinedCallWarning(UserWarning):
+    """A submodule with weights is not called as a module after transform: the rewrite
+    fused its ops with its caller's, so hooks on it do not fire and it cannot be an
+    FSDP2 or tensor-parallel unit of its own."""
 
 
 class CheckpointWarning(UserWarning):
@@ -145,26 +152,57 @@ def _build(captured: Captured, opts: Options, leaves: list[Any]) -> tuple:
     parametrizations.apply(plan, opts.parametrization, opts.base, opts.sigma_init)
     rewrite_graph(gm, plan, opts)
     kept = [b.block_path(i) for b in captured.blocks for i in range(b.kept)]
-    split = split_regions(gm, captured.program, kept, leaves, captured.model_name,
+    split = split_regions(gm, captured.program, kept, captured.modules, leaves,
+                          captured.model_name,
                           {p: o for p, o in captured.checkpointed.items() if p in kept})
-    graphs: dict[str, RegionGraph] = {}  # every block path -> its (shared) graph
-    for b in captured.blocks:
-        by_print: dict[tuple, RegionGraph] = {}
+    graphs = _every_module_graph(split, captured.blocks)
+    inlined = dict(split.inlined)
+    for b in captured.blocks:  # blocks past the prefix inline what their template inlines
+        for i in range(b.kept, len(b.names)):
+            template = b.block_path(b.template[i])
+            for path, why in split.inlined.items():
+                suffix = _inside(path, template)
+                if suffix:
+                    inlined[b.block_path(i) + suffix] = why
+    for rg in [split.root, *{id(g): g for g in graphs.values()}.values()]:
+        rg.gm.graph.lint()
+        rg.gm.recompile()
+        generalize_placement(rg)
+    return plan, taus, graphs, split.root, original, scales, inlined
+
+
+def _inside(path: str, block: str) -> str | None:
+    """``path``'s suffix under ``block`` ("" for the block itself), or None."""
+    if path == block:
+        return ""
+    return path[len(block):] if path.startswith(block + ".") else None
+
+
+def _every_module_graph(split: Split, blocks: list) -> dict[str, RegionGraph]:
+    """The graph of every module call kept, by module path, for the whole model: kept
+    blocks of one structure share their graphs (and so their submodules'), and every block
+    past the captured prefix runs its template's, submodules included; the calls to the
+    kept blocks are unrolled to every block."""
+    graphs = dict(split.regions)
+    for b in blocks:
+        shared: dict[tuple, RegionGraph] = {}
         for i in range(b.kept):
-            rg = split.blocks[b.block_path(i)]
-            graphs[b.block_path(i)] = by_print.setdefault(_fingerprint(rg), rg)
+            block = b.block_path(i)
+            for path, rg in split.regions.items():
+                suffix = _inside(path, block)
+                if suffix is not None:
+                    graphs[path] = shared.setdefault((suffix, _fingerprint(rg)), rg)
         for i in range(b.kept, len(b.names)):
             template = b.block_path(b.template[i])
             twins = [b.block_path(j) for j in range(b.kept) if b.keys[j] == b.keys[i]]
             if len({id(graphs[t]) for t in twins}) > 1:
                 raise RegionError(f"blocks {twins} look alike but rewrite differently")
-            graphs[b.block_path(i)] = graphs[template]
+            for path in split.regions:
+                suffix = _inside(path, template)
+                if suffix is not None:
+                    graphs[b.block_path(i) + suffix] = graphs[path]
         unroll_calls(split, [b.block_path(i) for i in range(len(b.names))])
-    split.root.gm.graph.lint()
-    split.root.gm.recompile()
-    for rg in [split.root, *{id(g): g for g in graphs.values()}.values()]:
-        generalize_placement(rg)
-    return plan, taus, graphs, split.root, original, scales
+    return graphs
 
 
 def _settings(opts: Options, reference: dict[str, tuple]) -> dict[str, Any]:
@@ -182,14 +220,21 @@ def _settings(opts: Options, reference: dict[str, tuple]) -> dict[str, Any]:
 
 def _install(model: nn.Module, captured: Captured, built: tuple, recapture: Any,
              settings: dict[str, Any]) -> None:
-    plan, taus, graphs, root, original, _ = built
-    for b in captured.blocks:
-        container = model.get_submodule(discovery.live_path(model, b.path))
-        for k, name in enumerate(b.names):
-            path = b.block_path(k)
-            install_block(container._modules[name], graphs[path], taus.get(path, []))
+    plan, taus, graphs, root, original, _, inlined = built
+    by_path = _modules_by_path(model)
+    blocks = {b.block_path(k) for b in captured.blocks for k in range(len(b.names))}
+    for path, rg in graphs.items():
+        if path in blocks:
+            install_block(by_path[path], rg, taus.get(path, []))
+        else:
+            install_submodule(by_path[path], rg)
     install_root(model, root, plan, original, recapture, settings,
-                 UmupPretrainedModel if is_hf_model(model) else UmupModule)
+                 UmupPretrainedModel if is_hf_model(model) else UmupModule, inlined)
+
+
+def _modules_by_path(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module by its canonical path; the module a wrapper holds, not the wrapper."""
+    return {canonical_name(name): unwrap(m) for name, m in model.named_modules()}
 
 
 def _capture_build(model: nn.Module, args: Any, kwargs: dict | None, opts: Options,
@@ -278,7 +323,7 @@ def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Op
             "attention_mask of input_ids' shape), or call the model as at transform."
         ) from exc
     _warn_unkept_checkpoints(captured)
-    plan, taus, graphs, root, _, scales = built
+    plan, taus, graphs, root, _, scales, _ = built
     _refuse_ignored_arguments(model, args, kwargs, scales, what)
     installed = model.umup_plan
     for name, p in plan.params.items():
@@ -291,18 +336,21 @@ def _add_call_structure(model: nn.Module, args: tuple, kwargs: dict, *, opts: Op
                 "its graph cannot share the model's weights and optimizer groups. Transform "
                 "with this call's structure as the example."
             )
+    by_path = _modules_by_path(model)
     for b in captured.blocks:
-        container = model.get_submodule(discovery.live_path(model, b.path))
-        for k, child in enumerate(b.names):
-            block = unwrap(container._modules[child])
+        for k in range(len(b.names)):
             path = b.block_path(k)
             if [round(t, 12) for t in taus.get(path, [])] != [
-                    round(t, 12) for t in block.__dict__.get("_umup_taus", [])]:
+                    round(t, 12) for t in by_path[path].__dict__.get("_umup_taus", [])]:
                 raise CallError(
                     f"{type(model).__name__} called with {what}: block {path} gets other "
                     "residual taus than at transform. Transform with this call's structure."
                 )
-            add_graph(block, graphs[path])  # blocks keep the graphs they have
+    for path, rg in graphs.items():
+        if is_transformed(by_path[path]):
+            add_graph(by_path[path], rg)  # modules keep the graphs they have
+        else:  # inlined in the transform's call's graphs, called in this one's
+            install_submodule(by_path[path], rg)
     new = [u for u in plan.uncovered if u not in installed.uncovered]
     if new and opts.parametrization == "umup":
         warnings.warn(
@@ -459,6 +507,19 @@ def transform(
             stacklevel=2,
         )
     plan = built[0]
+    weighty = {path: why for path, why in built[6].items()
+               if any(True for _ in _modules_by_path(model)[path].parameters())}
+    if weighty:
+        listed = "; ".join(f"{path} ({why})" for path, why in list(weighty.items())[:4])
+        warnings.warn(
+            f"umup_fx: {len(weighty)} submodule(s) of {captured.model_name} with weights are "
+            f"not called as modules after transform: {listed}. Their ops run inside their "
+            "caller's graph, so hooks on them do not fire and they cannot be FSDP2 or "
+            "tensor-parallel units of their own; shard or hook their caller instead "
+            "(model.inlined_calls lists them all).",
+            InlinedCallWarning,
+            stacklevel=2,
+        )
     if plan.uncovered and opts.parametrization == "umup":
         listed = "; ".join(f"{op} at {src}" for _, op, src in plan.uncovered)
         warnings.warn(

@@ -134,6 +134,21 @@ def live_path(model: nn.Module, canonical: str) -> str:
     raise CaptureError(f"umup_fx lost track of submodule {canonical!r}.")
 
 
+def callable_modules(model: nn.Module) -> list[str]:
+    """Live paths of the submodules a forward may call, each kept as a call of its own
+    (``passes.cut_regions``): every module but ``ModuleList`` / ``ModuleDict`` (never
+    called) and wrappers (the module they hold is)."""
+    from torch.nn.utils import parametrize
+
+    # A parametrization (weight norm's g * v / ||v||) runs when its weight is read, not
+    # as a call of the forward: it stays in the graph of the module that reads it.
+    skip = {id(inner) for m in model.modules() if isinstance(m, parametrize.ParametrizationList)
+            for inner in m.modules()}
+    return [name for name, module in model.named_modules()
+            if name and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+            and unwrap(module) is module and id(module) not in skip]
+
+
 def unlisted_repeats(model: nn.Module) -> list[str]:
     """Sibling submodules of one structure held as plain attributes, not in a container
     (``self.block1``, ``self.block2``): blocks umup_fx cannot keep as modules of their own.

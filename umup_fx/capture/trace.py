@@ -66,6 +66,7 @@ class Captured:
     program: ExportedProgram | None = None
     model_name: str = "model"
     blocks: list[discovery.BlockList] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)  # submodule calls preserved, canonical
     # torch.utils.checkpoint calls the forward made (the graph holds no recompute):
     checkpointed: dict[str, dict[str, Any]] = field(default_factory=dict)  # whole modules
     other_checkpoints: list[str] = field(default_factory=list)  # anything else
@@ -537,7 +538,10 @@ def capture(
     block_lists = discovery.find_blocks(model) if blocks else []
     for b in block_lists:
         discovery.choose_prefix(b, full)
-    preserve = tuple(b.block_path(i) for b in block_lists for i in range(b.kept))
+    with discovery.truncated(model, block_lists):
+        called = discovery.callable_modules(model)
+    preserve = tuple(dict.fromkeys(
+        [*(b.block_path(i) for b in block_lists for i in range(b.kept)), *called]))
     with _recording_checkpoints() as seen:
         try:
             program, why = _export(model, args, kwargs, block_lists, preserve, shadow=True)
@@ -589,7 +593,8 @@ def capture(
             params[canonical].node = node.name
     meta.graph_meta(gm)[meta.PARAMS] = params
     return Captured(gm=gm, params=params, program=program, model_name=type(model).__name__,
-                    blocks=block_lists, checkpointed=checkpointed,
+                    blocks=block_lists, modules=[canonical_name(n) for n in called],
+                    checkpointed=checkpointed,
                     other_checkpoints=sorted(set(other_checkpoints)))
 
 

@@ -9,6 +9,7 @@ forward + backward of a transformed model without changing it.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +18,12 @@ from torch import Tensor, fx
 
 from umup_fx import meta, rules
 from umup_fx.passes._graph import MATMULS, is_grouped_mm, ops, where
+from umup_fx.passes.cut_regions import call_block
 from umup_fx.runtime import fp8 as fp8_ops
 from umup_fx.runtime import modules as module_mod
 from umup_fx.runtime import ops as umup_ops
 from umup_fx.runtime.modules import UmupModule
-from umup_fx.runtime.names import canonical_name
+from umup_fx.runtime.names import canonical_name, unwrap
 
 _RUNTIME = {fn for m in (umup_ops, fp8_ops) for fn in vars(m).values() if callable(fn)}
 # The weight ops of a graph that runs as written (the μP baseline keeps ATen's linears):
@@ -86,28 +88,53 @@ def _is_sdpa(node: fx.Node) -> bool:
         node.op == "call_function" and node.target is umup_ops.scaled_dot_product_attention)
 
 
-def _weight_ops_behind(starts: Any) -> list[fx.Node]:
+def _weight_ops_behind(starts: Any, module: torch.nn.Module | None = None,
+                       at: str = "") -> list[tuple[str, str]]:
     """The first weight op on each path back from ``starts`` (through reshapes, RoPE,
-    casts, q / k norms; never past a residual add)."""
-    stack, seen, found = [a for a in starts if isinstance(a, fx.Node)], set(), []
+    casts, q / k norms; never past a residual add), as (module path relative to the
+    graph's module, node name): a path back into a submodule's call follows its graph."""
+    stack, seen = [a for a in starts if isinstance(a, fx.Node)], set()
+    found: list[tuple[str, str]] = []
     while stack:
         n = stack.pop()
         if n in seen or n.op != "call_function":
             continue
         seen.add(n)
+        call = n.args[0] if n.target is operator.getitem and n.args else None
         if meta.get(n, meta.WEIGHT):
-            found.append(n)
+            found.append((at, n.name))
+        elif isinstance(call, fx.Node) and call.target is call_block:
+            found += _weight_ops_in_call(call, n.args[1], module, at)
         elif meta.get(n, meta.RULE) != rules.RESIDUAL_ADD:  # through q/k norms (Qwen3)
             stack.extend(n.all_input_nodes)
     return found
 
 
-def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
-    """{weight op node name: its attention node's name} for the ops that make q and k:
-    the weight ops behind an attention's q and k operands, or behind the logits of a
-    softmax weighing values; their gradients sit near ``S^-1/2`` (rules §8)."""
+def _weight_ops_in_call(call: fx.Node, leaf: int, module: torch.nn.Module | None,
+                        at: str) -> list[tuple[str, str]]:
+    """The weight ops behind output leaf ``leaf`` of a submodule's call, in its graph."""
+    if module is None:
+        return []
+    rel = call.args[1]
+    child = unwrap(module.get_submodule(rel))
+    rg = child.__dict__.get("_umup_region")
+    if rg is None:
+        return []
+    index = sum(1 for v in rg.out_leaves[:leaf] if v is module_mod.TENSOR) if rg.out_leaves else leaf
+    output = next(n for n in rg.gm.graph.nodes if n.op == "output")
+    results = output.args[0]
+    return _weight_ops_behind([results[index]], child, f"{at}{rel}.")
+
+
+def _qk_projections(gm: fx.GraphModule, module: torch.nn.Module | None = None,
+                    ) -> dict[tuple[str, str], str]:
+    """{(module path relative to the graph's, weight op node name): its attention node's
+    name} for the ops that make q and k: the weight ops behind an attention's q and k
+    operands, or behind the logits of a softmax weighing values; their gradients sit
+    near ``S^-1/2`` (rules §8). With ``module`` (whose graph ``gm`` is), the ops inside
+    the submodules it calls (each linear its own call) are found too."""
     by_name = {n.name: n for n in gm.graph.nodes}
-    found: dict[str, str] = {}
+    found: dict[tuple[str, str], str] = {}
     for node in gm.graph.nodes:
         if _is_sdpa(node):
             starts = node.args[:2]
@@ -118,7 +145,7 @@ def _qk_projections(gm: fx.GraphModule) -> dict[str, str]:
             starts = node.args[:1]  # logits assembled otherwise (DeBERTa's relative terms)
         else:
             continue
-        found.update((op.name, node.name) for op in _weight_ops_behind(starts))
+        found.update((op, node.name) for op in _weight_ops_behind(starts, module))
     return found
 
 
@@ -138,11 +165,12 @@ def _weighs_values(node: fx.Node) -> bool:
     return False
 
 
-def _v_projections(gm: fx.GraphModule) -> dict[str, str]:
-    """{weight op node name: its SDPA node's name} for the ops that make v: the weight
-    ops behind the value operand."""
-    return {op.name: node.name for node in gm.graph.nodes if _is_sdpa(node)
-            for op in _weight_ops_behind(node.args[2:3])}
+def _v_projections(gm: fx.GraphModule, module: torch.nn.Module | None = None,
+                   ) -> dict[tuple[str, str], str]:
+    """{(module path, weight op node name): its SDPA node's name} for the ops that make
+    v: the weight ops behind the value operand."""
+    return {op: node.name for node in gm.graph.nodes if _is_sdpa(node)
+            for op in _weight_ops_behind(node.args[2:3], module)}
 
 
 def _query_coherence(g: Tensor) -> float:
@@ -164,22 +192,42 @@ def _use_role(plan: Any, weight: str | None, node: str) -> str | None:
 
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, records: dict[str, OpScale], prefix: str,
-                 rename: tuple[str, str], plan: Any = None) -> None:
+                 rename: tuple[str, str], plan: Any = None,
+                 module: torch.nn.Module | None = None) -> None:
         super().__init__(gm)
         self.records = records
         self.prefix = prefix
         self.rename = rename  # (the graph's own block path, this module's path)
         self.plan = plan
-        self.qk = _qk_projections(gm)
-        self.v = _v_projections(gm)
+        self.qk = {self._key(op): att for op, att in _qk_projections(gm, module).items()}
+        self.v = {self._key(op): att for op, att in _v_projections(gm, module).items()}
         self.lookups: dict[int, tuple[OpScale, Tensor, int, int | None]] = {}  # by output id
+
+    def _op_record(self, op: str) -> str | None:
+        """The record of flat-graph node ``op``, here or in a submodule this module called
+        (a readout linear is its own call; its multiplier is applied by the caller)."""
+        if self.prefix + op in self.records:
+            return self.prefix + op
+        own = self.rename[1]
+        inside = [k for k in self.records if k.endswith(":" + op)
+                  and (not own or k.startswith(own + "."))]
+        return inside[-1] if inside else None
+
+    def _key(self, op: tuple[str, str]) -> str:
+        """The record name of a weight op at (path relative to this module, node name)."""
+        sub, name = op
+        if not sub:
+            return self.prefix + name
+        own = self.rename[1]
+        return f"{own + '.' if own else ''}{sub.rstrip('.')}:{name}"
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         op = meta.get(n, meta.MULTIPLIER)
-        if op is not None and self.prefix + op in self.records:
+        key = self._op_record(op) if op is not None else None
+        if key is not None:
             # A μP readout times its multiplier: the product is what the layer outputs.
-            self.records[self.prefix + op].out_rms = rms(out)
+            self.records[key].out_rms = rms(out)
             return out
         if n.name in self.qk.values() and isinstance(out, Tensor):
             # the attention's key length: softmax's last axis, or SDPA's value rows
@@ -188,11 +236,11 @@ class _Recorder(fx.Interpreter):
             length = args[2].shape[-2] if sdpa else out.shape[-1]
             spread = 1.0 if not sdpa else (
                 _spread(args[1]) * _spread(args[2]))
-            for op_name, att in self.qk.items():
-                if att == n.name and self.prefix + op_name in self.records:
-                    self.records[self.prefix + op_name].key_len = int(length)
-                    self.records[self.prefix + op_name].key_spread = spread
-        values = [self.prefix + v for v, att in self.v.items() if att == n.name]
+            for key, att in self.qk.items():
+                if att == n.name and key in self.records:
+                    self.records[key].key_len = int(length)
+                    self.records[key].key_spread = spread
+        values = [key for key, att in self.v.items() if att == n.name]
         if values and isinstance(out, Tensor) and out.requires_grad:
             out.register_hook(lambda g, values=values: self._on_attention_grad(values, g))
         if n.target is umup_ops.add_tables and isinstance(out, Tensor) and out.requires_grad:
@@ -354,7 +402,8 @@ def measure(
     def record(module: torch.nn.Module, rg: Any, values: list[Any]) -> Any:
         path = paths.get(id(module), "")
         prefix = f"{path}:" if path else ""
-        recorder = _Recorder(rg.gm, records, prefix, (rg.name if path else "", path), plan)
+        recorder = _Recorder(rg.gm, records, prefix, (rg.name if path else "", path), plan,
+                             module)
         return recorder.run(*values)
 
     named = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}

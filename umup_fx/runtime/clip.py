@@ -87,6 +87,12 @@ def grad_rms(parameters: Params) -> torch.Tensor:
     return _local(norm) / math.sqrt(_numel(grads))
 
 
+def _total_norm(grads: list[torch.Tensor]) -> float:
+    """The global 2-norm of ``grads``, plain tensors and DTensors of any mesh mixed (tensor
+    parallel shards some weights and leaves others plain, which torch's norm refuses)."""
+    return math.sqrt(sum(float(_local(torch.linalg.vector_norm(g.detach()))) ** 2 for g in grads))
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor (FSDP2) -> tensor
 
@@ -181,7 +187,7 @@ def warn_if_always_clipped(optimizer: torch.optim.Optimizer) -> None:
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if not grads:
         return
-    seen.append(float(_local(torch.nn.utils.get_total_norm(grads))))
+    seen.append(_total_norm(grads))
     if len(seen) < _CHECKED_STEPS:
         return
     norms = seen[:_CHECKED_STEPS]

@@ -236,8 +236,8 @@ def _select(module: nn.Module, args: tuple, kwargs: dict) -> RegionGraph:
     recapture = module.__dict__.get("_umup_recapture")
     if recapture is None:
         raise _call_error(first, module, args, kwargs,
-                          "a block runs the graphs its model's captures made for it; call "
-                          "the model, and the model calls its blocks")
+                          "a submodule runs the graphs its model's captures made for it; "
+                          "call the model, and the model calls its submodules")
     if len(module.__dict__["_umup_graphs"]) >= MAX_CALL_STRUCTURES:
         raise CallError(
             f"This u-muP {type(module).__name__} was called with {MAX_CALL_STRUCTURES + 1} "
@@ -321,6 +321,12 @@ class UmupBlock(UmupRegion):
     """A block rewritten to u-muP (its residual taus: ``_umup_taus``)."""
 
 
+class UmupSubmodule(UmupRegion):
+    """A submodule the rewritten forward calls (a linear, a norm, an attention): its
+    forward runs its part of the rewritten graph, so hooks on it, FSDP2's unshard and
+    tensor parallel's redistribution run as they do for the original."""
+
+
 class UmupModule(UmupRegion):
     """A model rewritten to u-muP, in place: same class (subclassed), names and tree.
 
@@ -348,6 +354,13 @@ class UmupModule(UmupRegion):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         saved_state.before_load(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @property
+    def inlined_calls(self) -> dict[str, str]:
+        """Submodules the original forward called whose ops run inside their caller's
+        graph (the rewrite fused them: a gated unit's activation module), with why;
+        every other submodule it called is called, so its hooks fire."""
+        return dict(self.__dict__.get("_umup_inlined", {}))
 
     def region_graphs(self) -> dict[str, fx.GraphModule]:
         """Every region's rewritten graph by module path ("" for the root), blocks
@@ -428,6 +441,11 @@ def install_block(block: nn.Module, rg: RegionGraph, taus: list[float]) -> None:
     inner.__dict__["_umup_taus"] = list(taus)
 
 
+def install_submodule(module: nn.Module, rg: RegionGraph) -> None:
+    """Make ``module`` (or the module its wrapper holds) run ``rg`` when called."""
+    _attach(unwrap(module), rg, UmupSubmodule)
+
+
 def install_root(
     model: nn.Module,
     rg: RegionGraph,
@@ -436,12 +454,15 @@ def install_root(
     recapture: Callable[[nn.Module, tuple, dict], None] | None = None,
     settings: dict[str, Any] | None = None,
     mixin: type[UmupModule] = UmupModule,
+    inlined: dict[str, str] | None = None,
 ) -> None:
     """Make ``model`` run ``rg``; ``recapture(model, args, kwargs)`` adds the graphs of a
     call structure it has none for (``add_graph``); ``settings`` (how it was transformed)
-    go into its state_dict; ``mixin`` may add methods (a Hugging Face model's save)."""
+    go into its state_dict; ``mixin`` may add methods (a Hugging Face model's save);
+    ``inlined``: the submodules whose calls run inside their caller's graph, with why."""
     _attach(model, rg, mixin)
     model.__dict__["_umup_settings"] = dict(settings or {})
+    model.__dict__["_umup_inlined"] = dict(inlined or {})
     model.__dict__["_umup_plan"] = plan
     model.__dict__["_umup_original"] = original
     model.__dict__["_umup_recapture"] = recapture
