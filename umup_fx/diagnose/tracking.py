@@ -193,7 +193,9 @@ def _use_role(plan: Any, weight: str | None, node: str) -> str | None:
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, records: dict[str, OpScale], prefix: str,
                  rename: tuple[str, str], plan: Any = None,
-                 module: torch.nn.Module | None = None) -> None:
+                 module: torch.nn.Module | None = None,
+                 lookups: dict[int, tuple[OpScale, Tensor, int, int | None]] | None = None,
+                 ) -> None:
         super().__init__(gm)
         self.records = records
         self.prefix = prefix
@@ -201,7 +203,9 @@ class _Recorder(fx.Interpreter):
         self.plan = plan
         self.qk = {self._key(op): att for op, att in _qk_projections(gm, module).items()}
         self.v = {self._key(op): att for op, att in _v_projections(gm, module).items()}
-        self.lookups: dict[int, tuple[OpScale, Tensor, int, int | None]] = {}  # by output id
+        # Lookups by output id, shared by every region's recorder of one measure: a table's
+        # lookup (its own module's call) may feed a sum of tables in its caller's graph.
+        self.lookups = {} if lookups is None else lookups
 
     def _op_record(self, op: str) -> str | None:
         """The record of flat-graph node ``op``, here or in a submodule this module called
@@ -398,12 +402,13 @@ def measure(
     paths = {id(m): canonical_name(n) for n, m in model.named_modules()}
     plan = getattr(model, "umup_plan", None)
     records: dict[str, OpScale] = {}
+    lookups: dict[int, tuple[OpScale, Tensor, int, int | None]] = {}
 
     def record(module: torch.nn.Module, rg: Any, values: list[Any]) -> Any:
         path = paths.get(id(module), "")
         prefix = f"{path}:" if path else ""
         recorder = _Recorder(rg.gm, records, prefix, (rg.name if path else "", path), plan,
-                             module)
+                             module, lookups)
         return recorder.run(*values)
 
     named = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
