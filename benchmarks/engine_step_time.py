@@ -79,6 +79,12 @@ def _apply(model: nn.Module, layout: str, world: int) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def _step(model: nn.Module, opt: torch.optim.Optimizer, call: dict) -> None:
+    opt.zero_grad()
+    model(**call).loss.backward()
+    opt.step()
+
+
 def _worker(rank: int, args: argparse.Namespace, out: str, port: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=args.world,
@@ -97,21 +103,16 @@ def _worker(rank: int, args: argparse.Namespace, out: str, port: int) -> None:
             opts[name] = (umup_fx.AdamW(model) if name == "u-muP"
                           else torch.optim.AdamW(model.parameters(), lr=1e-3))
 
-        def step(name: str) -> None:
-            opts[name].zero_grad()
-            models[name](**call).loss.backward()
-            opts[name].step()
-
         times: dict[str, list[float]] = {name: [] for name in models}
         for name in models:
             for _ in range(args.warmup):
-                step(name)
+                _step(models[name], opts[name], call)
         for _ in range(args.rounds):
             for name in models:
                 dist.barrier()
                 start = time.perf_counter()
                 for _ in range(args.steps):
-                    step(name)
+                    _step(models[name], opts[name], call)
                 dist.barrier()
                 times[name].append((time.perf_counter() - start) / args.steps)
         results[layout] = {name: statistics.median(t) for name, t in times.items()}
