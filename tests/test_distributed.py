@@ -125,6 +125,23 @@ def _global_loss(loss: torch.Tensor) -> float:
     return value.item()
 
 
+def _sharded_steps(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                   rank: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """STEPS steps of a sharded model on this rank's share of each global batch: the
+    global losses and the first step's full (gathered) gradients."""
+    losses, grads = [], {}
+    for step, (x, y) in enumerate(_batches()[:STEPS]):
+        opt.zero_grad()
+        loss = model(_local(x, rank), _local(y, rank))
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()
+                     if p.grad is not None}
+        opt.step()
+        losses.append(_global_loss(loss))
+    return losses, grads
+
+
 def _fsdp_worker(rank: int, tmp: str, port: int) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -159,17 +176,8 @@ def _fsdp_worker(rank: int, tmp: str, port: int) -> None:
     full = torch.load(tmp_path / "init.pt")
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
     opt = umup_fx.AdamW(model, lr=LR)
-    losses, grads = [], {}
+    losses, grads = _sharded_steps(model, opt, rank)
     batches = _batches()
-    for step, (x, y) in enumerate(batches[:STEPS]):
-        opt.zero_grad()
-        loss = model(_local(x, rank), _local(y, rank))
-        loss.backward()
-        if step == 0:
-            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()
-                     if p.grad is not None}
-        opt.step()
-        losses.append(_global_loss(loss))
 
     # DCP round trip: save, step, load, step again: the same loss.
     x, y = batches[STEPS]

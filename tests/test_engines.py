@@ -17,14 +17,13 @@ from examples.llama import Llama, LlamaConfig
 from tests.test_distributed import (
     LR,
     STEPS,
-    _batches,
     _config,
     _example,
     _global_loss,
     _init,
-    _local,
     _reference,
     _run,
+    _sharded_steps,
 )
 from tests.tiny_models import hf_llama
 
@@ -106,17 +105,7 @@ def _per_module_worker(rank: int, tmp: str, port: int) -> None:
 
     set_model_state_dict(model, torch.load(Path(tmp) / "init.pt"),
                          options=StateDictOptions(full_state_dict=True))
-    opt = umup_fx.AdamW(model, lr=LR)
-    losses, grads = [], {}
-    for step, (x, y) in enumerate(_batches()[:STEPS]):
-        opt.zero_grad()
-        loss = model(_local(x, rank), _local(y, rank))
-        loss.backward()
-        if step == 0:
-            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()
-                     if p.grad is not None}
-        opt.step()
-        losses.append(_global_loss(loss))
+    losses, grads = _sharded_steps(model, umup_fx.AdamW(model, lr=LR), rank)
     if rank == 0:
         torch.save({"losses": losses, "grads": grads}, Path(tmp) / "fsdp.pt")
 
@@ -163,6 +152,23 @@ def _hf_run(model: nn.Module, shard: Callable[[torch.Tensor], torch.Tensor] = la
     return losses, grads
 
 
+def _hf_matches_one_process(tmp_path: Path, worker: Callable, world: int = 2) -> None:
+    """``worker``'s ranks train the tiny HF Llama from one transformed model's weights
+    (saved to init.pt) and write result.pt: their losses (rel 1e-5) and first full
+    gradients (rel 1e-4; atol 1e-5 for the all-reduces' other summation order) are one
+    process's."""
+    torch.manual_seed(0)
+    model = umup_fx.transform(hf_llama(layers=2), (), _hf_call(), check=False)
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    losses, grads = _hf_run(model)
+    _run(worker, tmp_path, world=world)
+    got = torch.load(tmp_path / "result.pt")
+    assert got["losses"] == pytest.approx(losses, rel=1e-5)
+    assert got["grads"].keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-5)
+
+
 TP_PLAN = {  # the standard Llama plan, by the original model's module names
     "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise",
     "self_attn.v_proj": "colwise", "self_attn.o_proj": "rowwise",
@@ -189,21 +195,12 @@ def _tp_worker(rank: int, tmp: str, port: int) -> None:
     assert isinstance(model.model.layers[0].self_attn.q_proj.weight, DTensor)
     losses, grads = _hf_run(model)
     if rank == 0:
-        torch.save({"losses": losses, "grads": grads}, Path(tmp) / "tp.pt")
+        torch.save({"losses": losses, "grads": grads}, Path(tmp) / "result.pt")
 
 
 @pytest.mark.slow
 def test_tensor_parallel_with_the_llama_plan_matches_one_process(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = umup_fx.transform(hf_llama(layers=2), (), _hf_call(), check=False)
-    torch.save(model.state_dict(), tmp_path / "init.pt")
-    losses, grads = _hf_run(model)
-    _run(_tp_worker, tmp_path)
-    got = torch.load(tmp_path / "tp.pt")
-    assert got["losses"] == pytest.approx(losses, rel=1e-5)
-    assert got["grads"].keys() == grads.keys()
-    for name, g in grads.items():  # rowwise all-reduces sum in another order: atol 1e-5
-        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-5)
+    _hf_matches_one_process(tmp_path, _tp_worker)
 
 
 def _fsdp_tp_worker(rank: int, tmp: str, port: int) -> None:
@@ -228,21 +225,12 @@ def _fsdp_tp_worker(rank: int, tmp: str, port: int) -> None:
     dp = mesh["dp"].get_local_rank()
     losses, grads = _hf_run(model, lambda t: t.chunk(2)[dp])
     if rank == 0:
-        torch.save({"losses": losses, "grads": grads}, Path(tmp) / "2d.pt")
+        torch.save({"losses": losses, "grads": grads}, Path(tmp) / "result.pt")
 
 
 @pytest.mark.slow
 def test_fsdp2_times_tensor_parallel_on_a_2d_mesh_matches_one_process(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = umup_fx.transform(hf_llama(layers=2), (), _hf_call(), check=False)
-    torch.save(model.state_dict(), tmp_path / "init.pt")
-    losses, grads = _hf_run(model)
-    _run(_fsdp_tp_worker, tmp_path, world=4)
-    got = torch.load(tmp_path / "2d.pt")
-    assert got["losses"] == pytest.approx(losses, rel=1e-5)
-    assert got["grads"].keys() == grads.keys()
-    for name, g in grads.items():
-        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-5)
+    _hf_matches_one_process(tmp_path, _fsdp_tp_worker, world=4)
 
 
 def _sp_plan(loss_parallel: bool = False) -> tuple[dict, dict, dict]:
@@ -296,7 +284,7 @@ def _sp_worker(rank: int, tmp: str, port: int) -> None:
     with loss_parallel() if sharded_loss else contextlib.nullcontext():
         losses, grads = _hf_run(model)
     if rank == 0:
-        torch.save({"losses": losses, "grads": grads}, Path(tmp) / "sp.pt")
+        torch.save({"losses": losses, "grads": grads}, Path(tmp) / "result.pt")
 
 
 @pytest.mark.slow
@@ -307,13 +295,4 @@ def test_sequence_parallel_matches_one_process(tmp_path: Path, sharded_loss: boo
     # loss_parallel: the logits stay sharded over the vocabulary into the loss.
     if sharded_loss:
         (tmp_path / "loss_parallel").touch()
-    torch.manual_seed(0)
-    model = umup_fx.transform(hf_llama(layers=2), (), _hf_call(), check=False)
-    torch.save(model.state_dict(), tmp_path / "init.pt")
-    losses, grads = _hf_run(model)
-    _run(_sp_worker, tmp_path)
-    got = torch.load(tmp_path / "sp.pt")
-    assert got["losses"] == pytest.approx(losses, rel=1e-5)
-    assert got["grads"].keys() == grads.keys()
-    for name, g in grads.items():
-        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-5)
+    _hf_matches_one_process(tmp_path, _sp_worker)
