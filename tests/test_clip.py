@@ -92,8 +92,10 @@ def test_spike_clipper_clips_a_spike_and_nothing_else() -> None:
     assert fresh.steps == 21 and fresh.mean.item() == pytest.approx(clipper.mean.item())
 
 
-def _train(model: nn.Module, clip: float | None, steps: int = 3) -> list[warnings.WarningMessage]:
-    opt = umup_fx.AdamW(model, lr=2**-8)
+def _steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 3,
+           clip: float | None = None) -> list[warnings.WarningMessage]:
+    """``steps`` steps on one batch, clipped by torch's global norm if ``clip``; every
+    warning they raise."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(steps):
@@ -102,6 +104,11 @@ def _train(model: nn.Module, clip: float | None, steps: int = 3) -> list[warning
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
+    return caught
+
+
+def _train(model: nn.Module, clip: float | None, steps: int = 3) -> list[warnings.WarningMessage]:
+    caught = _steps(model, umup_fx.AdamW(model, lr=2**-8), steps, clip)
     return [w for w in caught if issubclass(w.category, AlwaysClippedWarning)]
 
 

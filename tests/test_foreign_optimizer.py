@@ -12,37 +12,15 @@ import torch
 from torch import nn
 
 import umup_fx
-from examples.llama import Llama, LlamaConfig
+from examples.llama import Llama
+from tests.test_clip import _batch, _llama, _steps
 from tests.tiny_models import hf_llama
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randint(0, 256, (2, 16), generator=gen), torch.randint(0, 256, (2, 16), generator=gen)
-
-
-def _llama() -> Llama:
-    torch.manual_seed(0)
-    return Llama(LlamaConfig(d_model=64, n_layers=2, n_heads=4))
 
 
 def _transformed() -> Llama:
     """A fresh one each time (a deepcopy would lose the parameters' marks: torch's
     Parameter.__deepcopy__ keeps data and requires_grad only)."""
     return umup_fx.transform(_llama(), _batch())
-
-
-def _steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 3,
-           clip: float | None = None) -> list[warnings.WarningMessage]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(steps):
-            opt.zero_grad()
-            model(*_batch()).backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-    return caught
 
 
 def _of(caught: list, category: type) -> list[str]:
