@@ -133,14 +133,27 @@ def _branch_entries(gm: fx.GraphModule, sig: Any, by_name: dict[str, fx.Node],
             first.setdefault(by_name[a.name], i)
     entries = {}
     for node in gm.graph.nodes:
-        if (region.get(node) == block and node.target is operator.getitem
-                and node.args[1] == 0 and isinstance(node.args[0], fx.Node)
+        if not (node.target is operator.getitem and node.args[1] == 0
+                and isinstance(node.args[0], fx.Node)
                 and node.args[0].target is ops.residual_split
                 and region.get(node.args[0]) != block  # the split sits in the caller
-                and node.args[0].args[0] in first):
+                and _split_source(node) in first):
+            continue
+        if region.get(node) == block:
             region[node] = parent
-            entries[first[node.args[0].args[0]]] = node
+        elif not any(region.get(u) == block for u in node.users):
+            continue  # a branch side another module reads (parallel branches share one)
+        entries[first[_split_source(node)]] = node
     return entries
+
+
+def _split_source(node: fx.Node) -> fx.Node:
+    """The value a chain of residual splits splits (parallel branches split the skip
+    side of the first split again: GPT-NeoX's attention and MLP both read x)."""
+    while (node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+           and node.args[0].target is ops.residual_split):
+        node = node.args[0].args[0]
+    return node
 
 
 def _leaf_nodes(signature_args: list[Any], by_name: dict[str, fx.Node]) -> list[Any]:
@@ -289,6 +302,13 @@ class _Cut:
         for old, new in meta.graph_meta(gm).get(meta.REPLACED, {}).items():
             self.by_name.setdefault(old, self.by_name[new])
         self.targets = _placeholder_targets(program, gm)
+        # A tied weight's other names: the embedding reads as its own what export names
+        # lm_head.weight.
+        self.aliases: dict[str, tuple[str, ...]] = {}
+        for info in meta.graph_meta(gm).get(meta.PARAMS, {}).values():
+            names = (info.name, *info.aliases)
+            for n in names:
+                self.aliases[n] = tuple(x for x in names if x != n)
         self.constants = dict(program.constants)
         deepest_first = sorted(regions, key=lambda p: p.count(".") + 1, reverse=True)
         self.parent = {r: _common({r.rpartition(".")[0]}, deepest_first) if "." in r else ""
@@ -330,7 +350,8 @@ class _Cut:
         if node.op == "placeholder":
             kind, target = self.targets[node.name]
             if kind in ("param", "buffer"):
-                rel = _relative(canonical_name(target), r) if r else canonical_name(target)
+                names = [canonical_name(target), *self.aliases.get(canonical_name(target), ())]
+                rel = next((x for x in (_relative(n, r) if r else n for n in names) if x), None)
                 if rel is None:
                     raise self.fail(r, f"uses {target}, which it does not own")
                 return b.placeholder(node.name, (kind, rel), like=node)
@@ -377,7 +398,9 @@ class _Cut:
                 if src is None:
                     raise self.fail(r, f"takes {a.name}, which the rewrite removed")
                 like = None if src in b.env else src  # the same value twice: one binding
-                b.placeholder(f"arg{i}", ("input", i), like=like)
+                ph = b.placeholder(f"arg{i}", ("input", i), like=like)
+                if i in self.entries.get(r, {}):  # the split's value, read for its dtype
+                    b.env.setdefault(_split_source(src), ph)  # (Gemma's type_as(y, x))
         self_ph = b.graph.placeholder("umup_self")
         b.inputs.append(("module", None))
         calls: list[tuple[str, fx.Node]] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,18 +89,33 @@ def _is_sdpa(node: fx.Node) -> bool:
         node.op == "call_function" and node.target is umup_ops.scaled_dot_product_attention)
 
 
-def _weight_ops_behind(starts: Any, module: torch.nn.Module | None = None,
-                       at: str = "") -> list[tuple[str, str]]:
+def _weight_ops_behind(starts: Any, module: torch.nn.Module | None = None, at: str = "",
+                       leave: Callable[[int], list[tuple[str, str]]] | None = None,
+                       ) -> list[tuple[str, str]]:
     """The first weight op on each path back from ``starts`` (through reshapes, RoPE,
     casts, q / k norms; never past a residual add), as (module path relative to the
-    graph's module, node name): a path back into a submodule's call follows its graph."""
+    graph's module, node name): a path back into a submodule's call follows its graph,
+    and out of it (``leave(i)``: its call's input leaf i in the caller) where it reaches
+    an argument (a q / k norm that is a module of its own)."""
     stack, seen = [a for a in starts if isinstance(a, fx.Node)], set()
     found: list[tuple[str, str]] = []
+    inputs = None
     while stack:
         n = stack.pop()
-        if n in seen or n.op != "call_function":
+        if n in seen:
             continue
         seen.add(n)
+        if n.op == "placeholder" and leave is not None and module is not None:
+            if inputs is None:  # placeholder -> its call leaf, from the module's graph
+                rg = module.__dict__.get("_umup_region")
+                phs = [p for p in rg.gm.graph.nodes if p.op == "placeholder"] if rg else []
+                inputs = {p: src[1] for p, src in zip(phs, rg.inputs if rg else [], strict=False)
+                          if src[0] == "input"}
+            if n in inputs:
+                found += leave(inputs[n])
+            continue
+        if n.op != "call_function":
+            continue
         call = n.args[0] if n.target is operator.getitem and n.args else None
         if meta.get(n, meta.WEIGHT):
             found.append((at, n.name))
@@ -112,7 +128,8 @@ def _weight_ops_behind(starts: Any, module: torch.nn.Module | None = None,
 
 def _weight_ops_in_call(call: fx.Node, leaf: int, module: torch.nn.Module | None,
                         at: str) -> list[tuple[str, str]]:
-    """The weight ops behind output leaf ``leaf`` of a submodule's call, in its graph."""
+    """The weight ops behind output leaf ``leaf`` of a submodule's call, in its graph
+    (and back out through its arguments, in the caller's)."""
     if module is None:
         return []
     rel = call.args[1]
@@ -122,8 +139,12 @@ def _weight_ops_in_call(call: fx.Node, leaf: int, module: torch.nn.Module | None
         return []
     index = sum(1 for v in rg.out_leaves[:leaf] if v is module_mod.TENSOR) if rg.out_leaves else leaf
     output = next(n for n in rg.gm.graph.nodes if n.op == "output")
-    results = output.args[0]
-    return _weight_ops_behind([results[index]], child, f"{at}{rel}.")
+    leaves = torch.utils._pytree.tree_leaves((call.args[2], call.args[3]))
+
+    def leave(i: int) -> list[tuple[str, str]]:
+        return _weight_ops_behind([leaves[i]], module, at)
+
+    return _weight_ops_behind([output.args[0][index]], child, f"{at}{rel}.", leave)
 
 
 def _qk_projections(gm: fx.GraphModule, module: torch.nn.Module | None = None,
