@@ -296,3 +296,24 @@ def test_sequence_parallel_matches_one_process(tmp_path: Path, sharded_loss: boo
     if sharded_loss:
         (tmp_path / "loss_parallel").touch()
     _hf_matches_one_process(tmp_path, _sp_worker)
+
+
+@pytest.mark.parametrize("family", ["GPT-2", "Gemma", "GPT-NeoX", "OLMo2", "Qwen3"])
+def test_hf_families_call_every_module_with_weights(family: str) -> None:
+    # Tied embeddings (GPT-2, Gemma), parallel residual branches (GPT-NeoX), norms on the
+    # branch side shared by two reads (OLMo2), q / k norms (Qwen3): each weight's module
+    # is its own call, and the check stays quiet.
+    pytest.importorskip("transformers")
+    import warnings
+
+    from tests.families import FAMILIES
+
+    case = FAMILIES[family]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", umup_fx.InlinedCallWarning)
+        warnings.simplefilter("error", umup_fx.ScaleWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+        umup_fx.transform(case.model, case.args, case.kwargs)
+    weighty = [p for p in case.model.inlined_calls
+               if list(case.model.get_submodule(p).parameters())]
+    assert weighty == []
