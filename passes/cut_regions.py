@@ -133,17 +133,20 @@ def _branch_entries(gm: fx.GraphModule, sig: Any, by_name: dict[str, fx.Node],
             first.setdefault(by_name[a.name], i)
     entries = {}
     for node in gm.graph.nodes:
-        if not (node.target is operator.getitem and node.args[1] == 0
+        if not (node.target is operator.getitem and node.args[1] in (0, 1)
                 and isinstance(node.args[0], fx.Node)
                 and node.args[0].target is ops.residual_split
                 and region.get(node.args[0]) != block  # the split sits in the caller
                 and _split_source(node) in first):
             continue
+        if region.get(node) != block and not any(region.get(u) == block for u in node.users):
+            continue  # a side another module reads (parallel branches share one)
+        i = first[_split_source(node)]
+        if entries.get(i, node) is not node:
+            continue  # both sides of one argument: the module must split it itself
         if region.get(node) == block:
             region[node] = parent
-        elif not any(region.get(u) == block for u in node.users):
-            continue  # a branch side another module reads (parallel branches share one)
-        entries[first[_split_source(node)]] = node
+        entries[i] = node
     return entries
 
 
@@ -256,15 +259,19 @@ def _size_in_block(b: _Builder, size: fx.Node, block: str) -> fx.Node:
     raise RegionError(f"block {block} needs size {expr}, which none of its inputs has")
 
 
-def _taus_as_input(b: _Builder) -> None:
-    """Residual ops read tau from the block's ``_umup_taus`` (one graph, many depths)."""
-    residual = [
-        n for n in b.graph.nodes
-        if n.op == "call_function" and n.target in (ops.residual_split, ops.residual_add)
-    ]
+def _residual_ops(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes
+            if n.op == "call_function" and n.target in (ops.residual_split, ops.residual_add)]
+
+
+def _taus_as_input(b: _Builder, order: list[int]) -> None:
+    """Residual ops read tau from ``_umup_taus`` (one graph, many depths): the block's
+    taus, in ``order`` (the block's residual indices, sorted), which the block and any
+    submodule of it holding some of its residual ops (BERT's attention output, T5's
+    layers) each carry."""
+    residual = _residual_ops(b.graph)
     if not residual:
         return
-    order = sorted({meta.get(n, meta.RESIDUAL).index for n in residual})
     first = next(n for n in b.graph.nodes if n.op != "placeholder")
     with b.graph.inserting_before(first):
         taus = b.graph.placeholder("umup_taus")
@@ -318,6 +325,12 @@ class _Cut:
         # as its argument, computed in its caller (the split belongs next to its add).
         self.entries = {p: _branch_entries(gm, calls[p].signature, self.by_name, self.region,
                                            p, self.parent[p]) for p in deepest_first}
+        self.residual_order: dict[str, list[int]] = {}  # block -> its residual indices
+        for n in _residual_ops(gm.graph):
+            block = self.block_of(self.region.get(n, ""))
+            if block is not None:
+                self.residual_order.setdefault(block, []).append(meta.get(n, meta.RESIDUAL).index)
+        self.residual_order = {k: sorted(set(v)) for k, v in self.residual_order.items()}
         self.last: dict[str, fx.Node] = {}  # region -> the last node of its subtree
         for node in gm.graph.nodes:
             r = self.region.get(node)
@@ -336,12 +349,11 @@ class _Cut:
             owner = self.parent[owner]
         return owner or None
 
-    def in_block(self, r: str) -> bool:
-        while r:
+    def block_of(self, r: str) -> str | None:
+        """The block region ``r`` is, or lies in; None outside blocks."""
+        while r and r not in self.blocks:
             r = self.parent[r]
-            if r in self.blocks:
-                return True
-        return False
+        return r or None
 
     def value(self, b: _Builder, node: fx.Node, r: str) -> fx.Node:
         """``node``'s value in region ``r``'s graph: computed there, passed in, or read."""
@@ -443,10 +455,9 @@ class _Cut:
                 raise self.fail(r, "returns a value it does not compute") from None
             outputs = [("user", None)] * sum(isinstance(n, fx.Node) for n in outs)
             in_spec, out_spec = sig.in_spec, sig.out_spec
-            if r in self.blocks:
-                _taus_as_input(b)
-            elif self.in_block(r) and _has_residual_ops(b):
-                raise self.fail(r, "holds a residual add of its block (taus differ per block)")
+            block = self.block_of(r)
+            if block is not None:
+                _taus_as_input(b, self.residual_order.get(block, []))
         _drop_unused_placeholders(b)
         used = {t for k, t in b.inputs if k == "constant"}
         gm = fx.GraphModule(self.gm, b.graph,
@@ -497,11 +508,6 @@ def _drop_unused_placeholders(b: _Builder) -> None:
         else:
             b.graph.erase_node(node)
     b.inputs[:] = keep
-
-
-def _has_residual_ops(b: _Builder) -> bool:
-    return any(n.op == "call_function" and n.target in (ops.residual_split, ops.residual_add)
-               for n in b.graph.nodes)
 
 
 def _root_outputs(program: ExportedProgram) -> list[tuple[str, Any]]:

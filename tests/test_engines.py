@@ -298,11 +298,12 @@ def test_sequence_parallel_matches_one_process(tmp_path: Path, sharded_loss: boo
     _hf_matches_one_process(tmp_path, _sp_worker)
 
 
-@pytest.mark.parametrize("family", ["GPT-2", "Gemma", "GPT-NeoX", "OLMo2", "Qwen3"])
+@pytest.mark.parametrize("family", ["GPT-2", "Gemma", "GPT-NeoX", "OLMo2", "Qwen3", "BERT"])
 def test_hf_families_call_every_module_with_weights(family: str) -> None:
     # Tied embeddings (GPT-2, Gemma), parallel residual branches (GPT-NeoX), norms on the
-    # branch side shared by two reads (OLMo2), q / k norms (Qwen3): each weight's module
-    # is its own call, and the check stays quiet.
+    # branch side shared by two reads (OLMo2), q / k norms (Qwen3), residual adds inside a
+    # block's submodules with the skip passed in (BERT's attention output): each weight's
+    # module is its own call, and the check stays quiet.
     pytest.importorskip("transformers")
     import warnings
 

@@ -228,6 +228,9 @@ def _install(model: nn.Module, captured: Captured, built: tuple, recapture: Any,
             install_block(by_path[path], rg, taus.get(path, []))
         else:
             install_submodule(by_path[path], rg)
+            block = max((b for b in blocks if path.startswith(b + ".")), key=len, default=None)
+            if block is not None:  # it may hold some of its block's residual ops
+                by_path[path].__dict__["_umup_taus"] = list(taus.get(block, []))
     install_root(model, root, plan, original, recapture, settings,
                  UmupPretrainedModel if is_hf_model(model) else UmupModule, inlined)
 
